@@ -1,0 +1,1 @@
+"""The pure layer engine: snapshot -> diff -> tar -> compress+digest, plus chain identity."""

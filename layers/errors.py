@@ -1,0 +1,239 @@
+"""The error hierarchy, classed by what the caller should do.
+
+Every error blobchain raises derives from :class:`BlobchainError`. The base classes tell the
+caller what to do (fix the input, retry later, give up); the leaf classes name the problem and
+carry the offending values. ``code`` is a stable string used to move errors across process and
+Celery boundaries (see :func:`from_code`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AlreadyExists",
+    "BlobchainError",
+    "Cancelled",
+    "Conflict",
+    "ConflictingParent",
+    "DigestMismatch",
+    "FailedPrecondition",
+    "FileChanged",
+    "InProgress",
+    "InvalidArgument",
+    "InvalidLevel",
+    "LeaseLost",
+    "MissingLease",
+    "MissingParent",
+    "NoBlobs",
+    "NonAddressableParent",
+    "NotFound",
+    "ParentCycle",
+    "PathEscapes",
+    "PoisonRef",
+    "RefNotFound",
+    "SnapshotNotFound",
+    "SnapshotOutsideRoots",
+    "StoreFull",
+    "Unavailable",
+    "UnknownCompression",
+    "UnreadableFile",
+    "UnsupportedCompression",
+    "from_code",
+]
+
+
+class BlobchainError(Exception):
+    """Base of every blobchain error. ``code`` names the class across process boundaries."""
+
+    code = "blobchain"
+    retryable = False
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle by message and details so errors survive process pools and Celery.
+        return (_rebuild, (self.code, self.message, self.details))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": _jsonable(self.details)}
+
+
+# --- action classes -------------------------------------------------------------------------
+
+
+class InvalidArgument(BlobchainError):
+    """The input is wrong; retrying the same request will fail the same way."""
+
+    code = "invalid_argument"
+
+
+class NotFound(BlobchainError):
+    code = "not_found"
+
+
+class AlreadyExists(BlobchainError):
+    code = "already_exists"
+
+
+class FailedPrecondition(BlobchainError):
+    """The system is not in the state the operation needs (e.g. an ancestor lacks its blob)."""
+
+    code = "failed_precondition"
+
+
+class Conflict(BlobchainError):
+    code = "conflict"
+
+
+class Unavailable(BlobchainError):
+    """A service (S3, Redis) could not be reached; the operation may be retried."""
+
+    code = "unavailable"
+    retryable = True
+
+
+class Cancelled(BlobchainError):
+    code = "cancelled"
+
+
+class DigestMismatch(BlobchainError):
+    code = "digest_mismatch"
+
+    def __init__(self, message: str, *, expected: str = "", got: str = "", **details: Any) -> None:
+        super().__init__(message, expected=expected, got=got, **details)
+        self.expected = expected
+        self.got = got
+
+
+# --- named problems -------------------------------------------------------------------------
+
+
+class UnknownCompression(InvalidArgument):
+    code = "unknown_compression"
+
+
+class InvalidLevel(InvalidArgument):
+    code = "invalid_level"
+
+
+class UnsupportedCompression(InvalidArgument):
+    """A valid compression that this layer kind cannot use (Windows layers: tar and gzip only)."""
+
+    code = "unsupported_compression"
+
+
+class SnapshotNotFound(InvalidArgument):
+    code = "snapshot_not_found"
+
+
+class SnapshotOutsideRoots(InvalidArgument):
+    code = "snapshot_outside_roots"
+
+
+class MissingParent(InvalidArgument):
+    code = "missing_parent"
+
+
+class ParentCycle(InvalidArgument):
+    code = "parent_cycle"
+
+
+class ConflictingParent(InvalidArgument):
+    """One ref was given two different parents (or snapshots)."""
+
+    code = "conflicting_parent"
+
+
+class PathEscapes(InvalidArgument):
+    """A path would leave its snapshot root (through ``..`` or a symlink)."""
+
+    code = "path_escapes"
+
+
+class UnreadableFile(InvalidArgument):
+    code = "unreadable_file"
+
+
+class FileChanged(FailedPrecondition):
+    """A file changed or vanished while the layer was being written; the tar is discarded."""
+
+    code = "file_changed"
+
+
+class RefNotFound(NotFound):
+    code = "ref_not_found"
+
+
+class NoBlobs(NotFound):
+    """The ref has no blob and ``create_if_needed`` was false."""
+
+    code = "no_blobs"
+
+
+class MissingLease(FailedPrecondition):
+    code = "missing_lease"
+
+
+class NonAddressableParent(FailedPrecondition):
+    code = "non_addressable_parent"
+
+
+class StoreFull(Unavailable):
+    code = "store_full"
+    retryable = False
+
+
+class InProgress(Unavailable):
+    """Another worker holds the ref's lease; check again later."""
+
+    code = "in_progress"
+
+
+class LeaseLost(Conflict):
+    code = "lease_lost"
+
+
+class PoisonRef(FailedPrecondition):
+    """A ref killed its worker too many times; it is failed instead of retried forever."""
+
+    code = "poison_ref"
+
+
+def _all_classes() -> dict[str, type[BlobchainError]]:
+    out: dict[str, type[BlobchainError]] = {}
+    stack: list[type[BlobchainError]] = [BlobchainError]
+    while stack:
+        cls = stack.pop()
+        out[cls.code] = cls
+        stack.extend(cls.__subclasses__())
+    return out
+
+
+def from_code(code: str, message: str, details: dict[str, Any] | None = None) -> BlobchainError:
+    """Rebuild an error from its ``code`` (the inverse of :meth:`BlobchainError.to_dict`)."""
+    cls = _all_classes().get(code, BlobchainError)
+    err = cls.__new__(cls)
+    BlobchainError.__init__(err, message, **(details or {}))
+    if isinstance(err, DigestMismatch):
+        err.expected = str((details or {}).get("expected", ""))
+        err.got = str((details or {}).get("got", ""))
+    return err
+
+
+def _rebuild(code: str, message: str, details: dict[str, Any]) -> BlobchainError:
+    return from_code(code, message, details)
+
+
+def _jsonable(details: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in details.items():
+        if isinstance(v, bytes):
+            v = v.decode("utf-8", "surrogateescape").encode("utf-8", "backslashreplace").decode()
+        elif not isinstance(v, (str, int, float, bool, type(None), list, dict)):
+            v = str(v)
+        out[k] = v
+    return out

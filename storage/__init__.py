@@ -1,0 +1,1 @@
+"""Where state lives: blobs (``content``), per-ref records (``metadata``) and leases (``locks``)."""

@@ -1,0 +1,56 @@
+"""The per-ref record contract.
+
+Rules shared by every implementation (embedded SQLite, Redis), each done atomically:
+- ``register(spec)``: creates the ref, or returns the existing record if the spec is identical;
+  a different parent/snapshot/kind/layer type raises ConflictingParent.
+- ``set_blob(ref, blob)``: the first blob becomes the ref's main blob; later blobs with another
+  ``variant`` are added as variants (same diffID required, else Conflict); an existing variant is
+  left alone. Idempotent.
+- ``set_chain(ref, chain_id, blob_chain_id)``: idempotent; a ref whose chain ID is already set is
+  left alone (the stored values are returned).
+- ``token``: when given, the write happens only if the lock service still holds that lease token
+  for the ref (fencing); otherwise LeaseLost. Embedded stores may ignore it.
+
+Leases (``LeaseStore``) hold blobs against GC while they are being written or referenced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+from blobchain.layers.records import LayerBlob, RefRecord, RefSpec
+
+__all__ = ["LeaseStore", "MetadataStore"]
+
+
+@runtime_checkable
+class MetadataStore(Protocol):
+    def get(self, ref_id: str) -> RefRecord | None: ...
+
+    def register(self, spec: RefSpec) -> RefRecord: ...
+
+    def set_blob(self, ref_id: str, blob: LayerBlob) -> RefRecord: ...
+
+    def set_chain(self, ref_id: str, chain_id: str, blob_chain_id: str) -> RefRecord: ...
+
+    def list_refs(self) -> Iterator[RefRecord]: ...
+
+    def put_manifest(self, name: str, digests: list[str]) -> None:
+        """Record the blobs an exported manifest references (they survive GC)."""
+        ...
+
+    def manifest_digests(self) -> set[str]: ...
+
+
+@runtime_checkable
+class LeaseStore(Protocol):
+    def create_lease(self, lease_id: str, ttl_s: float) -> None: ...
+
+    def add_resource(self, lease_id: str, digest: str) -> None: ...
+
+    def delete_lease(self, lease_id: str) -> None: ...
+
+    def live_digests(self) -> set[str]:
+        """Digests referenced by leases that have not expired."""
+        ...
