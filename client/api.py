@@ -1,0 +1,208 @@
+"""The Python client: register refs, compute blob chains, read status, export."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from blobchain.config.factory import open_deps
+from blobchain.config.settings import Settings, load_settings
+from blobchain.layers.errors import MissingLease, RefNotFound, SnapshotOutsideRoots
+from blobchain.layers.records import Descriptor, LayerOptions, RefRecord, RefSpec
+from blobchain.layers.snapshot import open_snapshot
+from blobchain.workers.deps import Deps
+from blobchain.workers.executor import ChainResult, Executor, Job
+from blobchain.workers.plan import make_plan
+
+__all__ = ["Client", "Lease", "chain_specs"]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Holds the blobs of what is computed under it against GC until it is closed."""
+
+    lease_id: str
+
+
+def _ref_id(kind: str, layer_type: str, path: str, parent: str | None) -> str:
+    h = hashlib.sha256(f"{kind}\0{layer_type}\0{path}\0{parent or ''}".encode("utf-8", "surrogateescape"))
+    return "r-" + h.hexdigest()[:24]
+
+
+def chain_specs(
+    snapshots: Sequence[str | os.PathLike[str]],
+    *,
+    kind: str = "rootfs",
+    layer_type: str = "linux",
+    ref_ids: Sequence[str] | None = None,
+    parent: str | None = None,
+) -> list[RefSpec]:
+    """Specs for a chain of snapshot paths, base first: the parent of snapshot i is i-1.
+
+    Without ``ref_ids``, ids are derived from (kind, layer type, absolute path, parent id), so the
+    same chain gets the same ids on any run. Snapshots are treated as immutable: a changed
+    directory needs a new path or explicit ids.
+    """
+    if ref_ids is not None and len(ref_ids) != len(snapshots):
+        raise ValueError("ref_ids must match snapshots one to one")
+    specs: list[RefSpec] = []
+    for i, snap in enumerate(snapshots):
+        path = os.path.normpath(os.path.abspath(os.fspath(snap)))
+        rid = ref_ids[i] if ref_ids else _ref_id(kind, layer_type, path, parent)
+        specs.append(RefSpec(ref_id=rid, snapshot=path, parent=parent, kind=kind, layer_type=layer_type))
+        parent = rid
+    return specs
+
+
+class Client:
+    """``Client()`` runs embedded (in-process, local store) unless the settings name a broker;
+    then work goes to Celery workers. ``executor=`` overrides the choice (e.g. for tests)."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        executor: Executor | None = None,
+        jobs: int | None = None,
+        in_process: bool = False,
+    ) -> None:
+        self.settings = settings or load_settings()
+        self._executor = executor
+        self._jobs = jobs
+        self._in_process = in_process
+        self._deps: Deps | None = None
+
+    @property
+    def deps(self) -> Deps:
+        if self._deps is None:
+            self._deps = getattr(self._executor, "deps", None) or open_deps(self.settings)
+        return self._deps
+
+    @property
+    def executor(self) -> Executor:
+        if self._executor is None:
+            if self.settings.distributed:
+                from blobchain.tasks.submit import CeleryExecutor
+
+                self._executor = CeleryExecutor(self.settings)
+            else:
+                from blobchain.workers.embedded import EmbeddedExecutor
+
+                self._executor = EmbeddedExecutor(self.settings, jobs=self._jobs, in_process=self._in_process)
+        return self._executor
+
+    # --- refs -----------------------------------------------------------------------------
+
+    def _check_snapshot(self, spec: RefSpec) -> None:
+        roots = self.settings.roots or None
+        if self.settings.distributed:
+            # Workers see the snapshots; the client only checks the path is under a root.
+            if roots and not any(
+                os.path.commonpath([spec.snapshot, os.path.abspath(r)]) == os.path.abspath(r) for r in roots
+            ):
+                raise SnapshotOutsideRoots(
+                    f"snapshot {spec.snapshot} is outside the configured roots", ref=spec.ref_id, path=spec.snapshot
+                )
+        else:
+            open_snapshot(spec.snapshot, roots)
+
+    def register(self, specs: Sequence[RefSpec]) -> list[RefRecord]:
+        """Validate the specs together (missing parent, cycle, conflicting parent, snapshot
+        visible and inside the roots) and only then record them, parents first."""
+        plan = make_plan(specs, self.deps.metadata.get)
+        given = {s.ref_id for s in specs}
+        for ref_id in plan.order:
+            if ref_id in given:
+                self._check_snapshot(plan.specs[ref_id])
+        return [self.deps.metadata.register(plan.specs[r]) for r in plan.order if r in given]
+
+    def register_chain(self, snapshots: Sequence[str | os.PathLike[str]], **kw: object) -> list[RefSpec]:
+        specs = chain_specs(snapshots, **kw)  # type: ignore[arg-type]
+        self.register(specs)
+        return specs
+
+    def status(self, ref_id: str) -> RefRecord:
+        rec = self.deps.metadata.get(ref_id)
+        if rec is None:
+            raise RefNotFound(f"unknown ref {ref_id}", ref=ref_id)
+        return rec
+
+    # --- computing ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lease(self, ttl_s: float = 24 * 3600) -> Iterator[Lease]:
+        lease = Lease(f"client-{uuid.uuid4().hex}")
+        self.deps.leases.create_lease(lease.lease_id, ttl_s)
+        try:
+            yield lease
+        finally:
+            self.deps.leases.delete_lease(lease.lease_id)
+
+    def compute_blob_chain(
+        self,
+        ref_id: str,
+        *,
+        compression: str = "gzip",
+        level: int | None = None,
+        force: bool = False,
+        create_if_needed: bool = True,
+        lease: Lease | None = None,
+        docker_media_types: bool = False,
+        source_date_epoch: int | None = None,
+    ) -> Job:
+        """Make sure ``ref_id`` and its ancestors have blobs, then set chain IDs, as BuildKit's
+        ``computeBlobChain``. Needs a lease (``with client.lease() as lease``)."""
+        if lease is None:
+            raise MissingLease("missing lease requirement", ref=ref_id)
+        opts = LayerOptions(
+            compression=compression,  # type: ignore[arg-type]
+            level=level,
+            force=force,
+            docker_media_types=docker_media_types,
+            source_date_epoch=source_date_epoch,
+        )
+        return self.executor.submit(ref_id, opts, create_if_needed=create_if_needed)
+
+    def hold(self, lease: Lease, result: ChainResult) -> None:
+        for blob in result.layer_blobs():
+            self.deps.leases.add_resource(lease.lease_id, blob.digest)
+
+    # --- export ---------------------------------------------------------------------------
+
+    def export(
+        self,
+        result: ChainResult,
+        dest: str | os.PathLike[str],
+        *,
+        tag: str | None = None,
+        architecture: str | None = None,
+    ) -> Descriptor:
+        """Write ``result`` as an image in the OCI layout at ``dest``; returns the manifest's
+        descriptor."""
+        from blobchain.client.export import export_layout
+
+        return export_layout(result, self.deps, os.fspath(dest), tag=tag, architecture=architecture)
+
+    def gc(self, *, dry_run: bool = False):  # type: ignore[no-untyped-def]
+        from blobchain.storage.gc import collect_garbage
+
+        return collect_garbage(self.deps.content, self.deps.metadata, dry_run=dry_run)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, et: object, e: object, tb: object) -> None:
+        if self._executor is not None:
+            close = self._executor.close
+            try:
+                close(cancel=e is not None)  # type: ignore[call-arg]
+            except TypeError:
+                close()

@@ -1,0 +1,289 @@
+"""The ``blobchain`` command line. Each BlobchainError class maps to an exit code and a one-line
+message; progress is a live display of files and bytes per layer."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from blobchain.client.api import Client
+from blobchain.config.settings import load_settings
+from blobchain.layers.errors import (
+    BlobchainError,
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from blobchain.workers.executor import FINISHED, ChainResult, Job
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err = Console(stderr=True)
+out = Console()
+
+_EXIT = [(InvalidArgument, 2), (NotFound, 3), (FailedPrecondition, 4), (Unavailable, 5), (Conflict, 6)]
+
+Compression = Annotated[str, typer.Option("--compression", "-c", help="gzip, zstd or uncompressed")]
+Level = Annotated[int | None, typer.Option("--level", "-l", help="compression level")]
+Jobs = Annotated[int | None, typer.Option("--jobs", "-j", help="layers built in parallel (default: all cores)")]
+AsJson = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+
+
+def _exit_code(e: BlobchainError) -> int:
+    for cls, code in _EXIT:
+        if isinstance(e, cls):
+            return code
+    return 1
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _follow(job: Job, labels: dict[str, str], quiet: bool) -> ChainResult:
+    """Live per-layer progress (files, bytes, state) until the job ends."""
+    if quiet or not err.is_terminal and os.environ.get("BLOBCHAIN_PROGRESS") != "1":
+        return job.wait()
+    cols = (
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=None),
+        TextColumn("{task.fields[state]:>9}"),
+        TextColumn("{task.fields[files]:>7} files"),
+        TextColumn("{task.fields[nbytes]:>10}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*cols, console=err, transient=False) as bar:
+        tasks = {
+            r: bar.add_task(labels.get(r, r), total=1, state="queued", files=0, nbytes="0 B") for r in job.progress()
+        }
+        for ev in job.events():
+            t = tasks.get(ev.ref_id)
+            if t is None:
+                continue
+            fields: dict[str, Any] = {"state": ev.state}
+            if ev.files:
+                fields["files"] = ev.files
+            if ev.bytes:
+                fields["nbytes"] = _human(ev.bytes)
+            bar.update(t, completed=1 if ev.state in FINISHED else 0, **fields)
+    return job.wait()
+
+
+def _print_result(result: ChainResult, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    data = result.to_dict()
+    if extra:
+        data.update(extra)
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    table = Table(title=f"chain {result.ref_id}", show_lines=False)
+    for col in ("#", "snapshot", "diffID", "blob digest", "size", "media type", "chainID", "blobChainID"):
+        table.add_column(col, overflow="fold")
+    for i, layer in enumerate(data["layers"]):
+        table.add_row(
+            str(i),
+            layer["snapshot"],
+            layer["diff_id"],
+            layer["digest"],
+            str(layer["size"]),
+            layer["media_type"],
+            layer["chain_id"],
+            layer["blob_chain_id"],
+        )
+    out.print(table)
+    if extra:
+        for k, v in extra.items():
+            out.print(f"{k}: {v}")
+
+
+def _run_chain(
+    client: Client,
+    snapshots: list[str],
+    *,
+    upper: bool,
+    windows: bool,
+    compression: str,
+    level: int | None,
+    docker: bool,
+    source_date_epoch: int | None,
+    quiet: bool,
+) -> ChainResult:
+    specs = client.register_chain(
+        snapshots, kind="upper" if upper else "rootfs", layer_type="windows" if windows else "linux"
+    )
+    labels = {s.ref_id: f"layer {i}: {os.path.basename(s.snapshot)}" for i, s in enumerate(specs)}
+    with client.lease() as lease:
+        job = client.compute_blob_chain(
+            specs[-1].ref_id,
+            compression=compression,
+            level=level,
+            force=True,
+            lease=lease,
+            docker_media_types=docker,
+            source_date_epoch=source_date_epoch,
+        )
+        result = _follow(job, labels, quiet)
+        client.hold(lease, result)
+    return result
+
+
+@app.command()
+def export(
+    snapshots: Annotated[list[str], typer.Argument(help="ROOTFS_0 ROOTFS_1 ...: each the parent of the next")],
+    oci: Annotated[str, typer.Option("--oci", help="the OCI image layout to write")],
+    compression: Compression = "gzip",
+    level: Level = None,
+    tag: Annotated[str, typer.Option("--tag", "-t", help="image tag in index.json")] = "latest",
+    jobs: Jobs = None,
+    upper: Annotated[bool, typer.Option("--upper", help="snapshots are overlay upper dirs")] = False,
+    windows: Annotated[bool, typer.Option("--windows", help="Windows layers (BuildKit winlayers)")] = False,
+    docker: Annotated[bool, typer.Option("--docker-media-types", help="Docker schema2 media types")] = False,
+    source_date_epoch: Annotated[
+        int | None, typer.Option("--source-date-epoch", envvar="SOURCE_DATE_EPOCH", help="clamp mtimes to this")
+    ] = None,
+    store: Annotated[str | None, typer.Option("--store", help="content store (default: the --oci layout)")] = None,
+    as_json: AsJson = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
+) -> None:
+    """Diff each snapshot against the previous one, store the layers and write an OCI image."""
+    settings = load_settings()
+    if not settings.distributed:
+        settings = settings.model_copy(update={"store": store or oci})
+    with Client(settings, jobs=jobs) as client:
+        result = _run_chain(
+            client,
+            snapshots,
+            upper=upper,
+            windows=windows,
+            compression=compression,
+            level=level,
+            docker=docker,
+            source_date_epoch=source_date_epoch,
+            quiet=quiet,
+        )
+        manifest = client.export(result, oci, tag=tag)
+    _print_result(result, as_json, {"manifest": manifest.digest, "oci": f"{oci}:{tag}"})
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[str, typer.Option("--out", help="where to build the sample and the image")] = "demo-out",
+    compression: Compression = "gzip",
+    as_json: AsJson = False,
+) -> None:
+    """Build a sample chain of three snapshots and export it, with nothing else installed."""
+    from blobchain.client.sample import make_sample_chain
+
+    snaps = make_sample_chain(os.path.join(out_dir, "snapshots"))
+    oci = os.path.join(out_dir, "oci")
+    export(snaps, oci=oci, compression=compression, tag="demo", as_json=as_json)
+    if not as_json:
+        out.print(f"\nimage written: {oci}:demo  (try: skopeo inspect oci:{oci}:demo)")
+
+
+@app.command()
+def submit(
+    snapshots: Annotated[list[str], typer.Argument(help="ROOTFS_0 ROOTFS_1 ...")],
+    compression: Compression = "gzip",
+    level: Level = None,
+    upper: Annotated[bool, typer.Option("--upper")] = False,
+    windows: Annotated[bool, typer.Option("--windows")] = False,
+    oci: Annotated[str | None, typer.Option("--oci", help="also export to this OCI layout")] = None,
+    tag: Annotated[str, typer.Option("--tag", "-t")] = "latest",
+    as_json: AsJson = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Submit a chain to the workers (or run it embedded) and follow its progress."""
+    with Client() as client:
+        result = _run_chain(
+            client,
+            snapshots,
+            upper=upper,
+            windows=windows,
+            compression=compression,
+            level=level,
+            docker=False,
+            source_date_epoch=None,
+            quiet=quiet,
+        )
+        extra = None
+        if oci:
+            extra = {"manifest": client.export(result, oci, tag=tag).digest}
+    _print_result(result, as_json, extra)
+
+
+@app.command()
+def status(ref: Annotated[str, typer.Argument(help="a ref id")], as_json: AsJson = False) -> None:
+    """Show a ref's record: blob, diffID, chain IDs, variants."""
+    with Client() as client:
+        rec = client.status(ref)
+    if as_json:
+        out.print_json(json.dumps(rec.to_dict()))
+    else:
+        out.print(rec.to_dict())
+
+
+@app.command()
+def gc(dry_run: Annotated[bool, typer.Option("--dry-run")] = False, as_json: AsJson = False) -> None:
+    """Delete blobs that no record, manifest or live lease references."""
+    with Client() as client:
+        report = client.gc(dry_run=dry_run)
+    data = {"deleted": list(report.deleted), "kept": report.kept, "freed_bytes": report.freed_bytes}
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        out.print(f"{'would delete' if dry_run else 'deleted'} {len(report.deleted)} blobs, {_human(report.freed_bytes)}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(
+    ctx: typer.Context,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", "-c")] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n")] = None,
+    queues: Annotated[str, typer.Option("--queues", "-Q")] = "blobchain",
+) -> None:
+    """Start a Celery worker with blobchain's app, queues and events for Flower."""
+    from blobchain.tasks.worker import run_worker
+
+    raise typer.Exit(run_worker(concurrency=concurrency, name=name, queues=queues, extra=list(ctx.args)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+        return 0
+    except BlobchainError as e:
+        err.print(f"[red]error[/red] ({e.code}): {e.message}", highlight=False)
+        return _exit_code(e)
+    except KeyboardInterrupt:
+        err.print("interrupted: no partial blob was kept; rerun to continue")
+        return 130
+    except typer.Exit as e:
+        return int(e.exit_code or 0)
+    except (typer.Abort, EOFError):
+        return 1
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The only place that chooses implementations: settings in, :class:`Deps` out.
+
+Embedded mode (the default): the OCI layout at ``settings.store`` is the content store, with
+SQLite metadata and file locks beside it in ``.blobchain/``. Distributed mode (a broker URL is
+set): S3 content and Redis metadata and locks. boto3 and redis are imported only here, lazily.
+"""
+
+from __future__ import annotations
+
+import os
+
+from blobchain.config.settings import Settings
+from blobchain.workers.deps import Deps
+
+__all__ = ["open_deps", "redis_client"]
+
+
+def open_deps(settings: Settings) -> Deps:
+    common = {
+        "roots": settings.roots or None,
+        "threads": settings.threads,
+        "lease_ttl_s": settings.lease_ttl_s,
+    }
+    if not settings.distributed:
+        from blobchain.storage.content.local import LocalContentStore
+        from blobchain.storage.locks.local import LocalLockService
+        from blobchain.storage.metadata.sqlite import SqliteMetadataStore
+
+        content = LocalContentStore(settings.store)
+        state = os.path.join(settings.store, ".blobchain")
+        metadata = SqliteMetadataStore(os.path.join(state, "metadata.db"))
+        return Deps(content=content, metadata=metadata, leases=metadata, locks=LocalLockService(state), **common)
+
+    from blobchain.storage.content.s3 import S3ContentStore, make_s3_client
+    from blobchain.storage.locks.redis import RedisLockService
+    from blobchain.storage.metadata.redis import RedisMetadataStore
+
+    if not settings.s3_endpoint:
+        raise ValueError("distributed mode needs BLOBCHAIN_S3_ENDPOINT")
+    s3 = make_s3_client(
+        settings.s3_endpoint,
+        settings.s3_region,
+        settings.secret("s3_access_key"),
+        settings.secret("s3_secret_key"),
+        verify_tls=settings.s3_verify_tls,
+        ca_bundle=settings.s3_ca_bundle,
+    )
+    content = S3ContentStore(s3, settings.s3_bucket, settings.s3_prefix)
+    client = redis_client(settings, settings.redis_urls()[2])
+    metadata = RedisMetadataStore(client, settings.key_prefix)
+    return Deps(
+        content=content,
+        metadata=metadata,
+        leases=metadata,
+        locks=RedisLockService(client, settings.key_prefix),
+        **common,
+    )
+
+
+def redis_client(settings: Settings, url: str):  # type: ignore[no-untyped-def]
+    import redis
+
+    kwargs = {"socket_timeout": 30, "socket_connect_timeout": 5, "health_check_interval": 25}
+    if settings.redis_tls_ca and url.startswith("rediss://"):
+        kwargs["ssl_ca_certs"] = settings.redis_tls_ca
+    return redis.Redis.from_url(url, **kwargs)

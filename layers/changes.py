@@ -1,0 +1,177 @@
+"""The double-walk differ: continuity v0.3.0 ``fs.Changes`` as containerd 1.6.20 runs it.
+
+Both trees are walked in pre-order with each directory's names sorted by raw bytes; merging them
+per directory gives exactly the order of continuity's stream merge by ``directoryCompare`` ('/'
+sorting as 0x00). A path only in the lower is a Delete (its subtree is implied, nothing under it
+is reported), only in the upper an Add, in both a Modify unless :func:`same_file` says equal, in
+which case a hardlinked non-directory is still reported as Unmodified (the tar writer needs it to
+place hardlink peers) and anything else is dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from stat import S_IFDIR, S_IFLNK, S_IFMT
+from typing import Protocol
+
+__all__ = ["Change", "ChangeKind", "Tree", "diff", "diff_dir", "same_file"]
+
+_CHUNK = 1 << 20
+
+
+class ChangeKind(enum.IntEnum):
+    """continuity's ``fs.ChangeKind`` (same numeric values)."""
+
+    ADD = 1
+    MODIFY = 2
+    DELETE = 3
+    UNMODIFIED = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One walk result. ``path`` is relative with no leading slash; ``st`` is the upper's lstat
+    (the lower's for a Delete)."""
+
+    kind: ChangeKind
+    path: bytes
+    st: os.stat_result | None
+
+
+class Tree(Protocol):
+    """What the walk needs of a tree: a :class:`~blobchain.layers.snapshot.Snapshot` or a merged
+    overlay view (:class:`~blobchain.layers.overlay.LowerView`)."""
+
+    def scandir(self, rel: bytes = b"") -> list[tuple[bytes, os.stat_result]]: ...
+    def capability(self, rel: bytes) -> bytes | None: ...
+    def readlink(self, rel: bytes) -> bytes: ...
+    def open_file(self, rel: bytes) -> int: ...
+
+
+ADD, MODIFY, DELETE, UNMODIFIED = ChangeKind.ADD, ChangeKind.MODIFY, ChangeKind.DELETE, ChangeKind.UNMODIFIED
+
+
+def diff(lower: Tree | None, upper: Tree) -> Iterator[Change]:
+    """The changes that turn ``lower`` into ``upper`` (``None`` = an empty lower), in the order
+    containerd writes them."""
+    return diff_dir(lower, upper, b"")
+
+
+def diff_dir(lower: Tree | None, upper: Tree, rel: bytes, *, lower_is_dir: bool = True) -> Iterator[Change]:
+    """The double walk below directory ``rel`` of both trees (paths stay relative to the roots).
+
+    ``lower_is_dir=False`` treats the lower side as empty (it is missing or not a directory).
+    """
+    lower_list = lower.scandir(rel) if lower is not None and lower_is_dir else []
+    return _walk(lower, upper, rel, lower_list, upper.scandir(rel))
+
+
+def _walk(
+    lower: Tree | None,
+    upper: Tree,
+    rel: bytes,
+    lower_list: list[tuple[bytes, os.stat_result]],
+    upper_list: list[tuple[bytes, os.stat_result]],
+) -> Iterator[Change]:
+    # An explicit stack instead of recursion: trees can be deeper than Python's recursion limit,
+    # and every yield would otherwise pass through one generator per level.
+    stack: list[list] = [[rel + b"/" if rel else b"", lower_list, upper_list, 0, 0]]
+    new = Change
+    while stack:
+        frame = stack[-1]
+        prefix, ll, ul, i, j = frame
+        nl, nu = len(ll), len(ul)
+        child = None
+        while i < nl or j < nu:
+            if j >= nu or (i < nl and ll[i][0] < ul[j][0]):
+                name, lst = ll[i]
+                i += 1
+                yield new(DELETE, prefix + name, lst)
+                continue
+            name, ust = ul[j]
+            j += 1
+            path = prefix + name
+            umode = ust.st_mode
+            if i < nl and ll[i][0] == name:
+                lst = ll[i][1]
+                i += 1
+                if same_file(lower, upper, path, lst, ust):  # type: ignore[arg-type]
+                    if S_IFMT(umode) != S_IFDIR and ust.st_nlink > 1:
+                        yield new(UNMODIFIED, path, ust)
+                else:
+                    yield new(MODIFY, path, ust)
+                if S_IFMT(umode) == S_IFDIR:
+                    lower_dir = S_IFMT(lst.st_mode) == S_IFDIR
+                    child = (path, lower.scandir(path) if lower_dir else [], upper.scandir(path))  # type: ignore[union-attr]
+                    break
+            else:
+                yield new(ADD, path, ust)
+                if S_IFMT(umode) == S_IFDIR:
+                    child = (path, [], upper.scandir(path))
+                    break
+        if child is None:
+            stack.pop()
+        else:
+            frame[3] = i
+            frame[4] = j
+            stack.append([child[0] + b"/", child[1], child[2], 0, 0])
+
+
+def same_file(lower: Tree, upper: Tree, path: bytes, lst: os.stat_result, ust: os.stat_result) -> bool:
+    """continuity ``sameFile`` (BuildKit's ``sameDirent`` is the same rules).
+
+    The checks are pure predicates, so they are ordered cheapest first; the result equals
+    continuity's fixed order (SameFile, stat tuple, capabilities, then size/mtime/content).
+    """
+    if lst.st_ino == ust.st_ino and lst.st_dev == ust.st_dev:
+        return True
+    if (
+        lst.st_mode != ust.st_mode
+        or lst.st_uid != ust.st_uid
+        or lst.st_gid != ust.st_gid
+        or lst.st_rdev != ust.st_rdev
+    ):
+        return False
+    is_dir = S_IFMT(ust.st_mode) == S_IFDIR
+    lns = 0
+    if not is_dir:
+        if lst.st_size != ust.st_size:
+            return False
+        lsec, lns = divmod(lst.st_mtime_ns, 1_000_000_000)
+        usec, uns = divmod(ust.st_mtime_ns, 1_000_000_000)
+        # Go's Time.Unix()/Nanosecond() are floor and remainder, like divmod.
+        if lsec != usec or lns != uns:
+            return False
+    if (lower.capability(path) or b"") != (upper.capability(path) or b""):
+        return False
+    if is_dir or lns != 0:
+        # Directories: metadata only. Equal non-zero nanoseconds: same without reading content.
+        return True
+    # Both mtimes are whole seconds, so they may have been truncated: compare what's inside.
+    if S_IFMT(ust.st_mode) == S_IFLNK:
+        return lower.readlink(path) == upper.readlink(path)
+    if ust.st_size == 0:
+        return True
+    return _same_content(lower, upper, path)
+
+
+def _same_content(lower: Tree, upper: Tree, path: bytes) -> bool:
+    fa = lower.open_file(path)
+    try:
+        fb = upper.open_file(path)
+        try:
+            read = os.read
+            while True:
+                a = read(fa, _CHUNK)
+                b = read(fb, _CHUNK)
+                if a != b:
+                    return False
+                if not a:
+                    return True
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)

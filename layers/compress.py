@@ -1,0 +1,374 @@
+"""Layer compressors: streaming, multi-core, and byte-deterministic.
+
+The bytes a compressor emits are part of the blob-digest contract: they depend only on the input
+bytes, the :class:`LayerOptions` and the library build named by :func:`compressor_id`, never on
+the thread count, the machine's core count or how the input was split into ``write`` calls.
+
+gzip
+    pigz-style parallel deflate with zlib-ng. The input is cut into fixed
+    :data:`GZIP_BLOCK_SIZE` blocks; each block is deflated on its own as raw deflate, primed with
+    the previous block's last :data:`GZIP_DICT_SIZE` bytes, and ended with a sync flush (the last
+    block with ``Z_FINISH``) so the pieces concatenate into one deflate stream. One gzip member,
+    header ``1f 8b 08 00 00000000 XFL ff`` (as Go's ``compress/gzip`` writes it), trailer
+    CRC-32 + ISIZE. At most a few blocks are in flight, so memory does not grow with the layer.
+zstd
+    python-zstandard in multi-threaded mode (``threads >= 1``, never 0: libzstd's single-thread
+    mode emits different bytes), one frame, XXH64 checksum on, content size never written.
+
+See docs/compression.md for the measurements behind these choices.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import struct
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from importlib import metadata
+from types import TracebackType
+from typing import BinaryIO, Protocol, Self
+
+import zstandard
+from zlib_ng import gzip_ng, zlib_ng
+
+from blobchain.layers.errors import InvalidArgument
+from blobchain.layers.records import Compression, LayerOptions
+
+__all__ = [
+    "GZIP_BLOCK_SIZE",
+    "GZIP_DICT_SIZE",
+    "GZIP_MEM_LEVEL",
+    "Compressor",
+    "compressor_id",
+    "detect_compression",
+    "gzip_header",
+    "open_compressor",
+    "open_decompressor",
+]
+
+# Format contract: changing any of these changes every gzip blob digest.
+GZIP_BLOCK_SIZE = 1 << 20
+GZIP_DICT_SIZE = 32 << 10  # the whole deflate window
+GZIP_MEM_LEVEL = 8  # zlib's default; sizes zlib-ng's symbol buffer, so it shapes deflate blocks
+# Blocks in flight per worker thread, and a hard cap so a many-core host stays within budget
+# (each in-flight block holds ~1 MiB of input plus its output).
+_INFLIGHT_PER_THREAD = 2
+_MAX_INFLIGHT = 64
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_OS_UNKNOWN = 255  # what Go's compress/gzip writes
+_ZSTD_FEED = 1 << 20  # input handed to libzstd per call, so output reaches the sink steadily
+
+
+class Compressor(Protocol):
+    """A streaming compressor in front of a ``write`` sink.
+
+    ``close()`` flushes everything (trailer included) to the sink and is idempotent. Used as a
+    context manager, an exception inside the block stops worker threads and writes no trailer.
+    """
+
+    def write(self, data: bytes | bytearray | memoryview) -> int: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+def open_compressor(
+    opts: LayerOptions, write: Callable[[bytes], object], *, threads: int | None = None
+) -> Compressor:
+    """A compressor for ``opts.compression`` at ``opts.effective_level`` writing to ``write``.
+
+    ``threads`` is the number of compression threads (``None``: ``os.cpu_count()``); the output
+    bytes do not depend on it. Levels were validated by :class:`LayerOptions` already.
+    """
+    n = _threads(threads)
+    comp = opts.compression
+    if comp is Compression.UNCOMPRESSED:
+        return _Passthrough(write)
+    level = opts.effective_level
+    assert level is not None  # LayerOptions gives every compressed type a default level
+    if comp is Compression.GZIP:
+        return _GzipCompressor(level, write, n)
+    return _ZstdCompressor(level, write, n)
+
+
+def compressor_id(opts: LayerOptions) -> str:
+    """The library, version and mode that determine the compressed bytes for ``opts``.
+
+    Recorded with every blob so that workers with different library builds can be told apart.
+    The machine architecture is included because zlib-ng does not promise identical output
+    across architectures.
+    """
+    comp = opts.compression
+    if comp is Compression.UNCOMPRESSED:
+        return "uncompressed"
+    level = opts.effective_level
+    arch = platform.machine() or "unknown"
+    if comp is Compression.GZIP:
+        return (
+            f"zlib-ng {zlib_ng.ZLIBNG_VERSION} (python-zlib-ng {_dist_version('zlib-ng')}, {arch}) "
+            f"gzip level={level} block={GZIP_BLOCK_SIZE} dict={GZIP_DICT_SIZE} memlevel={GZIP_MEM_LEVEL}"
+        )
+    zv = ".".join(str(p) for p in zstandard.ZSTD_VERSION)
+    return f"zstd {zv} (python-zstandard {zstandard.__version__}, {arch}) level={level} mt checksum"
+
+
+def gzip_header(level: int) -> bytes:
+    """The 10-byte gzip member header, as Go's ``compress/gzip`` writes it (mtime 0, OS 255)."""
+    xfl = 2 if level == 9 else 4 if level == 1 else 0
+    return bytes((0x1F, 0x8B, 8, 0, 0, 0, 0, 0, xfl, _OS_UNKNOWN))
+
+
+def detect_compression(head: bytes) -> Compression:
+    """The compression of a blob from its first bytes (4 are enough); tar otherwise."""
+    if head.startswith(_GZIP_MAGIC):
+        return Compression.GZIP
+    if head.startswith(_ZSTD_MAGIC):
+        return Compression.ZSTD
+    # A zstd stream may open with a skippable frame (magic 0x184D2A50..5F, little-endian).
+    if len(head) >= 4 and head[0] & 0xF0 == 0x50 and head[1:4] == b"\x2a\x4d\x18":
+        return Compression.ZSTD
+    return Compression.UNCOMPRESSED
+
+
+def open_decompressor(read_stream: BinaryIO, compression: Compression) -> BinaryIO:
+    """A buffered reader of the uncompressed bytes of ``read_stream``.
+
+    gzip (any number of members; CRC-32 and ISIZE checked at each member's end) via zlib-ng,
+    zstd (any number of frames; checksums checked when present) via python-zstandard.
+    Closing the reader does not close ``read_stream``.
+    """
+    comp = Compression.parse(compression)
+    if comp is Compression.GZIP:
+        return gzip_ng.GzipFile(fileobj=read_stream, mode="rb")  # type: ignore[return-value]
+    if comp is Compression.ZSTD:
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            read_stream, read_across_frames=True, closefd=False
+        )
+        return io.BufferedReader(_RawReader(reader), buffer_size=1 << 20)  # type: ignore[return-value]
+    return io.BufferedReader(_RawReader(read_stream), buffer_size=1 << 20)  # type: ignore[return-value]
+
+
+# --- implementation ---------------------------------------------------------------------------
+
+
+def _threads(threads: int | None) -> int:
+    if threads is None:
+        return max(1, os.cpu_count() or 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InvalidArgument(
+            f"compression threads must be an integer >= 1 (got {threads!r})", threads=threads
+        )
+    return threads
+
+
+def _dist_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:  # pragma: no cover - vendored or unusual installs
+        return "unknown"
+
+
+def _nbytes(data: bytes | bytearray | memoryview) -> int:
+    return data.nbytes if isinstance(data, memoryview) else len(data)
+
+
+class _Base:
+    _closed = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Stop without flushing; the sink is left with a truncated stream."""
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("write to a closed compressor")
+
+
+class _Passthrough(_Base):
+    def __init__(self, write: Callable[[bytes], object]) -> None:
+        self._sink = write
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._check_open()
+        self._sink(data)  # type: ignore[arg-type]
+        return _nbytes(data)
+
+    def close(self) -> None:
+        self._closed = True
+
+
+def _deflate_block(level: int, block: bytes, zdict: bytes, last: bool) -> tuple[bytes, int]:
+    """Deflate one block as a self-contained piece of a raw deflate stream; return it and its CRC."""
+    # A fresh stream per block: zlib-ng < 2.3.3 could vary its output when a stream was reused
+    # (zlib-ng#2100), and a fresh one makes each block a pure function of (level, zdict, block).
+    args = (level, zlib_ng.DEFLATED, -15, GZIP_MEM_LEVEL, zlib_ng.Z_DEFAULT_STRATEGY)
+    c = zlib_ng.compressobj(*args, zdict) if zdict else zlib_ng.compressobj(*args)
+    out = c.compress(block) + c.flush(zlib_ng.Z_FINISH if last else zlib_ng.Z_SYNC_FLUSH)
+    return out, zlib_ng.crc32(block)
+
+
+class _GzipCompressor(_Base):
+    def __init__(self, level: int, write: Callable[[bytes], object], threads: int) -> None:
+        self._level = level
+        self._sink = write
+        self._pending = bytearray()
+        self._zdict = b""
+        self._crc = 0
+        self._isize = 0
+        self._started = False
+        # One thread compresses inline (no pool, no hand-off); more use an ordered pool.
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="gzip") if threads > 1 else None
+        self._inflight: deque[tuple[Future[tuple[bytes, int]], int]] = deque()
+        self._max_inflight = max(2, min(_INFLIGHT_PER_THREAD * threads, _MAX_INFLIGHT))
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._check_open()
+        mv = memoryview(data).cast("B")
+        n = mv.nbytes
+        # Feed at most one block at a time so a huge write never doubles in memory.
+        for off in range(0, n, GZIP_BLOCK_SIZE):
+            self._pending += mv[off : off + GZIP_BLOCK_SIZE]
+            # Strictly more than a block: a full block is held back until we know it is not
+            # the last, so an input of exactly k blocks ends with its k-th block, not an empty one.
+            while len(self._pending) > GZIP_BLOCK_SIZE:
+                block = bytes(self._pending[:GZIP_BLOCK_SIZE])
+                del self._pending[:GZIP_BLOCK_SIZE]  # O(1): CPython bytearrays trim their head in place
+                self._submit(block, last=False)
+        return n
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            block, self._pending = bytes(self._pending), bytearray()
+            self._submit(block, last=True)
+            while self._inflight:
+                self._emit_oldest()
+            self._sink(struct.pack("<II", self._crc, self._isize & 0xFFFFFFFF))
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        self._shutdown(cancel=False)
+
+    def abort(self) -> None:
+        self._closed = True
+        for fut, _ in self._inflight:
+            fut.cancel()
+        self._inflight.clear()
+        self._pending = bytearray()
+        self._shutdown(cancel=True)
+
+    def _shutdown(self, *, cancel: bool) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+            self._pool = None
+
+    def _submit(self, block: bytes, *, last: bool) -> None:
+        zdict = self._zdict
+        # Only a non-last block has a successor, and it is always full (>= the dict size).
+        self._zdict = b"" if last else block[-GZIP_DICT_SIZE:]
+        if self._pool is None:
+            out, crc = _deflate_block(self._level, block, zdict, last)
+            self._emit(out, crc, len(block))
+            return
+        fut = self._pool.submit(_deflate_block, self._level, block, zdict, last)
+        self._inflight.append((fut, len(block)))
+        while len(self._inflight) >= self._max_inflight or (self._inflight and self._inflight[0][0].done()):
+            self._emit_oldest()
+
+    def _emit_oldest(self) -> None:
+        fut, size = self._inflight.popleft()
+        out, crc = fut.result()
+        self._emit(out, crc, size)
+
+    def _emit(self, out: bytes, crc: int, size: int) -> None:
+        if not self._started:
+            self._started = True
+            self._sink(gzip_header(self._level))
+        self._crc = zlib_ng.crc32_combine(self._crc, crc, size)
+        self._isize += size
+        self._sink(out)
+
+
+class _ZstdCompressor(_Base):
+    def __init__(self, level: int, write: Callable[[bytes], object], threads: int) -> None:
+        self._sink = write
+        # threads >= 1 selects libzstd's multi-threaded engine, whose output is the same for any
+        # worker count; threads=0 (single-thread engine) would give different bytes.
+        cctx = zstandard.ZstdCompressor(
+            level=level, threads=threads, write_checksum=True, write_content_size=False
+        )
+        self._cobj = cctx.compressobj()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._check_open()
+        mv = memoryview(data).cast("B")
+        for off in range(0, mv.nbytes, _ZSTD_FEED):
+            out = self._cobj.compress(mv[off : off + _ZSTD_FEED])
+            if out:
+                self._sink(out)
+        return mv.nbytes
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        out = self._cobj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+        self._cobj = None  # type: ignore[assignment]  # frees libzstd's workers and buffers
+        if out:
+            self._sink(out)
+
+    def abort(self) -> None:
+        self._closed = True
+        self._cobj = None  # type: ignore[assignment]
+
+
+class _RawReader(io.RawIOBase):
+    """``readinto`` over any reader; closing it leaves the wrapped stream open."""
+
+    def __init__(self, inner: object) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        readinto = getattr(self._inner, "readinto", None)
+        if readinto is not None:
+            return readinto(buffer)
+        mv = memoryview(buffer).cast("B")
+        chunk = self._inner.read(len(mv))  # type: ignore[attr-defined]
+        mv[: len(chunk)] = chunk
+        return len(chunk)

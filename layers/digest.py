@@ -1,0 +1,103 @@
+"""Count and sha256-hash bytes while passing them through, in either direction.
+
+The layer pipeline hashes each byte once, as it streams: :class:`HashingWriter` sits between the
+tar writer and the compressor (its digest is the diffID), :class:`HashingReader` sits on a
+stream being uploaded or converted. Neither buffers anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+from typing import BinaryIO
+
+from blobchain.layers.errors import DigestMismatch
+
+__all__ = ["HashingReader", "HashingWriter"]
+
+
+def _format(h: hashlib._Hash) -> str:
+    return "sha256:" + h.hexdigest()
+
+
+class HashingWriter:
+    """A ``write`` callable's front: hash and count each chunk, then forward it unchanged."""
+
+    def __init__(self, write: Callable[[bytes], object]) -> None:
+        self._write = write
+        self._hash = hashlib.sha256()
+        self._size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        # memoryview lengths count items, not bytes; nbytes is what was written.
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        self._hash.update(data)
+        self._size += n
+        self._write(data)  # type: ignore[arg-type]
+        return n
+
+    @property
+    def digest(self) -> str:
+        """``sha256:<hex>`` of everything written so far."""
+        return _format(self._hash)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def verify(self, expected: str) -> None:
+        """Raise :class:`DigestMismatch` unless the bytes written so far hash to ``expected``."""
+        _verify(expected, self.digest, self._size)
+
+
+class HashingReader(io.RawIOBase):
+    """A readable stream's front: every byte read through it is hashed and counted.
+
+    Closing it does not close the wrapped stream (the caller owns that).
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        super().__init__()
+        self._raw = raw
+        self._hash = hashlib.sha256()
+        self._size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        mv = memoryview(buffer).cast("B")
+        readinto = getattr(self._raw, "readinto", None)
+        if readinto is not None:
+            n = readinto(mv)
+            if n is None:  # non-blocking raw stream with nothing ready
+                return None  # type: ignore[return-value]
+        else:
+            chunk = self._raw.read(len(mv))
+            n = len(chunk)
+            mv[:n] = chunk
+        if n:
+            self._hash.update(mv[:n])
+            self._size += n
+        return n
+
+    @property
+    def digest(self) -> str:
+        """``sha256:<hex>`` of everything read so far."""
+        return _format(self._hash)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def verify(self, expected: str) -> None:
+        """Raise :class:`DigestMismatch` unless the bytes read so far hash to ``expected``."""
+        _verify(expected, self.digest, self._size)
+
+
+def _verify(expected: str, got: str, size: int) -> None:
+    if got != expected:
+        raise DigestMismatch(
+            f"content digest {got} does not match expected {expected}", expected=expected, got=got, size=size
+        )

@@ -1,0 +1,350 @@
+"""A confined, read-only view of one snapshot root.
+
+Every path is raw ``bytes`` relative to the root (no leading ``/``; ``b""`` is the root itself).
+Nothing here resolves a symlink: entries are ``lstat``-ed, directories are opened beneath a root
+descriptor with ``openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS)`` (or, on
+kernels without it, a component-by-component ``O_NOFOLLOW`` walk), so a symlink pointing outside
+the snapshot is only ever read as a link, never followed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import threading
+from collections.abc import Sequence
+
+from blobchain.layers.errors import (
+    FileChanged,
+    InvalidArgument,
+    PathEscapes,
+    SnapshotNotFound,
+    SnapshotOutsideRoots,
+    UnreadableFile,
+)
+
+__all__ = ["Snapshot", "open_snapshot"]
+
+_CAPABILITY = b"security.capability"
+_NO_XATTR = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# O_NONBLOCK: a file swapped for a FIFO mid-walk must not hang the open; no effect on regular files.
+_O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+# --- openat2 ----------------------------------------------------------------------------------
+
+_SYS_OPENAT2 = 437  # the same number on every Linux architecture (asm-generic table)
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_RESOLVE = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _load_syscall() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syscall
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_long
+    fn.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+_syscall = _load_syscall()
+
+
+def _openat2(dirfd: int, path: bytes, flags: int) -> int:
+    how = _OpenHow(flags, 0, _RESOLVE)
+    for _ in range(16):
+        fd = _syscall(_SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err not in (errno.EAGAIN, errno.EINTR):  # EAGAIN: a concurrent rename; retry
+            raise OSError(err, os.strerror(err), path)
+    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), path)
+
+
+def _probe_openat2() -> bool:
+    if _syscall is None or not hasattr(os, "O_PATH"):
+        return False
+    try:
+        os.close(_openat2(-100, b".", os.O_PATH | os.O_CLOEXEC))  # AT_FDCWD
+    except OSError:
+        # ENOSYS (old kernel) or EPERM (seccomp): use the portable walk instead.
+        return False
+    return True
+
+
+# Module switch, read on every open: tests flip it to exercise the fallback walk.
+use_openat2: bool = _probe_openat2()
+
+
+def _walk_open(rootfd: int, path: bytes, flags: int) -> int:
+    """The openat2 fallback: one ``openat`` per component, never following a symlink.
+
+    Raises OSError with ELOOP when a component is a symlink (as openat2 would)."""
+    parts = path.split(b"/")
+    fd = rootfd
+    try:
+        for part in parts[:-1]:
+            try:
+                nfd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except NotADirectoryError:
+                # O_PATH|O_NOFOLLOW opens a symlink itself, which O_DIRECTORY then rejects.
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path) from None
+                raise
+            if fd != rootfd:
+                os.close(fd)
+            fd = nfd
+        return os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=fd)
+    finally:
+        if fd != rootfd:
+            os.close(fd)
+
+
+# --- path checks ------------------------------------------------------------------------------
+
+
+def _check_rel(rel: bytes) -> bytes:
+    if not isinstance(rel, bytes):
+        if isinstance(rel, str):
+            rel = os.fsencode(rel)
+        else:
+            raise InvalidArgument(f"snapshot paths are bytes, got {type(rel).__name__}")
+    if not rel:
+        return rel
+    if rel[:1] == b"/":
+        raise PathEscapes("absolute path inside a snapshot", path=rel)
+    if b"\0" in rel:
+        raise InvalidArgument("NUL byte in path", path=rel)
+    if b".." in rel or b"//" in rel or rel[-1:] == b"/" or b"./" in rel or rel == b".":
+        for part in rel.split(b"/"):
+            if part == b"..":
+                raise PathEscapes("'..' in a snapshot path", path=rel)
+            if part in (b"", b"."):
+                raise InvalidArgument("path is not clean (empty or '.' component)", path=rel)
+    return rel
+
+
+def _raise_open_error(e: OSError, rel: bytes, *, what: str) -> None:
+    if e.errno in (errno.ELOOP, errno.EXDEV):
+        raise PathEscapes(f"{what}: a symlink or '..' is in the way", path=rel) from None
+    if e.errno in (errno.EACCES, errno.EPERM):
+        raise UnreadableFile(f"{what}: permission denied", path=rel) from None
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        raise FileChanged(f"{what}: it vanished during the walk", path=rel) from None
+    raise e
+
+
+# --- the snapshot -----------------------------------------------------------------------------
+
+
+class Snapshot:
+    """A read-only view of one directory tree, confined to ``root``.
+
+    Holds a directory descriptor on the root; close it with :meth:`close` (or a ``with`` block).
+    Pickles by path, so it can cross process boundaries (the receiver re-opens the root).
+    """
+
+    __slots__ = ("__weakref__", "_closed", "_fd", "_lock", "_prefix", "root")
+
+    def __init__(self, root: bytes, fd: int) -> None:
+        self.root = root
+        self._fd = fd
+        self._prefix = root.rstrip(b"/") + b"/"
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # lifecycle
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._fd)
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_reopen, (self.root,))
+
+    def __repr__(self) -> str:
+        return f"Snapshot({self.root!r})"
+
+    @property
+    def fd(self) -> int:
+        """The root directory descriptor (owned by the snapshot; do not close it)."""
+        return self._fd
+
+    # lookups
+
+    def path(self, rel: bytes) -> bytes:
+        """The absolute path of ``rel`` (for messages and path-based syscalls)."""
+        return self._prefix + rel if rel else self.root
+
+    def open_dir(self, rel: bytes) -> int:
+        """A read-only descriptor on directory ``rel``, opened without following any symlink.
+
+        The caller closes it. Raises PathEscapes, FileNotFoundError or NotADirectoryError."""
+        rel = _check_rel(rel)
+        if not rel:
+            return os.dup(self._fd)
+        try:
+            if use_openat2:
+                return _openat2(self._fd, rel, _O_DIR)
+            return _walk_open(self._fd, rel, _O_DIR)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EXDEV):
+                raise PathEscapes("a symlink or '..' is in the way", path=rel) from None
+            raise
+
+    def lstat(self, rel: bytes) -> os.stat_result:
+        """``lstat`` of ``rel``; raises FileNotFoundError/NotADirectoryError if absent and
+        PathEscapes if a parent component is a symlink."""
+        rel = _check_rel(rel)
+        if not rel:
+            return os.fstat(self._fd)
+        parent, _, name = rel.rpartition(b"/")
+        if not parent:
+            return os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+        fd = self.open_dir(parent)
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        finally:
+            os.close(fd)
+
+    def scandir(self, rel: bytes = b"") -> list[tuple[bytes, os.stat_result]]:
+        """The entries of directory ``rel`` as (name, lstat), sorted by raw name bytes."""
+        fd = self.open_dir(rel) if rel else self._fd
+        try:
+            fsencode = os.fsencode
+            try:
+                with os.scandir(fd) as it:
+                    out = [(fsencode(e.name), e.stat(follow_symlinks=False)) for e in it]
+            except FileNotFoundError:
+                raise FileChanged("an entry vanished during the walk", path=rel) from None
+        finally:
+            if fd != self._fd:
+                os.close(fd)
+        out.sort(key=_first)
+        return out
+
+    def readlink(self, rel: bytes) -> bytes:
+        """The raw target of symlink ``rel`` (never resolved)."""
+        rel = _check_rel(rel)
+        parent, _, name = rel.rpartition(b"/")
+        if not parent:
+            return os.readlink(name, dir_fd=self._fd)
+        fd = self.open_dir(parent)
+        try:
+            return os.readlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    def xattr(self, rel: bytes, name: bytes | str) -> bytes | None:
+        """The raw value of extended attribute ``name`` on ``rel`` itself (lgetxattr), or None.
+
+        ``rel`` comes from the walk of this root; the lookup goes by path (fast), a parent
+        component swapped for a symlink during the walk is the only way it could leave the root.
+        """
+        rel = _check_rel(rel)
+        try:
+            return os.getxattr(self._prefix + rel if rel else self.root, name, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in _NO_XATTR:
+                return None
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise FileChanged("entry vanished during the walk", path=rel) from None
+            raise
+
+    def capability(self, rel: bytes) -> bytes | None:
+        """The raw ``security.capability`` xattr of ``rel`` (None when absent or unsupported)."""
+        # Inlined xattr(): this runs once per emitted entry.
+        if rel[:1] == b"/" or b".." in rel:
+            _check_rel(rel)
+        try:
+            return os.getxattr(self._prefix + rel if rel else self.root, _CAPABILITY, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in _NO_XATTR:
+                return None
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise FileChanged("entry vanished during the walk", path=rel) from None
+            raise
+
+    def open_file(self, rel: bytes) -> int:
+        """A read-only descriptor on ``rel``; never follows a symlink in any component.
+
+        A symlink in the way raises PathEscapes, EACCES UnreadableFile, a vanished file
+        FileChanged. The caller closes the descriptor."""
+        rel = _check_rel(rel)
+        if not rel:
+            raise InvalidArgument("cannot open the snapshot root as a file")
+        try:
+            if use_openat2:
+                return _openat2(self._fd, rel, _O_FILE)
+            return _walk_open(self._fd, rel, _O_FILE)
+        except OSError as e:
+            _raise_open_error(e, rel, what=f"cannot open {self._prefix + rel!r}")
+            raise  # unreachable: keeps type checkers happy
+
+
+def _first(item: tuple[bytes, os.stat_result]) -> bytes:
+    return item[0]
+
+
+def _reopen(root: bytes) -> Snapshot:
+    return open_snapshot(root)
+
+
+def open_snapshot(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], roots: Sequence[str] | None = None) -> Snapshot:
+    """Open the snapshot directory ``path`` (symlinks in ``path`` itself are resolved once).
+
+    Missing or not a directory -> SnapshotNotFound. With ``roots``, a path whose realpath is not
+    inside one of the roots' realpaths -> SnapshotOutsideRoots.
+    """
+    raw = os.fsencode(path)
+    real = os.path.realpath(raw)
+    try:
+        st = os.stat(real)
+    except OSError:
+        raise SnapshotNotFound(f"snapshot {raw!r} does not exist", snapshot=raw) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise SnapshotNotFound(f"snapshot {raw!r} is not a directory", snapshot=raw)
+    if roots is not None:
+        for r in roots:
+            rr = os.path.realpath(os.fsencode(r)).rstrip(b"/") + b"/"
+            if real == rr.rstrip(b"/") or real.startswith(rr):
+                break
+        else:
+            raise SnapshotOutsideRoots(
+                f"snapshot {raw!r} is outside the allowed roots", snapshot=raw, roots=list(roots)
+            )
+    try:
+        fd = os.open(real, _O_DIR | os.O_NOFOLLOW)
+    except OSError:
+        raise SnapshotNotFound(f"snapshot {raw!r} cannot be opened", snapshot=raw) from None
+    fst = os.fstat(fd)
+    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise SnapshotNotFound(f"snapshot {raw!r} changed while being opened", snapshot=raw)
+    return Snapshot(real, fd)

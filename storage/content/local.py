@@ -1,0 +1,370 @@
+"""The embedded content store: an OCI image layout directory on local disk.
+
+Layout: ``<root>/oci-layout``, ``<root>/blobs/sha256/<hex>`` (read-only files), and private state
+under ``<root>/.blobchain/``: ingest temp files in ``ingest/`` (same filesystem as the blobs, so
+publishing is a link) and blob labels in ``content.db`` (SQLite, WAL). ``index.json`` belongs to
+the exporter and is never touched here.
+
+Publishing never replaces an existing blob: the verified temp file is hard-linked to its final
+name, and EEXIST means another writer (thread or process) already published the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+from blobchain.layers.errors import (
+    BlobchainError,
+    DigestMismatch,
+    FailedPrecondition,
+    NotFound,
+    StoreFull,
+    Unavailable,
+)
+from blobchain.layers.records import check_digest
+from blobchain.storage.content import BlobInfo
+
+__all__ = ["LocalContentStore", "LocalIngest"]
+
+OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_WRITE_BUFFER = 1 << 20
+_SAFE_REF = re.compile(r"[^A-Za-z0-9._-]+")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_SQLITE_FULL = 13
+
+
+def _store_full(err: OSError, what: str) -> StoreFull:
+    return StoreFull(
+        f"content store full while {what}: {os.strerror(err.errno or 0)} ({err.filename or ''})",
+        errno=err.errno,
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalIngest:
+    """One blob being written to a temp file under ``.blobchain/ingest/``; hashes as bytes arrive."""
+
+    def __init__(self, store: LocalContentStore, ref: str) -> None:
+        self._store = store
+        self.ref = ref
+        name = f"{_SAFE_REF.sub('_', ref)[:80]}.{uuid.uuid4().hex}.tmp"
+        self.path = store.ingest_dir / name
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._file: io.BufferedWriter | None = io.BufferedWriter(io.FileIO(fd, "wb"), _WRITE_BUFFER)
+        self._hash = hashlib.sha256()
+        self._offset = 0
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def write(self, data: bytes | memoryview, /) -> int:
+        f = self._require_open()
+        try:
+            f.write(data)
+        except OSError as e:
+            self.abort()
+            if e.errno in _FULL_ERRNOS:
+                raise _store_full(e, f"writing ingest {self.ref!r}") from e
+            raise
+        except BaseException:
+            self.abort()
+            raise
+        self._hash.update(data)
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        self._offset += n
+        return n
+
+    def commit(
+        self, *, size: int | None = None, expected: str | None = None, labels: Mapping[str, str] | None = None
+    ) -> BlobInfo:
+        f = self._require_open()
+        try:
+            if expected is not None:
+                check_digest(expected)
+            got = "sha256:" + self._hash.hexdigest()
+            if size is not None and size != self._offset:
+                raise DigestMismatch(
+                    f"ingest {self.ref!r}: unexpected commit size {self._offset}, expected {size}",
+                    expected=expected or "",
+                    got=got,
+                    expected_size=size,
+                    got_size=self._offset,
+                )
+            if expected is not None and expected != got:
+                raise DigestMismatch(
+                    f"ingest {self.ref!r}: unexpected commit digest {got}, expected {expected}",
+                    expected=expected,
+                    got=got,
+                )
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                if e.errno in _FULL_ERRNOS:
+                    raise _store_full(e, f"flushing ingest {self.ref!r}") from e
+                raise
+            f.close()
+            self._file = None
+            self._store._publish(self.path, got)
+        except BaseException:
+            self.abort()
+            raise
+        self._remove_temp()
+        if labels:
+            return self._store.set_labels(got, labels)
+        info = self._store.info(got)
+        if info is None:  # deleted between publish and here (a racing GC); report what we published
+            return BlobInfo(got, self._offset, {})
+        return info
+
+    def abort(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            # Closing flushes; a full disk here is irrelevant, the file is going away.
+            with contextlib.suppress(OSError):
+                f.close()
+        self._remove_temp()
+
+    def _remove_temp(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _require_open(self) -> io.BufferedWriter:
+        if self._file is None:
+            raise FailedPrecondition(f"ingest {self.ref!r} is already closed", ref=self.ref)
+        return self._file
+
+    def __enter__(self) -> LocalIngest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Leaving the block without a commit (an exception, KeyboardInterrupt, or simply no
+        # commit) discards the ingest; the exception, if any, propagates.
+        if self._file is not None:
+            self.abort()
+
+
+class _LabelDB:
+    """Blob labels in ``content.db``; one connection per process, serialized by a lock."""
+
+    def __init__(self, path: Path, busy_timeout_s: float) -> None:
+        self._path = path
+        self._timeout = busy_timeout_s
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+
+    def _connection(self) -> sqlite3.Connection:
+        # A connection must not cross fork(): reopen in a child process.
+        if self._conn is None or self._pid != os.getpid():
+            conn = sqlite3.connect(
+                self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS labels (digest TEXT NOT NULL, key TEXT NOT NULL,"
+                " value TEXT NOT NULL, PRIMARY KEY (digest, key)) WITHOUT ROWID"
+            )
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def get(self, digest: str) -> dict[str, str]:
+        with self._lock:
+            try:
+                rows = self._connection().execute(
+                    "SELECT key, value FROM labels WHERE digest = ? ORDER BY key", (digest,)
+                )
+                return dict(rows.fetchall())
+            except sqlite3.Error as e:
+                raise self._map(e) from e
+
+    def merge(self, digest: str, labels: Mapping[str, str]) -> None:
+        self._write(
+            "INSERT INTO labels (digest, key, value) VALUES (?, ?, ?)"
+            " ON CONFLICT (digest, key) DO UPDATE SET value = excluded.value",
+            [(digest, str(k), str(v)) for k, v in labels.items()],
+        )
+
+    def forget(self, digest: str) -> None:
+        self._write("DELETE FROM labels WHERE digest = ?", [(digest,)])
+
+    def _write(self, sql: str, rows: list[tuple[str, ...]]) -> None:
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(sql, rows)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                raise self._map(e) from e
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def _map(self, e: sqlite3.Error) -> BlobchainError:
+        if getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL:
+            return StoreFull(f"content label database full: {e}", path=str(self._path))
+        return Unavailable(f"content label database error: {e}", path=str(self._path))
+
+
+class LocalContentStore:
+    """A :class:`~blobchain.storage.content.ContentStore` over an OCI image layout directory."""
+
+    def __init__(self, root: str | os.PathLike[str], *, busy_timeout_s: float = 30.0) -> None:
+        self.root = Path(root)
+        self.blobs_dir = self.root / "blobs" / "sha256"
+        self.state_dir = self.root / ".blobchain"
+        self.ingest_dir = self.state_dir / "ingest"
+        for d in (self.blobs_dir, self.ingest_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._write_layout_marker()
+        self._labels = _LabelDB(self.state_dir / "content.db", busy_timeout_s)
+
+    def __repr__(self) -> str:
+        return f"LocalContentStore({str(self.root)!r})"
+
+    def _write_layout_marker(self) -> None:
+        marker = self.root / "oci-layout"
+        if marker.exists():
+            return
+        tmp = self.state_dir / f"oci-layout.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(OCI_LAYOUT, separators=(",", ":")))
+        os.replace(tmp, marker)  # concurrent initialisers write identical bytes
+
+    # --- paths --------------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        """Where the blob lives; ``digest`` is validated so it cannot name anything else."""
+        return self.blobs_dir / check_digest(digest).removeprefix("sha256:")
+
+    def blob_mtime(self, digest: str) -> float | None:
+        """Last publish (or re-commit) time of a blob, for GC grace periods; None if absent."""
+        try:
+            return self.blob_path(digest).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    # --- ContentStore -------------------------------------------------------------------------
+
+    def ingest(self, ref: str) -> LocalIngest:
+        try:
+            return LocalIngest(self, ref)
+        except OSError as e:
+            if e.errno in _FULL_ERRNOS:
+                raise _store_full(e, f"creating ingest {ref!r}") from e
+            raise
+
+    def info(self, digest: str) -> BlobInfo | None:
+        try:
+            st = self.blob_path(digest).stat()
+        except FileNotFoundError:
+            return None
+        return BlobInfo(digest, st.st_size, self._labels.get(digest))
+
+    def open(self, digest: str) -> BinaryIO:
+        try:
+            return self.blob_path(digest).open("rb")
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest} not found", digest=digest) from None
+
+    def delete(self, digest: str) -> bool:
+        try:
+            os.unlink(self.blob_path(digest))
+        except FileNotFoundError:
+            return False
+        # Labels go after the blob: a crash in between leaves stale rows, which are still true
+        # of the same digest if it is ever written again.
+        self._labels.forget(digest)
+        return True
+
+    def list_digests(self) -> Iterator[str]:
+        names = sorted(e.name for e in os.scandir(self.blobs_dir) if _HEX64.match(e.name))
+        return iter(["sha256:" + n for n in names])
+
+    def set_labels(self, digest: str, labels: Mapping[str, str]) -> BlobInfo:
+        if not self.blob_path(digest).exists():
+            raise NotFound(f"blob {digest} not found", digest=digest)
+        if labels:
+            self._labels.merge(digest, labels)
+        info = self.info(digest)
+        if info is None:
+            raise NotFound(f"blob {digest} not found", digest=digest)
+        return info
+
+    def sweep(self, older_than_s: float) -> int:
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for entry in os.scandir(self.ingest_dir):
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime <= cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # its writer finished or aborted meanwhile
+        return removed
+
+    def close(self) -> None:
+        self._labels.close()
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _publish(self, tmp: Path, digest: str) -> None:
+        """Make the fully written, fsynced ``tmp`` visible as ``digest`` without replacing anything."""
+        final = self.blob_path(digest)
+        try:
+            os.chmod(tmp, 0o444)
+            os.link(tmp, final)
+        except FileExistsError:
+            # Same digest, same bytes: keep the existing blob; refresh its age for GC grace.
+            with contextlib.suppress(OSError):
+                os.utime(final)
+            return
+        except FileNotFoundError:
+            raise FailedPrecondition(
+                f"ingest temp file {tmp} vanished before commit (swept?)", path=str(tmp), digest=digest
+            ) from None
+        except OSError as e:
+            if e.errno in _FULL_ERRNOS:
+                raise _store_full(e, f"publishing {digest}") from e
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # No hard links here: a rename is still atomic and replacing identical bytes is harmless.
+            if final.exists():
+                return
+            os.rename(tmp, final)
+        try:
+            _fsync_dir(self.blobs_dir)
+        except OSError as e:
+            if e.errno in _FULL_ERRNOS:
+                raise _store_full(e, f"syncing {self.blobs_dir}") from e
+            raise

@@ -1,0 +1,388 @@
+"""Per-ref records, GC leases and manifests in Redis; every rule of the contract in one Lua script.
+
+Layout (``P`` = prefix, default ``blobchain:``):
+
+- ``P ref:<id>``: a hash: ``spec`` (canonical JSON), ``blob`` (JSON of the main blob), ``diff_id``,
+  ``variants`` (JSON array, insertion order), ``vk:<variant>`` markers (one per stored variant,
+  main included), ``chain_id``, ``blob_chain_id``.
+- ``P refs``: the set of ref ids (so listing never SCANs the keyspace).
+- ``P lease:<key>``: the single-flight lease token (written by ``RedisLockService``); writes given
+  ``token=`` are fenced on it.
+- ``P gcleases``: ZSET lease id -> expiry (ms, Redis server clock); ``P gclease:<id>``: its digests.
+- ``P manifests``: hash manifest name -> JSON list of digests.
+
+Scripts touch keys computed from the prefix (GC leases), so this targets a single Redis node, not
+Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis
+
+from blobchain.layers.errors import (
+    Conflict,
+    ConflictingParent,
+    InvalidArgument,
+    LeaseLost,
+    MissingLease,
+    RefNotFound,
+)
+from blobchain.layers.records import LayerBlob, RefRecord, RefSpec, check_digest
+from blobchain.storage.locks.redis import describe_redis, lease_key, redis_errors
+
+__all__ = ["RedisMetadataStore"]
+
+# Shared head of the write scripts: KEYS[1] = ref hash, KEYS[2] = lease key; ARGV[1] = fencing
+# token ('' = unfenced), ARGV[2] = '1' to release the lease in the same step.
+_FENCE = """
+local token = ARGV[1]
+if token ~= '' and redis.call('GET', KEYS[2]) ~= token then
+  return {'lease_lost'}
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {'not_found'}
+end
+"""
+
+_DONE = """
+if token ~= '' and ARGV[2] == '1' then
+  redis.call('DEL', KEYS[2])
+end
+local out = redis.call('HGETALL', KEYS[1])
+table.insert(out, 1, 'ok')
+return out
+"""
+
+# KEYS[1] = ref hash, KEYS[2] = ref index; ARGV[1] = canonical spec JSON, ARGV[2] = ref id.
+_REGISTER = """
+local cur = redis.call('HGET', KEYS[1], 'spec')
+if cur then
+  if cur ~= ARGV[1] then
+    return {'conflicting_parent', cur}
+  end
+else
+  redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'variants', '[]')
+  redis.call('SADD', KEYS[2], ARGV[2])
+end
+local out = redis.call('HGETALL', KEYS[1])
+table.insert(out, 1, 'ok')
+return out
+"""
+
+# ARGV[3] = blob JSON, ARGV[4] = diffID, ARGV[5] = variant key.
+_SET_BLOB = (
+    _FENCE
+    + """
+local main = redis.call('HGET', KEYS[1], 'diff_id')
+local vk = 'vk:' .. ARGV[5]
+if not main then
+  redis.call('HSET', KEYS[1], 'blob', ARGV[3], 'diff_id', ARGV[4], vk, '1')
+elseif main ~= ARGV[4] then
+  return {'conflict', main}
+elseif redis.call('HEXISTS', KEYS[1], vk) == 0 then
+  local v = redis.call('HGET', KEYS[1], 'variants')
+  if (not v) or v == '[]' then
+    v = '[' .. ARGV[3] .. ']'
+  else
+    v = string.sub(v, 1, -2) .. ',' .. ARGV[3] .. ']'
+  end
+  redis.call('HSET', KEYS[1], 'variants', v, vk, '1')
+end
+"""
+    + _DONE
+)
+
+# ARGV[3] = chain ID, ARGV[4] = blob chain ID. Never overwrites.
+_SET_CHAIN = (
+    _FENCE
+    + """
+if redis.call('HEXISTS', KEYS[1], 'chain_id') == 0 then
+  redis.call('HSET', KEYS[1], 'chain_id', ARGV[3], 'blob_chain_id', ARGV[4])
+end
+"""
+    + _DONE
+)
+
+# Server clock in ms, so that every client agrees on lease expiry.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS[1] = gc lease zset; ARGV[1] = lease id, ARGV[2] = ttl ms, ARGV[3] = lease set key.
+_CREATE_LEASE = (
+    _NOW
+    + """
+local exp = now + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], exp, ARGV[1])
+if redis.call('EXISTS', ARGV[3]) == 1 then
+  redis.call('PEXPIREAT', ARGV[3], exp)
+end
+return exp
+"""
+)
+
+# KEYS[1] = gc lease zset, KEYS[2] = lease set; ARGV[1] = lease id, ARGV[2] = digest.
+_ADD_RESOURCE = (
+    _NOW
+    + """
+local exp = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not exp) or tonumber(exp) <= now then
+  return 0
+end
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('PEXPIREAT', KEYS[2], exp)
+return 1
+"""
+)
+
+# KEYS[1] = gc lease zset; ARGV[1] = lease set key prefix. Drops expired leases, returns live digests.
+_LIVE = (
+    _NOW
+    + """
+local dead = redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE')
+for _, id in ipairs(dead) do
+  redis.call('DEL', ARGV[1] .. id)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], '(' .. now, '+inf', 'BYSCORE')) do
+  for _, d in ipairs(redis.call('SMEMBERS', ARGV[1] .. id)) do
+    table.insert(out, d)
+  end
+end
+return out
+"""
+)
+
+
+def _canon(d: dict[str, Any]) -> str:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _record(flat: Sequence[Any]) -> RefRecord:
+    h = {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+    return RefRecord(
+        spec=RefSpec.from_dict(json.loads(h["spec"])),
+        blob=LayerBlob.from_dict(json.loads(h["blob"])) if "blob" in h else None,
+        chain_id=h.get("chain_id"),
+        blob_chain_id=h.get("blob_chain_id"),
+        variants=tuple(LayerBlob.from_dict(v) for v in json.loads(h.get("variants") or "[]")),
+    )
+
+
+class RedisMetadataStore:
+    """:class:`MetadataStore` + :class:`LeaseStore` on one Redis node (redis-py client passed in)."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "blobchain:") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._register = client.register_script(_REGISTER)
+        self._set_blob = client.register_script(_SET_BLOB)
+        self._set_chain = client.register_script(_SET_CHAIN)
+        self._create_lease = client.register_script(_CREATE_LEASE)
+        self._add_resource = client.register_script(_ADD_RESOURCE)
+        self._live = client.register_script(_LIVE)
+
+    # --- keys ---------------------------------------------------------------------------------
+
+    def _ref(self, ref_id: str) -> str:
+        return f"{self.prefix}ref:{ref_id}"
+
+    @property
+    def _refs(self) -> str:
+        return f"{self.prefix}refs"
+
+    @property
+    def _gcleases(self) -> str:
+        return f"{self.prefix}gcleases"
+
+    def _gclease(self, lease_id: str) -> str:
+        return f"{self.prefix}gclease:{lease_id}"
+
+    @property
+    def _manifests(self) -> str:
+        return f"{self.prefix}manifests"
+
+    # --- records ------------------------------------------------------------------------------
+
+    def get(self, ref_id: str) -> RefRecord | None:
+        with redis_errors(self.client, f"read ref {ref_id}"):
+            flat = self.client.hgetall(self._ref(ref_id))
+        if not flat:
+            return None
+        return _record([x for kv in flat.items() for x in kv])
+
+    def register(self, spec: RefSpec) -> RefRecord:
+        """Create the ref, or return it if the spec is identical; ConflictingParent otherwise."""
+        with redis_errors(self.client, f"register ref {spec.ref_id}"):
+            out = self._register(
+                keys=[self._ref(spec.ref_id), self._refs], args=[_canon(spec.to_dict()), spec.ref_id]
+            )
+        status = _s(out[0])
+        if status == "conflicting_parent":
+            have = RefSpec.from_dict(json.loads(_s(out[1])))
+            raise ConflictingParent(
+                f"ref {spec.ref_id} is already registered with parent {have.parent!r} "
+                f"and snapshot {have.snapshot!r} (got parent {spec.parent!r}, snapshot {spec.snapshot!r})",
+                ref=spec.ref_id,
+                parent=spec.parent,
+                existing_parent=have.parent,
+            )
+        return _record(out[1:])
+
+    def set_blob(
+        self,
+        ref_id: str,
+        blob: LayerBlob,
+        *,
+        token: str | None = None,
+        lease_key: str | None = None,
+        release: bool = False,
+    ) -> RefRecord:
+        """Add a blob (first = main, other variants appended; different diffID -> Conflict).
+
+        With ``token``, the write is fenced on the lease of ``lease_key`` (default: the ref id)
+        and raises LeaseLost if that lease is not held by ``token``; ``release=True`` deletes the
+        lease in the same atomic step (commit-and-release).
+        """
+        check_digest(blob.digest)
+        check_digest(blob.diff_id)
+        if blob.size < 0:
+            raise InvalidArgument(f"negative blob size {blob.size}", ref=ref_id, digest=blob.digest)
+        out = self._write(
+            self._set_blob,
+            "set blob",
+            ref_id,
+            token,
+            lease_key,
+            release,
+            [_canon(blob.to_dict()), blob.diff_id, blob.variant],
+        )
+        if _s(out[0]) == "conflict":
+            raise Conflict(
+                f"ref {ref_id} already has diffID {_s(out[1])}; blob {blob.digest} has diffID {blob.diff_id}",
+                ref=ref_id,
+                diff_id=blob.diff_id,
+                existing_diff_id=_s(out[1]),
+            )
+        return _record(out[1:])
+
+    def set_chain(
+        self,
+        ref_id: str,
+        chain_id: str,
+        blob_chain_id: str,
+        *,
+        token: str | None = None,
+        lease_key: str | None = None,
+        release: bool = False,
+    ) -> RefRecord:
+        """Set the chain IDs once (an already set chain ID is kept and returned). Fencing as set_blob."""
+        check_digest(chain_id)
+        check_digest(blob_chain_id)
+        out = self._write(
+            self._set_chain, "set chain", ref_id, token, lease_key, release, [chain_id, blob_chain_id]
+        )
+        return _record(out[1:])
+
+    def _write(
+        self,
+        script: Any,
+        what: str,
+        ref_id: str,
+        token: str | None,
+        lkey: str | None,
+        release: bool,
+        args: list[str],
+    ) -> list[Any]:
+        if token is not None and not token:
+            raise InvalidArgument("empty fencing token", ref=ref_id)
+        keys = [self._ref(ref_id), lease_key(self.prefix, lkey if lkey is not None else ref_id)]
+        with redis_errors(self.client, f"{what} for ref {ref_id}"):
+            out = script(keys=keys, args=[token or "", "1" if release else "0", *args])
+        status = _s(out[0])
+        if status == "lease_lost":
+            raise LeaseLost(
+                f"{what} for ref {ref_id} refused: the lease is no longer held by this worker",
+                ref=ref_id,
+                lease_key=lkey if lkey is not None else ref_id,
+            )
+        if status == "not_found":
+            raise RefNotFound(f"ref {ref_id} is not registered", ref=ref_id)
+        return list(out)
+
+    def list_refs(self) -> Iterator[RefRecord]:
+        """Every registered ref, in ref id order."""
+        with redis_errors(self.client, "list refs"):
+            ids = sorted(_s(x) for x in self.client.sscan_iter(self._refs, count=1000))
+        for i in range(0, len(ids), 500):
+            batch = ids[i : i + 500]
+            with redis_errors(self.client, "list refs"):
+                pipe = self.client.pipeline(transaction=False)
+                for ref_id in batch:
+                    pipe.hgetall(self._ref(ref_id))
+                rows = pipe.execute()
+            for flat in rows:
+                if flat:
+                    yield _record([x for kv in flat.items() for x in kv])
+
+    # --- manifests ----------------------------------------------------------------------------
+
+    def put_manifest(self, name: str, digests: list[str]) -> None:
+        """Record (or re-point) manifest ``name``: its digests replace those recorded before."""
+        if not name:
+            raise InvalidArgument("manifest name must not be empty")
+        checked = sorted({check_digest(d) for d in digests})
+        with redis_errors(self.client, f"put manifest {name}"):
+            self.client.hset(self._manifests, name, json.dumps(checked))
+
+    def manifest_digests(self) -> set[str]:
+        with redis_errors(self.client, "read manifests"):
+            vals = self.client.hvals(self._manifests)
+        return {d for v in vals for d in json.loads(_s(v))}
+
+    # --- GC leases ----------------------------------------------------------------------------
+
+    def create_lease(self, lease_id: str, ttl_s: float) -> None:
+        """Create or extend a GC lease to expire ``ttl_s`` from now (Redis server clock)."""
+        if not lease_id:
+            raise InvalidArgument("lease id must not be empty")
+        if not isinstance(ttl_s, (int, float)) or math.isnan(ttl_s) or ttl_s < 0:
+            raise InvalidArgument(f"invalid lease ttl {ttl_s!r}", lease=lease_id)
+        with redis_errors(self.client, f"create lease {lease_id}"):
+            self._create_lease(
+                keys=[self._gcleases],
+                args=[lease_id, round(ttl_s * 1000), self._gclease(lease_id)],
+            )
+
+    def add_resource(self, lease_id: str, digest: str) -> None:
+        check_digest(digest)
+        with redis_errors(self.client, f"add {digest} to lease {lease_id}"):
+            ok = self._add_resource(keys=[self._gcleases, self._gclease(lease_id)], args=[lease_id, digest])
+        if not int(ok):
+            raise MissingLease(f"lease {lease_id} does not exist or has expired", lease=lease_id)
+
+    def delete_lease(self, lease_id: str) -> None:
+        with redis_errors(self.client, f"delete lease {lease_id}"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrem(self._gcleases, lease_id)
+            pipe.delete(self._gclease(lease_id))
+            pipe.execute()
+
+    def live_digests(self) -> set[str]:
+        with redis_errors(self.client, "read live leases"):
+            out = self._live(keys=[self._gcleases], args=[f"{self.prefix}gclease:"])
+        return {_s(d) for d in out}
+
+    def __repr__(self) -> str:
+        return f"RedisMetadataStore({describe_redis(self.client)!r}, prefix={self.prefix!r})"

@@ -1,0 +1,340 @@
+"""The embedded metadata store: one SQLite file holding ref records, manifests and leases.
+
+WAL journal with ``synchronous=FULL``, so a crash leaves either no record or a whole one. Every
+write is a single ``BEGIN IMMEDIATE`` transaction that reads, checks the rules of
+:mod:`blobchain.storage.metadata` and writes, so concurrent threads and processes serialize on the
+database lock (waiting up to the busy timeout) and never interleave a read-modify-write.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from blobchain.layers.errors import (
+    BlobchainError,
+    Conflict,
+    ConflictingParent,
+    FailedPrecondition,
+    InvalidArgument,
+    MissingLease,
+    RefNotFound,
+    StoreFull,
+    Unavailable,
+)
+from blobchain.layers.records import LayerBlob, RefRecord, RefSpec, check_digest
+
+__all__ = ["SCHEMA_VERSION", "SqliteMetadataStore"]
+
+SCHEMA_VERSION = 1
+_SQLITE_FULL = 13
+
+_SCHEMA = """
+CREATE TABLE refs (
+    ref_id        TEXT PRIMARY KEY,
+    snapshot      TEXT NOT NULL,
+    parent        TEXT,
+    kind          TEXT NOT NULL,
+    layer_type    TEXT NOT NULL,
+    blob          TEXT,              -- main LayerBlob as JSON, NULL until the first set_blob
+    blob_digest   TEXT,
+    chain_id      TEXT,
+    blob_chain_id TEXT
+);
+CREATE INDEX refs_blob_digest ON refs (blob_digest);
+CREATE TABLE variants (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,  -- keeps insertion order
+    ref_id  TEXT NOT NULL REFERENCES refs (ref_id),
+    variant TEXT NOT NULL,
+    digest  TEXT NOT NULL,
+    blob    TEXT NOT NULL,
+    UNIQUE (ref_id, variant)
+);
+CREATE TABLE manifest_blobs (
+    name   TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (name, digest)
+) WITHOUT ROWID;
+CREATE TABLE leases (
+    lease_id   TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX leases_expires_at ON leases (expires_at);
+CREATE TABLE lease_resources (
+    lease_id TEXT NOT NULL REFERENCES leases (lease_id) ON DELETE CASCADE,
+    digest   TEXT NOT NULL,
+    PRIMARY KEY (lease_id, digest)
+) WITHOUT ROWID;
+"""
+
+
+def _blob_json(blob: LayerBlob) -> str:
+    return json.dumps(blob.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+class SqliteMetadataStore:
+    """MetadataStore + LeaseStore in one SQLite file (thread- and process-safe).
+
+    ``clock`` gives lease times (wall clock by default, shared across processes). The fencing
+    ``token`` of the contract is accepted and ignored: local locks are kernel-held, and the
+    records are written under the same rules either way.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._timeout = busy_timeout_s
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self._init_schema()
+
+    def __repr__(self) -> str:
+        return f"SqliteMetadataStore({str(self.path)!r})"
+
+    # --- connection and transactions ----------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        # One connection per process (reopened after fork), used under self._lock.
+        if self._conn is None or self._pid != os.getpid():
+            conn = sqlite3.connect(
+                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+            except sqlite3.Error as e:
+                conn.close()
+                raise self._map(e) from e
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    @contextmanager
+    def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            except sqlite3.Error as e:
+                raise self._map(e) from e
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as e:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise self._map(e) from e
+                raise
+
+    def _map(self, e: sqlite3.Error) -> BlobchainError:
+        code = getattr(e, "sqlite_errorcode", None)
+        if code == _SQLITE_FULL:
+            return StoreFull(f"metadata database full: {e}", path=str(self.path))
+        return Unavailable(f"metadata database error: {e}", path=str(self.path))
+
+    def _init_schema(self) -> None:
+        with self._tx(write=True) as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version > SCHEMA_VERSION:
+                raise FailedPrecondition(
+                    f"{self.path} has schema version {version}, newer than this blobchain ({SCHEMA_VERSION})",
+                    path=str(self.path),
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    # --- records ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _load(conn: sqlite3.Connection, ref_id: str) -> RefRecord | None:
+        row = conn.execute(
+            "SELECT ref_id, snapshot, parent, kind, layer_type, blob, chain_id, blob_chain_id"
+            " FROM refs WHERE ref_id = ?",
+            (ref_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        variants = conn.execute(
+            "SELECT blob FROM variants WHERE ref_id = ? ORDER BY id", (ref_id,)
+        ).fetchall()
+        return SqliteMetadataStore._record(row, [v[0] for v in variants])
+
+    @staticmethod
+    def _record(row: tuple[str | None, ...], variants: list[str]) -> RefRecord:
+        ref_id, snapshot, parent, kind, layer_type, blob, chain, blob_chain = row
+        assert ref_id is not None and snapshot is not None and kind is not None and layer_type is not None
+        return RefRecord(
+            spec=RefSpec(ref_id=ref_id, snapshot=snapshot, parent=parent, kind=kind, layer_type=layer_type),
+            blob=LayerBlob.from_dict(json.loads(blob)) if blob else None,
+            chain_id=chain,
+            blob_chain_id=blob_chain,
+            variants=tuple(LayerBlob.from_dict(json.loads(v)) for v in variants),
+        )
+
+    def _require(self, conn: sqlite3.Connection, ref_id: str) -> RefRecord:
+        rec = self._load(conn, ref_id)
+        if rec is None:
+            raise RefNotFound(f"ref {ref_id} not found", ref=ref_id)
+        return rec
+
+    def get(self, ref_id: str) -> RefRecord | None:
+        with self._tx(write=False) as conn:
+            return self._load(conn, ref_id)
+
+    def register(self, spec: RefSpec) -> RefRecord:
+        with self._tx(write=True) as conn:
+            rec = self._load(conn, spec.ref_id)
+            if rec is not None:
+                if rec.spec != spec:
+                    raise ConflictingParent(
+                        f"ref {spec.ref_id} is already registered as {rec.spec.to_dict()}, not {spec.to_dict()}",
+                        ref=spec.ref_id,
+                        existing=rec.spec.to_dict(),
+                        given=spec.to_dict(),
+                    )
+                return rec
+            conn.execute(
+                "INSERT INTO refs (ref_id, snapshot, parent, kind, layer_type) VALUES (?, ?, ?, ?, ?)",
+                (spec.ref_id, spec.snapshot, spec.parent, spec.kind, spec.layer_type),
+            )
+            return RefRecord(spec=spec)
+
+    def set_blob(self, ref_id: str, blob: LayerBlob, *, token: str | None = None) -> RefRecord:
+        check_digest(blob.digest)
+        check_digest(blob.diff_id)
+        if blob.size < 0:
+            raise InvalidArgument(f"negative blob size {blob.size}", ref=ref_id, digest=blob.digest)
+        with self._tx(write=True) as conn:
+            rec = self._require(conn, ref_id)
+            if rec.diff_id is not None and rec.diff_id != blob.diff_id:
+                raise Conflict(
+                    f"ref {ref_id} has diffID {rec.diff_id}; a blob with diffID {blob.diff_id} cannot join it",
+                    ref=ref_id,
+                    existing=rec.diff_id,
+                    given=blob.diff_id,
+                )
+            new = rec.with_blob(blob)
+            if new is rec:
+                return rec
+            if rec.blob is None:
+                conn.execute(
+                    "UPDATE refs SET blob = ?, blob_digest = ? WHERE ref_id = ?",
+                    (_blob_json(blob), blob.digest, ref_id),
+                )
+            else:
+                conn.execute(
+                    "INSERT INTO variants (ref_id, variant, digest, blob) VALUES (?, ?, ?, ?)",
+                    (ref_id, blob.variant, blob.digest, _blob_json(blob)),
+                )
+            return new
+
+    def set_chain(
+        self, ref_id: str, chain_id: str, blob_chain_id: str, *, token: str | None = None
+    ) -> RefRecord:
+        check_digest(chain_id)
+        check_digest(blob_chain_id)
+        with self._tx(write=True) as conn:
+            rec = self._require(conn, ref_id)
+            if rec.chain_id is not None:
+                return rec  # never overwritten: the first writer's values stand
+            conn.execute(
+                "UPDATE refs SET chain_id = ?, blob_chain_id = ? WHERE ref_id = ?",
+                (chain_id, blob_chain_id, ref_id),
+            )
+            return self._require(conn, ref_id)
+
+    def list_refs(self) -> Iterator[RefRecord]:
+        # Read everything in one transaction (a consistent view), then yield without holding it.
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                "SELECT ref_id, snapshot, parent, kind, layer_type, blob, chain_id, blob_chain_id"
+                " FROM refs ORDER BY rowid"
+            ).fetchall()
+            variants: dict[str, list[str]] = {}
+            for ref_id, blob in conn.execute("SELECT ref_id, blob FROM variants ORDER BY id"):
+                variants.setdefault(ref_id, []).append(blob)
+        return iter([self._record(row, variants.get(row[0], [])) for row in rows])
+
+    # --- manifests ----------------------------------------------------------------------------
+
+    def put_manifest(self, name: str, digests: list[str]) -> None:
+        """Record (or re-point) manifest ``name``: its blobs replace those previously recorded."""
+        if not name:
+            raise InvalidArgument("manifest name must not be empty")
+        checked = sorted({check_digest(d) for d in digests})
+        with self._tx(write=True) as conn:
+            conn.execute("DELETE FROM manifest_blobs WHERE name = ?", (name,))
+            conn.executemany(
+                "INSERT INTO manifest_blobs (name, digest) VALUES (?, ?)", [(name, d) for d in checked]
+            )
+
+    def manifest_digests(self) -> set[str]:
+        with self._tx(write=False) as conn:
+            return {d for (d,) in conn.execute("SELECT DISTINCT digest FROM manifest_blobs")}
+
+    # --- leases -------------------------------------------------------------------------------
+
+    def create_lease(self, lease_id: str, ttl_s: float) -> None:
+        """Create a lease, or extend an existing one to ``now + ttl_s`` (its resources kept)."""
+        if not lease_id:
+            raise InvalidArgument("lease id must not be empty")
+        if not isinstance(ttl_s, (int, float)) or math.isnan(ttl_s) or ttl_s < 0:
+            raise InvalidArgument(f"invalid lease ttl {ttl_s!r}", lease=lease_id)
+        now = self._clock()
+        with self._tx(write=True) as conn:
+            # Expired leases protect nothing; dropping them here keeps the table small.
+            conn.execute("DELETE FROM leases WHERE expires_at <= ? AND lease_id != ?", (now, lease_id))
+            conn.execute(
+                "INSERT INTO leases (lease_id, expires_at) VALUES (?, ?)"
+                " ON CONFLICT (lease_id) DO UPDATE SET expires_at = excluded.expires_at",
+                (lease_id, now + ttl_s),
+            )
+
+    def add_resource(self, lease_id: str, digest: str) -> None:
+        check_digest(digest)
+        with self._tx(write=True) as conn:
+            row = conn.execute("SELECT expires_at FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
+            if row is None or row[0] <= self._clock():
+                raise MissingLease(f"lease {lease_id} does not exist or has expired", lease=lease_id)
+            conn.execute(
+                "INSERT OR IGNORE INTO lease_resources (lease_id, digest) VALUES (?, ?)", (lease_id, digest)
+            )
+
+    def delete_lease(self, lease_id: str) -> None:
+        with self._tx(write=True) as conn:
+            conn.execute("DELETE FROM lease_resources WHERE lease_id = ?", (lease_id,))
+            conn.execute("DELETE FROM leases WHERE lease_id = ?", (lease_id,))
+
+    def live_digests(self) -> set[str]:
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT r.digest FROM lease_resources r JOIN leases l ON l.lease_id = r.lease_id"
+                " WHERE l.expires_at > ?",
+                (self._clock(),),
+            )
+            return {d for (d,) in rows}

@@ -1,0 +1,459 @@
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+import zlib
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from zlib_ng import zlib_ng
+
+from blobchain.layers.compress import (
+    GZIP_BLOCK_SIZE,
+    GZIP_DICT_SIZE,
+    GZIP_MEM_LEVEL,
+    compressor_id,
+    detect_compression,
+    gzip_header,
+    open_compressor,
+    open_decompressor,
+)
+from blobchain.layers.errors import InvalidArgument, InvalidLevel
+from blobchain.layers.records import Compression, LayerOptions
+
+MIB = 1 << 20
+GZIP, ZSTD, TAR = Compression.GZIP, Compression.ZSTD, Compression.UNCOMPRESSED
+SIZES = [0, 1, MIB - 1, MIB, MIB + 1, 3 * MIB + MIB // 2]
+
+
+def make_data(size: int, seed: int = 0, kind: str = "mixed") -> bytes:
+    """Deterministic test data: random, compressible (text-like) or alternating runs of both."""
+    rnd = random.Random(seed)
+    if kind == "random":
+        return rnd.randbytes(size)
+    words = [rnd.randbytes(rnd.randint(2, 9)).hex().encode() for _ in range(300)]
+    out = bytearray()
+    while len(out) < size:
+        if kind == "mixed" and rnd.random() < 0.2:
+            out += rnd.randbytes(rnd.randint(1, 40_000))
+        else:
+            out += b" ".join(rnd.choices(words, k=200)) + b"\n"
+    return bytes(out[:size])
+
+
+def compress(
+    opts: LayerOptions, data: bytes, *, threads: int | None = 2, chunks: list[int] | int | None = None
+) -> bytes:
+    """Compress ``data`` with writes of the given sizes (an int: fixed size; None: one write)."""
+    out = bytearray()
+    with open_compressor(opts, out.extend, threads=threads) as c:
+        if chunks is None:
+            c.write(data)
+        else:
+            sizes = iter(chunks) if isinstance(chunks, list) else None
+            pos = 0
+            while pos < len(data):
+                n = next(sizes, len(data)) if sizes is not None else chunks
+                assert isinstance(n, int)
+                c.write(memoryview(data)[pos : pos + n])
+                pos += n
+    return bytes(out)
+
+
+def decompress(comp: Compression, blob: bytes) -> bytes:
+    """Decompress with an independent decoder (stdlib gzip / python-zstandard)."""
+    if comp is GZIP:
+        return gzip.decompress(blob)
+    if comp is ZSTD:
+        return zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+    return blob
+
+
+LEVELS = [(GZIP, 1), (GZIP, 6), (GZIP, 9), (ZSTD, 1), (ZSTD, 3), (ZSTD, 9), (TAR, None)]
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize(("comp", "level"), LEVELS)
+def test_round_trip_around_block_boundaries(comp: Compression, level: int | None, size: int) -> None:
+    data = make_data(size, seed=size)
+    blob = compress(LayerOptions(comp, level), data)
+    assert decompress(comp, blob) == data
+    assert open_decompressor(io.BytesIO(blob), comp).read() == data
+    assert detect_compression(blob[:4]) is (comp if blob else TAR)
+
+
+@pytest.mark.parametrize(("comp", "level"), [(GZIP, 6), (ZSTD, 3), (ZSTD, 19)])
+@pytest.mark.parametrize("kind", ["random", "text"])
+def test_round_trip_data_kinds(comp: Compression, level: int, kind: str) -> None:
+    data = make_data(2 * MIB + 12345, seed=7, kind=kind)
+    blob = compress(LayerOptions(comp, level), data)
+    assert decompress(comp, blob) == data
+    if kind == "text":
+        assert len(blob) < len(data) // 2  # it really compresses
+    else:
+        assert len(blob) < len(data) * 1.01  # and incompressible data barely grows
+
+
+def test_gzip_all_levels_round_trip_with_stdlib_zlib() -> None:
+    data = make_data(MIB + 999, seed=3)
+    sizes = set()
+    for level in range(1, 10):
+        blob = compress(LayerOptions(GZIP, level), data)
+        d = zlib.decompressobj(31)  # gzip wrapper, one member
+        assert d.decompress(blob) == data
+        assert d.eof and d.unused_data == b""
+        sizes.add(len(blob))
+    assert len(sizes) > 3  # the level reaches the deflater
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    size=st.integers(0, 3 * MIB),
+    seed=st.integers(0, 2**32),
+    cuts=st.lists(st.integers(1, 700_000), max_size=12),
+    comp=st.sampled_from([GZIP, ZSTD]),
+    threads=st.integers(1, 4),
+)
+def test_property_chunking_and_threads_do_not_change_bytes(
+    size: int, seed: int, cuts: list[int], comp: Compression, threads: int
+) -> None:
+    data = make_data(size, seed=seed)
+    opts = LayerOptions(comp, 1)
+    reference = compress(opts, data, threads=1)
+    assert compress(opts, data, threads=threads, chunks=cuts) == reference
+    assert decompress(comp, reference) == data
+
+
+# --- determinism ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("comp", "level"), [(GZIP, 1), (GZIP, 6), (GZIP, 9), (ZSTD, 1), (ZSTD, 3)])
+def test_output_independent_of_threads_and_chunking(comp: Compression, level: int) -> None:
+    data = make_data(4 * MIB + 4321, seed=11)
+    opts = LayerOptions(comp, level)
+    reference = compress(opts, data, threads=1)
+    for threads in (1, 2, 4):
+        for chunks in (None, 1000, MIB, 3 * MIB + 1, [1, MIB - 2, 5, 2 * MIB]):
+            assert compress(opts, data, threads=threads, chunks=chunks) == reference, (threads, chunks)
+    assert compress(opts, data, threads=None) == reference  # os.cpu_count()
+
+
+@pytest.mark.parametrize("comp", [GZIP, ZSTD])
+def test_byte_at_a_time_writes(comp: Compression) -> None:
+    data = make_data(20_000, seed=5)
+    opts = LayerOptions(comp)
+    assert compress(opts, data, threads=3, chunks=1) == compress(opts, data, threads=1)
+
+
+def test_default_levels_are_the_options_effective_level() -> None:
+    data = make_data(300_000, seed=2)
+    assert compress(LayerOptions(GZIP), data) == compress(LayerOptions(GZIP, GZIP.default_level()), data)
+    assert compress(LayerOptions(ZSTD), data) == compress(LayerOptions(ZSTD, ZSTD.default_level()), data)
+
+
+def test_gzip_matches_the_documented_block_format() -> None:
+    """Rebuild the gzip stream from the format contract alone; it must match byte for byte."""
+    data = make_data(2 * MIB + MIB // 3, seed=9)
+    level = 6
+    expected = bytearray(gzip_header(level))
+    blocks = [data[i : i + GZIP_BLOCK_SIZE] for i in range(0, len(data), GZIP_BLOCK_SIZE)]
+    for i, block in enumerate(blocks):
+        last = i == len(blocks) - 1
+        args: list[object] = [level, zlib_ng.DEFLATED, -15, GZIP_MEM_LEVEL, zlib_ng.Z_DEFAULT_STRATEGY]
+        if i:
+            args.append(blocks[i - 1][-GZIP_DICT_SIZE:])
+        c = zlib_ng.compressobj(*args)
+        piece = c.compress(block) + c.flush(zlib_ng.Z_FINISH if last else zlib_ng.Z_SYNC_FLUSH)
+        if not last:
+            assert piece.endswith(b"\x00\x00\xff\xff")  # byte-aligned sync marker between blocks
+        expected += piece
+    expected += zlib.crc32(data).to_bytes(4, "little") + len(data).to_bytes(4, "little")
+    assert compress(LayerOptions(GZIP, level), data, threads=2, chunks=77_777) == bytes(expected)
+
+
+# --- gzip framing -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("level", "header"),
+    [
+        (1, "1f8b0800000000000" + "4ff"),
+        (2, "1f8b08000000000000ff"),
+        (6, "1f8b08000000000000ff"),
+        (8, "1f8b08000000000000ff"),
+        (9, "1f8b08000000000002ff"),
+    ],
+)
+def test_gzip_header_bytes(level: int, header: str) -> None:
+    blob = compress(LayerOptions(GZIP, level), b"hello")
+    assert blob[:10].hex() == header
+    assert gzip_header(level).hex() == header
+
+
+def test_gzip_trailer_is_crc_and_size() -> None:
+    data = make_data(MIB + 5, seed=4)
+    blob = compress(LayerOptions(GZIP), data)
+    assert blob[-8:-4] == zlib.crc32(data).to_bytes(4, "little")
+    assert blob[-4:] == len(data).to_bytes(4, "little")
+
+
+def test_gzip_of_empty_input() -> None:
+    # Header, a final empty fixed-Huffman block (03 00), CRC 0, ISIZE 0: 20 bytes. Go writes a
+    # final empty stored block instead (23 bytes); both decode to nothing.
+    blob = compress(LayerOptions(GZIP), b"")
+    assert blob.hex() == "1f8b08000000000000ff" + "0300" + "00000000" + "00000000"
+    assert gzip.decompress(blob) == b""
+
+
+def test_input_of_exactly_whole_blocks_ends_with_its_last_block() -> None:
+    # A full block is held back until more input or close(), so no empty final block is added.
+    data = make_data(2 * MIB, seed=1)
+    blob = compress(LayerOptions(GZIP), data, chunks=MIB)
+    d = zlib.decompressobj(-15)
+    assert d.decompress(blob[10:-8]) == data
+    assert d.eof and d.unused_data == b""
+    assert not blob[10:-8].endswith(b"\x03\x00")
+
+
+# --- zstd framing -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 5, 3 * MIB])
+def test_zstd_frame_parameters(size: int) -> None:
+    data = make_data(size, seed=6)
+    blob = compress(LayerOptions(ZSTD), data)
+    assert blob[:4] == b"\x28\xb5\x2f\xfd"
+    params = zstandard.get_frame_parameters(blob)
+    assert params.content_size == zstandard.CONTENTSIZE_UNKNOWN  # never written
+    assert params.has_checksum
+    d = zstandard.ZstdDecompressor().decompressobj()
+    assert d.decompress(blob) == data
+    assert d.eof and d.unused_data == b""  # a single frame
+
+
+# --- lifecycle --------------------------------------------------------------------------------
+
+
+def _gzip_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("gzip")]
+
+
+@pytest.mark.parametrize("comp", [GZIP, ZSTD, TAR])
+def test_close_is_idempotent_and_write_after_close_fails(comp: Compression) -> None:
+    out = bytearray()
+    c = open_compressor(LayerOptions(comp), out.extend, threads=2)
+    c.write(b"some data" * 1000)
+    c.close()
+    size = len(out)
+    c.close()
+    assert len(out) == size
+    assert decompress(comp, bytes(out)) == b"some data" * 1000
+    with pytest.raises(ValueError):
+        c.write(b"more")
+
+
+@pytest.mark.parametrize("comp", [GZIP, ZSTD])
+def test_exception_in_block_stops_workers_and_writes_no_trailer(comp: Compression) -> None:
+    out = bytearray()
+    data = make_data(3 * MIB, seed=8)
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        open_compressor(LayerOptions(comp), out.extend, threads=4) as c,
+    ):
+        c.write(data)
+        raise RuntimeError("boom")
+    assert _gzip_threads() == []
+    with pytest.raises((EOFError, zstandard.ZstdError, zlib.error, gzip.BadGzipFile)):
+        if comp is GZIP:
+            gzip.decompress(bytes(out))
+        else:
+            d = zstandard.ZstdDecompressor().decompressobj()
+            d.decompress(bytes(out))
+            if not d.eof:
+                raise EOFError("truncated frame")
+    c.close()  # closing an aborted compressor adds nothing
+    with pytest.raises(ValueError):
+        c.write(b"x")
+
+
+def test_sink_error_propagates_and_stops_workers() -> None:
+    written: list[int] = []
+
+    def sink(b: bytes) -> None:
+        written.append(len(b))
+        if len(written) > 2:
+            raise OSError("upload failed")
+
+    data = make_data(8 * MIB, seed=12)
+    with (
+        pytest.raises(OSError, match="upload failed"),
+        open_compressor(LayerOptions(GZIP), sink, threads=2) as c,
+    ):
+        for i in range(0, len(data), MIB):
+            c.write(data[i : i + MIB])
+    assert _gzip_threads() == []
+
+
+def test_close_with_failing_sink_stops_workers() -> None:
+    c = open_compressor(LayerOptions(GZIP), lambda b: (_ for _ in ()).throw(OSError("gone")), threads=2)
+    c.write(b"x" * 100)  # less than a block: nothing is written yet
+    with pytest.raises(OSError, match="gone"):
+        c.close()
+    assert _gzip_threads() == []
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True])
+def test_invalid_thread_counts(threads: object) -> None:
+    with pytest.raises(InvalidArgument):
+        open_compressor(LayerOptions(GZIP), lambda b: None, threads=threads)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("comp", "level"), [(GZIP, 0), (GZIP, 10), (ZSTD, 0), (ZSTD, 23), (TAR, 1)])
+def test_invalid_levels_are_rejected_by_layer_options(comp: Compression, level: int) -> None:
+    # The compressor trusts LayerOptions for level validation.
+    with pytest.raises(InvalidLevel):
+        open_compressor(LayerOptions(comp, level), lambda b: None)
+
+
+def test_passthrough_forwards_unchanged() -> None:
+    chunks: list[bytes] = []
+    with open_compressor(LayerOptions(TAR), chunks.append) as c:
+        assert c.write(b"abc") == 3
+        assert c.write(memoryview(b"defg")) == 4
+    assert b"".join(bytes(x) for x in chunks) == b"abcdefg"
+
+
+# --- identification ---------------------------------------------------------------------------
+
+
+def test_compressor_id() -> None:
+    gz = compressor_id(LayerOptions(GZIP))
+    assert gz.startswith(f"zlib-ng {zlib_ng.ZLIBNG_VERSION} (python-zlib-ng ")
+    assert f"level=6 block={GZIP_BLOCK_SIZE} dict={GZIP_DICT_SIZE}" in gz
+    assert compressor_id(LayerOptions(GZIP, 9)) != gz
+    zs = compressor_id(LayerOptions(ZSTD, 19))
+    assert zs.startswith("zstd " + ".".join(map(str, zstandard.ZSTD_VERSION)))
+    assert f"python-zstandard {zstandard.__version__}" in zs
+    assert "level=19 mt" in zs
+    assert compressor_id(LayerOptions(TAR)) == "uncompressed"
+
+
+@pytest.mark.parametrize(
+    ("head", "comp"),
+    [
+        (b"\x1f\x8b\x08\x00", GZIP),
+        (b"\x28\xb5\x2f\xfd\x04", ZSTD),
+        (b"\x50\x2a\x4d\x18", ZSTD),  # skippable frame
+        (b"\x5f\x2a\x4d\x18", ZSTD),
+        (b"\x60\x2a\x4d\x18", TAR),
+        (b"etc/passwd\x00", TAR),
+        (b"\x1f", TAR),
+        (b"", TAR),
+    ],
+)
+def test_detect_compression(head: bytes, comp: Compression) -> None:
+    assert detect_compression(head) is comp
+
+
+# --- decompressor -----------------------------------------------------------------------------
+
+
+def test_decompress_multi_member_gzip_and_multi_frame_zstd() -> None:
+    a, b = make_data(100_000, seed=1), make_data(200_000, seed=2)
+    for comp in (GZIP, ZSTD):
+        blob = compress(LayerOptions(comp), a) + compress(LayerOptions(comp), b)
+        assert open_decompressor(io.BytesIO(blob), comp).read() == a + b
+
+
+@pytest.mark.parametrize("comp", [GZIP, ZSTD, TAR])
+def test_decompressor_streams_and_leaves_source_open(comp: Compression) -> None:
+    data = make_data(2 * MIB + 17, seed=13)
+    src = io.BytesIO(compress(LayerOptions(comp), data))
+    r = open_decompressor(src, comp)
+    got = bytearray()
+    while chunk := r.read(65_536):
+        assert len(chunk) <= 65_536
+        got += chunk
+    assert bytes(got) == data
+    r.close()
+    assert not src.closed
+
+
+def test_decompressor_detects_corruption() -> None:
+    blob = bytearray(compress(LayerOptions(GZIP), make_data(50_000, seed=3)))
+    blob[-6] ^= 0xFF  # CRC byte
+    with pytest.raises((gzip.BadGzipFile, OSError)):
+        open_decompressor(io.BytesIO(bytes(blob)), GZIP).read()
+    zblob = bytearray(compress(LayerOptions(ZSTD), make_data(50_000, seed=3)))
+    zblob[-2] ^= 0xFF  # checksum byte
+    with pytest.raises(zstandard.ZstdError):
+        open_decompressor(io.BytesIO(bytes(zblob)), ZSTD).read()
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+_MEMORY_CHILD = textwrap.dedent(
+    """
+    import hashlib, json, resource, sys, tracemalloc, zlib
+    import zstandard
+    from blobchain.layers.compress import open_compressor
+    from blobchain.layers.records import LayerOptions
+
+    comp, level, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) << 20
+    base = bytes(range(256)) * 1024 + bytes((i * 7919) % 251 for i in range(1 << 16))
+    h_in, h_out = hashlib.sha256(), hashlib.sha256()
+    if comp == "gzip":
+        d = zlib.decompressobj(31)
+        feed = lambda b: h_out.update(d.decompress(b))
+    else:
+        d = zstandard.ZstdDecompressor().decompressobj()
+        feed = lambda b: h_out.update(d.decompress(b))
+    tracemalloc.start()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open_compressor(LayerOptions(comp, level), feed, threads=2) as c:
+        n = 0
+        i = 0
+        while n < total:
+            chunk = i.to_bytes(8, "little") + base[i % 997 :]  # differs per chunk
+            chunk = chunk[: total - n]
+            h_in.update(chunk)
+            c.write(chunk)
+            n += len(chunk)
+            i += 1
+    print(json.dumps({
+        "rss0_kib": rss0,
+        "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "py_peak": tracemalloc.get_traced_memory()[1],
+        "same": h_in.digest() == h_out.digest(),
+    }))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("comp", "level"), [("gzip", 1), ("zstd", 3)])
+def test_memory_bounded_on_a_512_mib_stream(comp: str, level: int) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, comp, str(level), "512"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    res = json.loads(proc.stdout)
+    assert res["same"]  # the stream decompressed to exactly the input
+    growth_mib = (res["rss_kib"] - res["rss0_kib"]) / 1024
+    assert growth_mib < 128, res  # 512 MiB went through
+    assert res["py_peak"] < 32 * MIB, res

@@ -1,0 +1,241 @@
+"""LocalContentStore: the conformance suite plus layout, durability and failure behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blobchain.layers.errors import FailedPrecondition, InvalidArgument, StoreFull
+from blobchain.layers.records import DIFF_ID_LABEL
+from blobchain.storage.content.local import LocalContentStore
+
+from . import expect_line, spawn_python, tmpfs
+from .contracts import ContentStoreContract, digest_of, payload
+
+
+@pytest.fixture
+def content_store(tmp_path: Path) -> Iterator[LocalContentStore]:
+    store = LocalContentStore(tmp_path / "layout")
+    yield store
+    store.close()
+
+
+class TestLocalContentStore(ContentStoreContract):
+    pass
+
+
+def _commit(store: LocalContentStore, data: bytes, **kw: object) -> str:
+    with store.ingest("t") as w:
+        w.write(data)
+        return w.commit(**kw).digest  # type: ignore[arg-type]
+
+
+def _ingest_files(store: LocalContentStore) -> list[str]:
+    return sorted(os.listdir(store.ingest_dir))
+
+
+def test_layout_created(tmp_path: Path) -> None:
+    store = LocalContentStore(tmp_path / "l")
+    assert json.loads((tmp_path / "l" / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+    assert (tmp_path / "l" / "blobs" / "sha256").is_dir()
+    assert store.ingest_dir == tmp_path / "l" / ".blobchain" / "ingest"
+    assert not (tmp_path / "l" / "index.json").exists()  # the exporter's to write
+
+
+def test_existing_layout_files_untouched(tmp_path: Path) -> None:
+    root = tmp_path / "l"
+    root.mkdir()
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}\n')
+    index = b'{"schemaVersion":2,"manifests":[]}'
+    (root / "index.json").write_bytes(index)
+    store = LocalContentStore(root)
+    _commit(store, b"blob")
+    assert (root / "oci-layout").read_text() == '{"imageLayoutVersion": "1.0.0"}\n'
+    assert (root / "index.json").read_bytes() == index
+
+
+def test_blob_file_is_read_only_at_its_digest_path(content_store: LocalContentStore) -> None:
+    digest = _commit(content_store, b"content")
+    path = content_store.root / "blobs" / "sha256" / digest.removeprefix("sha256:")
+    assert content_store.blob_path(digest) == path
+    assert path.read_bytes() == b"content"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert _ingest_files(content_store) == []
+
+
+def test_blob_path_rejects_crafted_digest(content_store: LocalContentStore) -> None:
+    with pytest.raises(InvalidArgument):
+        content_store.blob_path("sha256:../../../../etc/passwd")
+
+
+def test_commit_never_replaces_existing_blob(content_store: LocalContentStore) -> None:
+    data = payload(7, 10_000)
+    digest = _commit(content_store, data)
+    before = content_store.blob_path(digest).stat()
+    _commit(content_store, data, expected=digest)
+    after = content_store.blob_path(digest).stat()
+    assert (after.st_ino, after.st_dev) == (before.st_ino, before.st_dev)
+    assert after.st_nlink == 1  # our temp link is gone
+    assert _ingest_files(content_store) == []
+
+
+def test_ingest_writes_under_state_dir(content_store: LocalContentStore) -> None:
+    w = content_store.ingest("layer/with:odd@chars")
+    w.write(b"in flight")
+    (name,) = _ingest_files(content_store)
+    assert "/" not in name and name.startswith("layer_with")
+    assert list(content_store.list_digests()) == []
+    w.commit()
+    assert _ingest_files(content_store) == []
+
+
+def test_labels_persist_across_instances(tmp_path: Path) -> None:
+    store = LocalContentStore(tmp_path / "l")
+    diff_id = digest_of(b"diff")
+    digest = _commit(store, b"blob", labels={DIFF_ID_LABEL: diff_id})
+    store.close()
+    reopened = LocalContentStore(tmp_path / "l")
+    info = reopened.info(digest)
+    assert info is not None and dict(info.labels) == {DIFF_ID_LABEL: diff_id}
+
+
+def test_sweep_respects_age_and_breaks_swept_ingest(content_store: LocalContentStore) -> None:
+    w = content_store.ingest("slow")
+    w.write(b"slow writer")
+    assert content_store.sweep(3600) == 0
+    assert len(_ingest_files(content_store)) == 1
+    assert content_store.sweep(0) == 1
+    assert _ingest_files(content_store) == []
+    with pytest.raises(FailedPrecondition):
+        w.commit()
+    assert list(content_store.list_digests()) == []
+
+
+# --- full filesystem ------------------------------------------------------------------------------
+
+
+def test_store_full_on_tiny_tmpfs(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "mnt", "1m") as mnt:
+        store = LocalContentStore(mnt)
+        try:
+            big = payload(8, 2 << 20)
+            with pytest.raises(StoreFull, match="full"), store.ingest("big") as w:
+                for i in range(0, len(big), 65536):
+                    w.write(big[i : i + 65536])
+                w.commit()
+            assert list(store.list_digests()) == []
+            assert _ingest_files(store) == []
+            # The space came back: a small blob fits now.
+            small = payload(9, 100_000)
+            assert _commit(store, small) == digest_of(small)
+        finally:
+            store.close()
+
+
+_FSIZE_CHILD = """
+import resource, sys
+from blobchain.layers.errors import StoreFull
+from blobchain.storage.content.local import LocalContentStore
+store = LocalContentStore(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+try:
+    with store.ingest("big") as w:
+        for _ in range(32):
+            w.write(b"x" * 65536)
+        w.commit()
+    print("committed")
+except StoreFull as e:
+    print("storefull", e.details.get("errno"))
+"""
+
+
+def test_store_full_on_file_size_limit(tmp_path: Path) -> None:
+    # RLIMIT_FSIZE makes the kernel refuse the write (EFBIG; Python ignores SIGXFSZ).
+    proc = spawn_python(_FSIZE_CHILD, str(tmp_path / "l"))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.split() == ["storefull", str(__import__("errno").EFBIG)]
+    store = LocalContentStore(tmp_path / "l")
+    assert list(store.list_digests()) == []
+    assert _ingest_files(store) == []
+
+
+# --- crashes and processes ----------------------------------------------------------------------
+
+_CRASH_CHILD = """
+import sys, time
+from blobchain.storage.content.local import LocalContentStore
+store = LocalContentStore(sys.argv[1])
+w = store.ingest("doomed")
+for _ in range(64):
+    w.write(b"y" * 65536)
+print("writing", flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigkill_mid_ingest_leaves_no_blob_and_a_sweepable_temp(tmp_path: Path) -> None:
+    proc = spawn_python(_CRASH_CHILD, str(tmp_path / "l"))
+    expect_line(proc, "writing")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    store = LocalContentStore(tmp_path / "l")
+    assert list(store.list_digests()) == []
+    assert len(_ingest_files(store)) == 1
+    assert store.sweep(3600) == 0  # too young
+    assert store.sweep(0) == 1
+    assert _ingest_files(store) == []
+
+
+_RACE_CHILD = """
+import sys, hashlib
+from blobchain.storage.content.local import LocalContentStore
+store = LocalContentStore(sys.argv[1])
+size = int(sys.argv[2])
+out = bytearray(); block = hashlib.sha256(b"race").digest()
+while len(out) < size:
+    block = hashlib.sha256(block).digest(); out += block
+data = bytes(out[:size])
+print("ready", flush=True)
+sys.stdin.readline()
+w = store.ingest("race")
+for i in range(0, size, 65536):
+    w.write(data[i:i + 65536])
+info = w.commit(size=size, expected="sha256:" + hashlib.sha256(data).hexdigest(), labels={"by": sys.argv[3]})
+print(info.digest, info.size, flush=True)
+"""
+
+
+def test_processes_race_on_same_digest(tmp_path: Path) -> None:
+    root, size = tmp_path / "l", 3 << 20
+    LocalContentStore(root).close()
+    procs = [spawn_python(_RACE_CHILD, str(root), str(size), str(i)) for i in range(6)]
+    for p in procs:
+        expect_line(p, "ready")
+    for p in procs:  # release them together
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(out.split())
+    (digest, got_size) = results[0]
+    assert all(r == [digest, got_size] for r in results)
+    assert int(got_size) == size
+    store = LocalContentStore(root)
+    assert list(store.list_digests()) == [digest]
+    with store.open(digest) as f:
+        assert digest_of(f.read()) == digest
+    assert store.blob_path(digest).stat().st_nlink == 1
+    assert _ingest_files(store) == []
+    info = store.info(digest)
+    assert info is not None and info.labels["by"] in {str(i) for i in range(6)}

@@ -1,0 +1,219 @@
+"""The default executor: one machine, no services. Every ref of a chain is built at once (a
+parent's diff never waits for its child's), each in a process of a pool so Python-heavy walks
+use every core; chain IDs are set in order once all are built."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any
+
+from blobchain.config.factory import open_deps
+from blobchain.config.settings import Settings
+from blobchain.layers.errors import InProgress
+from blobchain.layers.records import LayerOptions, RefRecord
+from blobchain.workers.chainjob import chain_records, finalize_chain
+from blobchain.workers.deps import Deps
+from blobchain.workers.executor import (
+    FAILED,
+    RUNNING,
+    WAITING,
+    ChainResult,
+    JobState,
+    RefEvent,
+    error_dict,
+)
+from blobchain.workers.flight import Flight
+from blobchain.workers.refjob import BuildOutcome, build_ref, flight_key
+
+__all__ = ["EmbeddedExecutor", "EmbeddedJob"]
+
+_PROGRESS_EVERY_S = 0.2
+
+# --- the pool side: one Deps per process -----------------------------------------------------
+
+_child_deps: Deps | None = None
+_child_events: Any = None
+
+
+def _child_init(settings: Settings, events: Any) -> None:
+    global _child_deps, _child_events
+    _child_deps = open_deps(settings)
+    _child_events = events
+
+
+def _throttled(emit: Any, ref_id: str) -> Any:
+    last = [0.0]
+
+    def progress(files: int, nbytes: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= _PROGRESS_EVERY_S:
+            last[0] = now
+            emit(RefEvent(ref_id, RUNNING, files, nbytes))
+
+    return progress
+
+
+def _child_build(ref_id: str, opts: LayerOptions, create_if_needed: bool) -> BuildOutcome:
+    assert _child_deps is not None
+    progress = _throttled(_child_events.put, ref_id)
+    return build_ref(ref_id, opts, _child_deps, create_if_needed=create_if_needed, progress=progress)
+
+
+# --- the main side ------------------------------------------------------------------------
+
+
+class EmbeddedJob:
+    def __init__(self, ref_id: str, state: JobState, future: Future[ChainResult]) -> None:
+        self._ref_id = ref_id
+        self._state = state
+        self._future = future
+
+    @property
+    def ref_id(self) -> str:
+        return self._ref_id
+
+    def wait(self, timeout: float | None = None) -> ChainResult:
+        try:
+            return self._future.result(timeout)
+        except TimeoutError:
+            raise TimeoutError(f"chain {self._ref_id} not done after {timeout}s") from None
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def progress(self) -> dict[str, RefEvent]:
+        return self._state.snapshot()
+
+    def events(self, timeout: float | None = None):  # type: ignore[no-untyped-def]
+        return self._state.events(timeout)
+
+
+class EmbeddedExecutor:
+    """``jobs`` processes build layers (default: all cores). ``in_process=True`` builds in
+    threads of this process instead (no process start-up; handy for tests and tiny chains)."""
+
+    def __init__(self, settings: Settings, *, jobs: int | None = None, in_process: bool = False) -> None:
+        self.settings = settings
+        self.deps = open_deps(settings)
+        self._jobs = jobs or settings.jobs or os.cpu_count() or 1
+        self._flight: Flight[BuildOutcome] = Flight()
+        self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="blobchain-ref")
+        self._states: list[JobState] = []
+        self._states_lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+        self._events: Any = None
+        if not in_process:
+            ctx = mp.get_context("spawn")  # no fork with threads running
+            self._events = ctx.Queue()
+            self._pool = ProcessPoolExecutor(
+                max_workers=self._jobs, mp_context=ctx, initializer=_child_init, initargs=(settings, self._events)
+            )
+            threading.Thread(target=self._pump, name="blobchain-events", daemon=True).start()
+
+    # events from the pool's processes go to every job that contains the ref
+    def _pump(self) -> None:
+        while True:
+            try:
+                ev = self._events.get()
+            except (EOFError, OSError, ValueError):
+                return
+            if ev is None:
+                return
+            self._emit(ev)
+
+    def _emit(self, ev: RefEvent) -> None:
+        with self._states_lock:
+            states = list(self._states)
+        for st in states:
+            st.update(ev)
+
+    def submit(self, ref_id: str, opts: LayerOptions, *, create_if_needed: bool = True) -> EmbeddedJob:
+        chain = [r.ref_id for r in chain_records(ref_id, self.deps.metadata)]
+        state = JobState(chain)
+        with self._states_lock:
+            self._states.append(state)
+        builds = [self._threads.submit(self._build_one, r, opts, create_if_needed) for r in chain]
+        outer: Future[ChainResult] = Future()
+
+        def finish() -> None:
+            try:
+                errors = []
+                for f in builds:
+                    try:
+                        f.result()
+                    except BaseException as e:
+                        errors.append(e)
+                if errors:
+                    raise errors[0]
+                records = finalize_chain(ref_id, self.deps.metadata)
+                outer.set_result(ChainResult(ref_id, tuple(records), opts))
+            except BaseException as e:
+                outer.set_exception(e)
+            finally:
+                state.finish()
+                with self._states_lock:
+                    self._states.remove(state)
+
+        threading.Thread(target=finish, name=f"blobchain-chain-{ref_id}", daemon=True).start()
+        return EmbeddedJob(ref_id, state, outer)
+
+    def _build_one(self, ref_id: str, opts: LayerOptions, create_if_needed: bool) -> RefRecord:
+        self._emit(RefEvent(ref_id, RUNNING))
+        try:
+            outcome = self._flight.do(
+                f"{flight_key(ref_id, opts)}-{create_if_needed}",
+                lambda: self._until_free(ref_id, opts, create_if_needed),
+            )
+        except BaseException as e:
+            self._emit(RefEvent(ref_id, FAILED, error=error_dict(e)))
+            raise
+        rec = outcome.record
+        size = (rec.blob_for(opts) or rec.blob).size if rec.blob else 0
+        self._emit(RefEvent(ref_id, outcome.action, 0, size))
+        return rec
+
+    def _until_free(self, ref_id: str, opts: LayerOptions, create_if_needed: bool) -> BuildOutcome:
+        """Build; while another process (another CLI run) holds the ref, wait with backoff."""
+        delay = 0.05
+        deadline = time.monotonic() + self.settings.wait_budget_s
+        while True:
+            try:
+                if self._pool is None:
+                    progress = _throttled(self._emit, ref_id)
+                    return build_ref(ref_id, opts, self.deps, create_if_needed=create_if_needed, progress=progress)
+                return self._pool.submit(_child_build, ref_id, opts, create_if_needed).result()
+            except InProgress:
+                if time.monotonic() > deadline:
+                    raise
+                self._emit(RefEvent(ref_id, WAITING))
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 2.0)
+
+    def close(self, *, cancel: bool = False) -> None:
+        if self._pool is not None:
+            if cancel:
+                # Children abort their ingests on SIGINT (no partial blob), as on a terminal Ctrl-C.
+                for p in list(getattr(self._pool, "_processes", {}).values()):
+                    try:
+                        os.kill(p.pid, signal.SIGINT)
+                    except (ProcessLookupError, OSError):
+                        pass
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+            self._pool = None
+            try:
+                self._events.put(None)
+            except (OSError, ValueError):
+                pass
+        self._threads.shutdown(wait=not cancel, cancel_futures=cancel)
+
+    def __enter__(self) -> EmbeddedExecutor:
+        return self
+
+    def __exit__(self, et: object, e: object, tb: object) -> None:
+        self.close(cancel=e is not None)

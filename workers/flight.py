@@ -1,0 +1,52 @@
+"""In-process single-flight (BuildKit ``util/flightcontrol``): concurrent calls with one key run
+the function once and all get its result or its error."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+__all__ = ["Flight"]
+
+T = TypeVar("T")
+
+
+class _Call(Generic[T]):
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: T | None = None
+        self.error: BaseException | None = None
+
+
+class Flight(Generic[T]):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[str, _Call[T]] = {}
+
+    def do(self, key: str, fn: Callable[[], T]) -> T:
+        with self._lock:
+            call = self._calls.get(key)
+            leader = call is None
+            if call is None:
+                call = self._calls[key] = _Call()
+        if leader:
+            try:
+                call.value = fn()
+            except BaseException as e:
+                call.error = e
+            finally:
+                # Forget the key before waking waiters: a late caller starts a fresh call
+                # (after an error BuildKit retries too; after success the fast path answers).
+                with self._lock:
+                    self._calls.pop(key, None)
+                call.done.set()
+        else:
+            call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.value  # type: ignore[return-value]
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._calls)
