@@ -116,7 +116,8 @@ class Client:
         plan = make_plan(specs, self.deps.metadata.get)
         given = {s.ref_id for s in specs}
         for ref_id in plan.order:
-            if ref_id in given:
+            # Known refs were checked when first registered; their blobs may not need the snapshot.
+            if ref_id in given and self.deps.metadata.get(ref_id) is None:
                 self._check_snapshot(plan.specs[ref_id])
         return [self.deps.metadata.register(plan.specs[r]) for r in plan.order if r in given]
 
@@ -190,7 +191,10 @@ class Client:
     def gc(self, *, dry_run: bool = False):  # type: ignore[no-untyped-def]
         from blobchain.storage.gc import collect_garbage
 
-        return collect_garbage(self.deps.content, self.deps.metadata, dry_run=dry_run)
+        # The grace period covers blobs committed by a build that has not yet leased them.
+        return collect_garbage(
+            self.deps.content, self.deps.metadata, dry_run=dry_run, grace_s=self.settings.lease_ttl_s
+        )
 
     def close(self) -> None:
         if self._executor is not None:

@@ -11,7 +11,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from blobchain.client.api import Client
 from blobchain.config.settings import load_settings
@@ -90,24 +89,21 @@ def _print_result(result: ChainResult, as_json: bool, extra: dict[str, Any] | No
     if as_json:
         out.print_json(json.dumps(data))
         return
-    table = Table(title=f"chain {result.ref_id}", show_lines=False)
-    for col in ("#", "snapshot", "diffID", "blob digest", "size", "media type", "chainID", "blobChainID"):
-        table.add_column(col, overflow="fold")
+    out.print(f"[bold]chain {result.ref_id}[/bold]", highlight=False)
     for i, layer in enumerate(data["layers"]):
-        table.add_row(
-            str(i),
-            layer["snapshot"],
-            layer["diff_id"],
-            layer["digest"],
-            str(layer["size"]),
-            layer["media_type"],
-            layer["chain_id"],
-            layer["blob_chain_id"],
-        )
-    out.print(table)
+        out.print(f"layer {i}  {layer['snapshot']}  (ref {layer['ref']})", highlight=False)
+        for label, key in (
+            ("diffID", "diff_id"),
+            ("blob", "digest"),
+            ("size", "size"),
+            ("media type", "media_type"),
+            ("chainID", "chain_id"),
+            ("blobChainID", "blob_chain_id"),
+        ):
+            out.print(f"  {label:<12} {layer[key]}", highlight=False, soft_wrap=True)
     if extra:
         for k, v in extra.items():
-            out.print(f"{k}: {v}")
+            out.print(f"{k}: {v}", highlight=False, soft_wrap=True)
 
 
 def _run_chain(
@@ -264,8 +260,10 @@ def worker(
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        rv = app(args=argv, standalone_mode=False)
+        if rv == 130:  # typer turns KeyboardInterrupt into Exit(130)
+            err.print("interrupted: no partial blob was kept; rerun to continue")
+        return rv if isinstance(rv, int) else 0
     except BlobchainError as e:
         err.print(f"[red]error[/red] ({e.code}): {e.message}", highlight=False)
         return _exit_code(e)

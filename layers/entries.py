@@ -106,10 +106,8 @@ class _Writer:
         name = path + b"/" if fmt == S_IFDIR else path
         mtime_ns = st.st_mtime_ns
         sde = self.sde
-        if sde is not None and mtime_ns > sde * _NS:
-            mtime = sde
-        else:
-            mtime = mtime_ns // _NS  # Go Time.Truncate(1s): floor, also before 1970
+        # Go Time.Truncate(1s) is a floor (also before 1970); containerd 1.7 clamps first.
+        mtime = sde if sde is not None and mtime_ns > sde * _NS else mtime_ns // _NS
         entry = TarEntry(
             name,
             typeflag,

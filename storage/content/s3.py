@@ -594,6 +594,8 @@ class S3Ingest:
         store = self._store
         try:
             digest = "sha256:" + self._hash.hexdigest()
+            if expected is not None:
+                check_digest(expected)
             if size is not None and size != self._offset:
                 raise DigestMismatch(
                     f"ingest {self._ref!r}: wrote {self._offset} bytes, expected {size}",

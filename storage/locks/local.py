@@ -144,6 +144,8 @@ class LocalLockService:
             token = os.pread(fd, _TOKEN_BYTES + 1, 0).decode("ascii", "replace")
             if not token:
                 return None
+            # Probe for a live holder. Only reached when a token is present, so the brief shared
+            # lock can make a racing try_acquire miss only a lease that was held or stale.
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -71,17 +71,11 @@ def redis_errors(client: redis.Redis, what: str) -> Iterator[None]:
         ) from e
 
 
-# Refresh keeps a lease we still hold, and re-takes one that expired with nobody taking it over
-# (our work is still valid then); it fails only when someone else holds the key.
+# Refresh resets the TTL of a lease we still hold. A lease that expired (or was released) is
+# lost even if nobody took it yet: someone may have taken, finished and released it meanwhile.
 _REFRESH = """
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if not v then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 2
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
@@ -132,11 +126,11 @@ class RedisLease:
         return self._service.redis_key(self._key)
 
     def refresh(self) -> None:
-        """Reset the lease to its full TTL; LeaseLost if another token now holds the key."""
+        """Reset the lease to its full TTL; LeaseLost if it expired, was released or was taken over."""
         with redis_errors(self._service.client, f"refresh lease {self._key}"):
             ok = self._service._refresh(keys=[self.redis_key], args=[self._token, _ttl_ms(self._ttl_s)])
         if not int(ok):
-            raise LeaseLost(f"lease on {self._key!r} was taken over by another holder", key=self._key)
+            raise LeaseLost(f"lease on {self._key!r} expired, was released or was taken over", key=self._key)
 
     def release(self) -> None:
         """Delete the lease if we still hold it. Releasing a lost lease is a no-op (never the new holder's)."""

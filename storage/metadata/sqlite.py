@@ -33,6 +33,10 @@ from blobchain.layers.records import LayerBlob, RefRecord, RefSpec, check_digest
 
 __all__ = ["SCHEMA_VERSION", "SqliteMetadataStore"]
 
+# Connections inherited through fork() are kept, never closed: closing one in the child could
+# disturb the parent's SQLite locks. (Fork only without other threads running.)
+_INHERITED: list[sqlite3.Connection] = []
+
 SCHEMA_VERSION = 1
 _SQLITE_FULL = 13
 
@@ -111,6 +115,8 @@ class SqliteMetadataStore:
     def _connection(self) -> sqlite3.Connection:
         # One connection per process (reopened after fork), used under self._lock.
         if self._conn is None or self._pid != os.getpid():
+            if self._conn is not None:
+                _INHERITED.append(self._conn)
             conn = sqlite3.connect(
                 self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
             )
@@ -166,6 +172,8 @@ class SqliteMetadataStore:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
+            elif self._conn is not None:
+                _INHERITED.append(self._conn)
             self._conn = None
 
     # --- records ------------------------------------------------------------------------------

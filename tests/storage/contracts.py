@@ -433,7 +433,9 @@ class MetadataStoreContract:
             assert metadata_store.get(ref_id) == rec
 
     def test_record_fields_roundtrip(self, metadata_store: MetadataStore) -> None:
-        spec = RefSpec(ref_id="w:1@x+y", snapshot="/s p a c e/ü", parent="p.0", kind="upper", layer_type="windows")
+        spec = RefSpec(
+            ref_id="w:1@x+y", snapshot="/s p a c e/ü", parent="p.0", kind="upper", layer_type="windows"
+        )
         metadata_store.register(spec)
         blob = LayerBlob(
             digest=digest_of(b"b"),
@@ -483,7 +485,10 @@ class MetadataStoreContract:
         metadata_store.register(_spec("r"))
         variants = [f"zstd-{i + 1}" for i in range(THREADS)]
         # Each variant twice: duplicates must be no-ops, every distinct variant stored once.
-        _race(2 * THREADS, lambda i: metadata_store.set_blob("r", layer_blob(1, variants[i % THREADS], diff_seed=1)))
+        _race(
+            2 * THREADS,
+            lambda i: metadata_store.set_blob("r", layer_blob(1, variants[i % THREADS], diff_seed=1)),
+        )
         rec = metadata_store.get("r")
         assert rec is not None and rec.blob is not None
         keys = [b.variant for b in rec.blobs()]

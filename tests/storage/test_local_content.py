@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -160,7 +161,7 @@ def test_store_full_on_file_size_limit(tmp_path: Path) -> None:
     proc = spawn_python(_FSIZE_CHILD, str(tmp_path / "l"))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert out.split() == ["storefull", str(__import__("errno").EFBIG)]
+    assert out.split() == ["storefull", str(errno.EFBIG)]
     store = LocalContentStore(tmp_path / "l")
     assert list(store.list_digests()) == []
     assert _ingest_files(store) == []

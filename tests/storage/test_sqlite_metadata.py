@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import random
 import signal
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,7 +147,9 @@ def test_processes_race_set_chain_one_value(tmp_path: Path) -> None:
         results.add(tuple(out.split()))
     assert len(results) == 1
     ((chain, blob_chain),) = results
-    assert any(chain == digest_of(f"c{i}".encode()) and blob_chain == digest_of(f"b{i}".encode()) for i in range(6))
+    assert any(
+        chain == digest_of(f"c{i}".encode()) and blob_chain == digest_of(f"b{i}".encode()) for i in range(6)
+    )
     rec = store.get("r")
     assert rec is not None and (rec.chain_id, rec.blob_chain_id) == (chain, blob_chain)
     store.close()
@@ -154,8 +159,11 @@ _WRITER_CHILD = """
 import sys
 from blobchain.layers.records import RefSpec
 from blobchain.storage.metadata.sqlite import SqliteMetadataStore
-sys.path.insert(0, sys.argv[2])
-from storage.contracts import digest_of, layer_blob
+import importlib.util
+spec = importlib.util.spec_from_file_location("contracts", sys.argv[2])
+contracts = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(contracts)
+digest_of, layer_blob = contracts.digest_of, contracts.layer_blob
 store = SqliteMetadataStore(sys.argv[1])
 i = 0
 while True:
@@ -172,10 +180,12 @@ while True:
 
 def test_sigkill_mid_writes_leaves_whole_records(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
-    tests_dir = str(Path(__file__).resolve().parents[1])
-    proc = spawn_python(_WRITER_CHILD, str(path), tests_dir)
+    contracts_py = str(Path(__file__).with_name("contracts.py"))
+    proc = spawn_python(_WRITER_CHILD, str(path), contracts_py)
     expect_line(proc, "busy")
-    # The child writes back to back (most of its time is inside a transaction's fsync).
+    # The child writes back to back (most of its time is inside a transaction's fsync); a random
+    # pause lets the kill land at a different step each run.
+    time.sleep(random.uniform(0, 0.3))
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
@@ -199,5 +209,26 @@ def test_sigkill_mid_writes_leaves_whole_records(tmp_path: Path) -> None:
             assert rec.variants and rec.chain_id
     # The store is writable again after the crash.
     last = recs[-1].ref_id
-    assert store.set_blob(last, layer_blob(len(recs) - 1, "gzip-6")).blob == layer_blob(len(recs) - 1, "gzip-6")
+    assert store.set_blob(last, layer_blob(len(recs) - 1, "gzip-6")).blob == layer_blob(
+        len(recs) - 1, "gzip-6"
+    )
+    store.close()
+
+
+def test_usable_in_a_forked_child_and_after(tmp_path: Path) -> None:
+    store = SqliteMetadataStore(tmp_path / "m.db")
+    store.register(RefSpec("a", "/a"))
+    pid = os.fork()
+    if pid == 0:  # the child opens its own connection; the inherited one is left alone
+        code = 1
+        try:
+            store.register(RefSpec("b", "/b"))
+            store.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    store.register(RefSpec("c", "/c"))
+    assert [r.ref_id for r in store.list_refs()] == ["a", "b", "c"]
     store.close()

@@ -1,0 +1,190 @@
+"""The Celery app of blobchain's distributed mode: broker and results in Redis, one queue.
+
+``make_app(settings)`` builds an app from :class:`Settings`; the module-level ``app`` (for
+``celery -A blobchain.tasks.app worker|flower``) is built lazily from the environment
+(``BLOBCHAIN_*``) the first time it is looked up, so importing this module opens nothing.
+
+Reliability settings (see docs/celery-redis-s3.md §2, §8.3): late acks with requeue on a lost
+pool child, one reserved message per slot, time limits from the settings, and a visibility
+timeout above the hard limit plus the longest retry countdown, so that no message is redelivered
+while its task can still be running or waiting for its retry.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+from blobchain.config.settings import Settings, load_settings
+
+__all__ = [
+    "QUEUE",
+    "TASK_MODULES",
+    "Timing",
+    "celery_config",
+    "make_app",
+    "settings_of",
+    "timing",
+]
+
+QUEUE = "blobchain"
+TASK_MODULES = ("blobchain.tasks.layer_tasks",)
+# A stopping worker lets running layers finish this long before it requeues them (cold shutdown);
+# orchestrators must allow a bit more (compose: stop_grace_period 40s).
+SOFT_SHUTDOWN_S = 30.0
+# Result and chord bookkeeping lifetime: longer than any chain's total run time.
+RESULT_EXPIRES_S = 7 * 86400
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Time budgets derived from the settings; every component reads them from here."""
+
+    soft_time_limit_s: int
+    time_limit_s: int
+    # Longest retry countdown (InProgress/Unavailable backoff cap): far below the visibility timeout.
+    max_countdown_s: float
+    # A delivered, unacked message is redelivered after this long: above hard limit + countdown.
+    visibility_timeout_s: int
+    soft_shutdown_s: float
+
+
+def timing(settings: Settings) -> Timing:
+    hard = settings.time_limit_s
+    soft = min(settings.soft_time_limit_s, max(1, hard - 1))
+    countdown = float(min(30, max(1, hard // 4)))
+    # Slack for a reserved message waiting for a free slot; proportional so that tests with tiny
+    # limits get a short redelivery, capped for production limits.
+    slack = min(600, max(5, hard // 2))
+    return Timing(
+        soft_time_limit_s=soft,
+        time_limit_s=hard,
+        max_countdown_s=countdown,
+        visibility_timeout_s=int(hard + countdown + slack),
+        soft_shutdown_s=min(SOFT_SHUTDOWN_S, float(soft)),
+    )
+
+
+def _ssl_options(settings: Settings, url: str) -> dict[str, Any] | None:
+    if not url.startswith("rediss://"):
+        return None
+    opts: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if settings.redis_tls_ca:
+        opts["ssl_ca_certs"] = settings.redis_tls_ca
+    return opts
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for ``settings`` (a plain dict: tests and tools can inspect it)."""
+    broker, results, _locks = settings.redis_urls()
+    t = timing(settings)
+    transport = {
+        "visibility_timeout": t.visibility_timeout_s,
+        # Sweep for unacked messages of dead workers every 5 s instead of kombu's ~100 s.
+        "unacked_restore_interval": 5 if t.visibility_timeout_s >= 60 else 1,
+        "unacked_restore_throttle": 1,
+        "global_keyprefix": settings.key_prefix,
+        # Notice a vanished broker instead of waiting on a dead socket forever.
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "health_check_interval": 25,
+    }
+    conf: dict[str, Any] = {
+        "broker_url": broker,
+        "result_backend": results,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {
+            "global_keyprefix": settings.key_prefix,
+            "visibility_timeout": t.visibility_timeout_s,
+        },
+        "visibility_timeout": t.visibility_timeout_s,
+        "broker_connection_retry_on_startup": True,
+        "redis_socket_timeout": 30,
+        "redis_socket_connect_timeout": 5,
+        "redis_backend_health_check_interval": 25,
+        # Serialization: JSON only (no pickle from the network).
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # One queue for everything blobchain does.
+        "task_default_queue": QUEUE,
+        "task_routes": {"blobchain.*": {"queue": QUEUE}},
+        "task_create_missing_queues": True,
+        # Reliability: ack after the work; a dead pool child requeues its message (our attempt
+        # counter turns a ref that keeps killing workers into PoisonRef instead of a loop).
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": t.soft_time_limit_s,
+        "task_time_limit": t.time_limit_s,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_soft_shutdown_timeout": t.soft_shutdown_s,
+        "worker_enable_soft_shutdown_on_idle": True,
+        # Events for Flower and for the client's progress display.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_expires": RESULT_EXPIRES_S,
+        "result_chord_expires": RESULT_EXPIRES_S,
+    }
+    if (opts := _ssl_options(settings, broker)) is not None:
+        conf["broker_use_ssl"] = opts
+    if (opts := _ssl_options(settings, results)) is not None:
+        conf["redis_backend_use_ssl"] = opts
+    return conf
+
+
+def make_app(settings: Settings, *, main: str = "blobchain", **overrides: Any) -> Celery:
+    """A Celery app for ``settings`` with blobchain's tasks registered. ``overrides`` update the
+    configuration (for tests and tools; production uses the settings alone)."""
+    app = Celery(main, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    if overrides:
+        app.conf.update(overrides)
+    app.blobchain_settings = settings  # type: ignore[attr-defined]
+    # Importing the task module registers its shared tasks on every app, this one included.
+    import blobchain.tasks.layer_tasks  # noqa: F401
+
+    app.conf.include = list(TASK_MODULES)
+    return app
+
+
+def settings_of(app: Celery) -> Settings:
+    """The settings an app was made from (apps made elsewhere: the environment's)."""
+    s = getattr(app, "blobchain_settings", None)
+    if s is None:
+        s = load_settings()
+        app.blobchain_settings = s  # type: ignore[attr-defined]
+    return s
+
+
+_app: Celery | None = None
+_app_lock = threading.Lock()
+
+
+def _env_app() -> Celery:
+    global _app
+    with _app_lock:
+        if _app is None:
+            settings = load_settings()
+            if not settings.distributed:
+                raise RuntimeError(
+                    "BLOBCHAIN_BROKER_URL is not set: the Celery app needs the distributed-mode "
+                    "settings (BLOBCHAIN_BROKER_URL, BLOBCHAIN_S3_ENDPOINT, ...)"
+                )
+            _app = make_app(settings)
+            _app.set_current()
+        return _app
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A blobchain.tasks.app`` looks up ``app`` (then ``celery``) on this module.
+    if name in ("app", "celery"):
+        return _env_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

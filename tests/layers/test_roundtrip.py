@@ -1,0 +1,468 @@
+"""Round trip: snapshot chain -> layer tars (diff, entries, tar writer) -> apply_layer -> same tree.
+
+Hypothesis draws a chain of 2-4 filesystem states, each derived from the previous by random
+operations (files, dirs, symlinks, hardlinks, FIFOs, devices, capabilities, owners, modes,
+mtimes; non-UTF-8, non-ASCII and long names). Every state is built for real with
+``tests/fsgen.build``; consecutive pairs are diffed into layer tars (the base layer against
+nothing), the layers are applied in order onto an empty directory, and the result must
+reproduce the top state.
+
+What "reproduce" means, and why:
+
+- Names, types, permission bits (suid/sgid/sticky included), uid/gid, file content, symlink
+  targets, device numbers and ``security.capability``: exactly equal.
+- Non-directory mtimes: equal to the second (tar headers hold whole seconds, floored). A path
+  the differ calls unchanged has the same mtime seconds as when it was last emitted, so the
+  truncated value is the top's.
+- Directory mtimes: containerd ignores a directory's mtime when deciding whether it changed, so a
+  directory whose only change is its mtime is not emitted, and applying a layer changes the
+  mtime of every directory it creates or deletes children in. But the differ emits a directory
+  whenever anything at or below it changes (as the parent of the change), and the applier sets
+  each emitted directory's mtime after the layer's contents. So the result's mtime of directory
+  ``D`` is ``D``'s mtime in state ``L``, where ``L`` is the last state whose layer had to contain
+  ``D``: ``D`` itself changed (added, type, mode, owner, capability), or a path below it was
+  added, changed or deleted, or a path below it is a hardlink peer of a changed file (peers are
+  re-emitted as links). ``L`` is computed from the model with containerd's change rules, not
+  read back from the tars, so a differ that emits too little or too much fails here.
+- Hardlinks: the partition of non-directories into inodes is equal. The layer format cannot
+  express a link that is broken or formed without any detectable change (e.g. a path replaced
+  by an identical copy with the same mtime is "unchanged"); the generator never does that,
+  because every new inode and every content change gets an mtime no other inode has (except a
+  same-size rewrite with a whole-second mtime, which the differ detects by content).
+- Content edits that keep a non-zero nanosecond mtime are invisible to containerd (spec
+  pitfall 32); the generator only keeps an mtime across a rewrite when its nanoseconds are 0.
+
+Sockets are not generated (the differ drops them). Needs root (chown, mknod, capabilities).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import shutil
+import stat
+import struct
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import fsgen
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from blobchain.layers.apply import apply_layer
+from blobchain.layers.changes import diff
+from blobchain.layers.entries import tar_entries
+from blobchain.layers.snapshot import open_snapshot
+from blobchain.layers.tarwriter import write_tar
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown, mknod and capabilities need root")
+
+NS = 1_000_000_000
+CAP_XATTR = b"security.capability"
+
+Path_ = tuple[bytes, ...]
+
+# A small pool so paths collide (replacements, type changes) and sort-order traps appear.
+NAMES = sorted(
+    [
+        b"a",
+        b"b",
+        b"a-b",
+        b"a.b",
+        b" sp ace",
+        "ünï".encode(),
+        b"caf\xe9",  # Latin-1, not UTF-8
+        b"\xff\xfe",
+        b"n" * 101,  # a component over 100 bytes: PAX path
+        b"L" * 200,
+    ]
+)
+TARGETS = sorted(
+    [
+        b"a",
+        b"../a-b",
+        b"../../../../etc/passwd",
+        b"/etc/shadow",
+        b"\xff\xfe/x",
+        "ü/ä".encode(),
+        b"t" * 150,  # linkname over 100 bytes: PAX linkpath
+        b".",
+    ]
+)
+CAPS = sorted(
+    [
+        fsgen.CAP_NET_RAW,
+        fsgen.CAP_NET_ADMIN,
+        fsgen.CAP_SETUID,
+        struct.pack("<5I", 0x02000000, 0x3000, 0, 0, 0),  # v2 without the effective bit
+        struct.pack("<5I", 0x02000001, 0xFFFFFFFF, 0x1, 0x1FF, 0),
+    ]
+)
+IDS = [0, 1, 1000, 65534, 2**21 - 1, 2**21, 3_000_000, 2**32 - 2]
+MODES = st.one_of(
+    st.sampled_from([0o644, 0o755, 0o600, 0o000, 0o4755, 0o2755, 0o1777, 0o6750, 0o7777]),
+    st.integers(0, 0o7777),
+)
+DEVICES = [("c", 1, 3), ("c", 5, 1), ("c", 4095, 1048575), ("b", 7, 0), ("b", 259, 3)]
+DATA = st.one_of(st.binary(max_size=40), st.binary(min_size=500, max_size=1600))
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inode:
+    data: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    cap: bytes | None
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A regular file path: a name for an inode (several names = hardlinks)."""
+
+    ino: int
+
+
+Node = fsgen.Dir | fsgen.Symlink | fsgen.Fifo | fsgen.Device | FileRef
+
+
+@dataclass
+class Model:
+    paths: dict[Path_, Node]
+    inodes: dict[int, Inode]
+
+    def copy(self) -> Model:
+        return Model(dict(self.paths), dict(self.inodes))
+
+    def dirs(self) -> list[Path_]:
+        return [(), *sorted(p for p, n in self.paths.items() if isinstance(n, fsgen.Dir))]
+
+    def spec(self) -> dict[bytes, fsgen.Node]:
+        """The fsgen spec: the first path (sorted) of each inode is the file, the rest link to it."""
+        out: dict[bytes, fsgen.Node] = {}
+        first: dict[int, bytes] = {}
+        for p in sorted(self.paths, key=_join):
+            n = self.paths[p]
+            key = _join(p)
+            if isinstance(n, FileRef):
+                if n.ino in first:
+                    out[key] = fsgen.Hardlink(first[n.ino])
+                    continue
+                first[n.ino] = key
+                i = self.inodes[n.ino]
+                xattrs = ((CAP_XATTR, i.cap),) if i.cap is not None else ()
+                out[key] = fsgen.File(i.data, i.mode, i.uid, i.gid, i.mtime_ns, xattrs=xattrs)
+            else:
+                out[key + b"/" if isinstance(n, fsgen.Dir) else key] = n
+        return out
+
+
+def _join(p: Path_) -> bytes:
+    return b"/".join(p)
+
+
+class Gen:
+    """Draws operations on a model; every new inode gets an mtime no other inode has."""
+
+    def __init__(self, draw: st.DrawFn) -> None:
+        self._draw = draw
+        self.clock = 0
+        self.next_ino = 0
+
+    def draw(self, strategy: st.SearchStrategy, label: str | None = None):  # type: ignore[no-untyped-def]
+        return self._draw(strategy, label=label)
+
+    def mtime(self) -> int:
+        self.clock += 1
+        offset = self.clock * 1000 + self.draw(st.integers(0, 999))
+        era = self.draw(st.sampled_from(["now", "now", "now", "before-1970", "after-2242"]))
+        sec = {"now": 1_700_000_000 + offset, "before-1970": -offset, "after-2242": 8**11 + offset}[era]
+        ns = self.draw(st.one_of(st.just(0), st.integers(1, NS - 1)))
+        return sec * NS + ns
+
+    def owner(self) -> tuple[int, int]:
+        return self.draw(st.sampled_from(IDS)), self.draw(st.sampled_from(IDS))
+
+    def cap(self) -> bytes | None:
+        return self.draw(st.one_of(st.none(), st.sampled_from(CAPS)))
+
+    def new_path(self, m: Model) -> Path_:
+        parent = self.draw(st.sampled_from(m.dirs()))
+        return (*parent, self.draw(st.sampled_from(NAMES)))
+
+    def inode(self) -> Inode:
+        uid, gid = self.owner()
+        return Inode(self.draw(DATA), self.draw(MODES), uid, gid, self.mtime(), self.cap())
+
+    def pick(self, m: Model, kinds: tuple[type, ...]) -> Path_ | None:
+        choices = sorted(p for p, n in m.paths.items() if isinstance(n, kinds))
+        return self.draw(st.sampled_from(choices)) if choices else None
+
+
+def _remove(m: Model, path: Path_) -> None:
+    for p in [p for p in m.paths if p[: len(path)] == path]:
+        del m.paths[p]
+
+
+def _touch_parent(m: Model, g: Gen, path: Path_) -> None:
+    # Adding or removing a child updates the directory's mtime, as on a real filesystem.
+    parent = path[:-1]
+    if parent:
+        m.paths[parent] = replace(m.paths[parent], mtime_ns=g.mtime())  # type: ignore[type-var]
+
+
+def _place(m: Model, g: Gen, path: Path_, node: Node) -> None:
+    _remove(m, path)
+    m.paths[path] = node
+    _touch_parent(m, g, path)
+
+
+OPS = [
+    "file",
+    "file",
+    "write",
+    "attr",
+    "touch",
+    "touchdir",
+    "cap",
+    "delete",
+    "mkdir",
+    "mkdir",
+    "symlink",
+    "link",
+    "link",
+    "fifo",
+    "device",
+]
+
+
+def mutate(m: Model, g: Gen) -> None:
+    op = g.draw(st.sampled_from(OPS), label="op")
+    files = (FileRef,)
+    if op == "write" and (p := g.pick(m, files)):
+        ino = m.paths[p].ino  # type: ignore[union-attr]
+        old = m.inodes[ino]
+        keep = old.mtime_ns % NS == 0 and g.draw(st.booleans(), label="keep mtime")
+        # Keeping a whole-second mtime is detected by content; a non-zero fraction would not be.
+        m.inodes[ino] = replace(old, data=g.draw(DATA), mtime_ns=old.mtime_ns if keep else g.mtime())
+    elif op == "attr" and (p := g.pick(m, (FileRef, fsgen.Dir, fsgen.Symlink, fsgen.Fifo, fsgen.Device))):
+        n = m.paths[p]
+        uid, gid = g.owner()
+        if isinstance(n, FileRef):
+            m.inodes[n.ino] = replace(m.inodes[n.ino], mode=g.draw(MODES), uid=uid, gid=gid)
+        elif isinstance(n, fsgen.Symlink):
+            m.paths[p] = replace(n, uid=uid, gid=gid)
+        else:
+            m.paths[p] = replace(n, mode=g.draw(MODES), uid=uid, gid=gid)
+    elif op == "touch" and (p := g.pick(m, (FileRef, fsgen.Symlink, fsgen.Fifo, fsgen.Device))):
+        n = m.paths[p]
+        old_t = m.inodes[n.ino].mtime_ns if isinstance(n, FileRef) else n.mtime_ns
+        if g.draw(st.booleans(), label="nanoseconds only"):
+            ns = g.draw(st.integers(0, NS - 1).filter(lambda x: x != old_t % NS))
+            new_t = old_t - old_t % NS + ns
+        else:
+            new_t = g.mtime()
+        if isinstance(n, FileRef):
+            m.inodes[n.ino] = replace(m.inodes[n.ino], mtime_ns=new_t)
+        else:
+            m.paths[p] = replace(n, mtime_ns=new_t)
+    elif op == "touchdir" and (p := g.pick(m, (fsgen.Dir,))):
+        m.paths[p] = replace(m.paths[p], mtime_ns=g.mtime())  # type: ignore[type-var]
+    elif op == "cap" and (p := g.pick(m, (FileRef, fsgen.Dir))):
+        n = m.paths[p]
+        cap = g.cap()
+        if isinstance(n, FileRef):
+            m.inodes[n.ino] = replace(m.inodes[n.ino], cap=cap)
+        else:
+            m.paths[p] = replace(n, xattrs=((CAP_XATTR, cap),) if cap else ())  # type: ignore[call-arg]
+    elif op == "delete" and (p := g.pick(m, (FileRef, fsgen.Dir, fsgen.Symlink, fsgen.Fifo, fsgen.Device))):
+        _remove(m, p)
+        _touch_parent(m, g, p)
+    elif op == "mkdir":
+        # On an existing directory this deletes and recreates it (possibly with the same attributes).
+        uid, gid = g.owner()
+        cap = g.draw(st.one_of(st.none(), st.sampled_from(CAPS)))
+        _place(
+            m,
+            g,
+            g.new_path(m),
+            fsgen.Dir(g.draw(MODES), uid, gid, g.mtime(), ((CAP_XATTR, cap),) if cap else ()),
+        )
+    elif op == "symlink":
+        uid, gid = g.owner()
+        _place(m, g, g.new_path(m), fsgen.Symlink(g.draw(st.sampled_from(TARGETS)), uid, gid, g.mtime()))
+    elif op == "link" and (src := g.pick(m, files)):
+        # A new name for a file of this state or any earlier one (the model carries them over).
+        ino = m.paths[src].ino  # type: ignore[union-attr]
+        dst = g.new_path(m)
+        if dst[: len(src)] != src and src[: len(dst)] != dst:
+            _place(m, g, dst, FileRef(ino))
+    elif op == "fifo":
+        uid, gid = g.owner()
+        _place(m, g, g.new_path(m), fsgen.Fifo(g.draw(MODES), uid, gid, g.mtime()))
+    elif op == "device":
+        kind, major, minor = g.draw(st.sampled_from(DEVICES))
+        uid, gid = g.owner()
+        _place(m, g, g.new_path(m), fsgen.Device(kind, major, minor, g.draw(MODES), uid, gid, g.mtime()))
+    else:  # "file", or an op that found nothing to work on
+        path = g.new_path(m)
+        g.next_ino += 1
+        m.inodes[g.next_ino] = g.inode()
+        _place(m, g, path, FileRef(g.next_ino))
+
+
+def chains() -> st.SearchStrategy[list[Model]]:
+    @st.composite
+    def build(draw: st.DrawFn) -> list[Model]:
+        g = Gen(draw)
+        states: list[Model] = []
+        m = Model({}, {})
+        for _ in range(draw(st.integers(2, 4), label="states")):
+            m = m.copy()
+            for _ in range(draw(st.integers(1 if states else 3, 10), label="ops")):
+                mutate(m, g)
+            states.append(m)
+        return states
+
+    return build()
+
+
+# --- containerd's change rules on the model ---------------------------------------------------
+
+
+def _stat_sig(m: Model, p: Path_) -> tuple[object, ...]:
+    n = m.paths[p]
+    if isinstance(n, FileRef):
+        i = m.inodes[n.ino]
+        return ("f", i.mode, i.uid, i.gid, 0, i.cap, len(i.data), i.mtime_ns, i.data)
+    if isinstance(n, fsgen.Dir):
+        cap = dict(n.xattrs).get(CAP_XATTR)
+        return ("d", n.mode, n.uid, n.gid, 0, cap, 0, None, None)
+    if isinstance(n, fsgen.Symlink):
+        return ("l", 0o777, n.uid, n.gid, 0, None, len(n.target), n.mtime_ns, n.target)
+    if isinstance(n, fsgen.Fifo):
+        return ("p", n.mode, n.uid, n.gid, 0, None, 0, n.mtime_ns, b"")
+    return (n.kind, n.mode, n.uid, n.gid, (n.major, n.minor), None, 0, n.mtime_ns, b"")
+
+
+def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """continuity ``sameFile`` as containerd 1.6.20 uses it (spec pitfalls 4 and 5)."""
+    if a[:7] != b[:7]:  # type, mode, owner, rdev, capability, size
+        return False
+    if a[0] == "d":
+        return True  # a directory's mtime does not count
+    ta, tb = a[7], b[7]
+    assert isinstance(ta, int) and isinstance(tb, int)
+    if ta // NS != tb // NS:
+        return False
+    if ta % NS == 0 and tb % NS == 0:
+        return a[8] == b[8]  # content (or symlink target)
+    return ta % NS == tb % NS
+
+
+def emitted_dirs(prev: Model | None, cur: Model) -> set[Path_]:
+    """The directories the layer from ``prev`` to ``cur`` must contain."""
+    old = prev.paths if prev else {}
+    changed = {p for p in cur.paths if p not in old or not _same(_stat_sig(prev, p), _stat_sig(cur, p))}  # type: ignore[arg-type]
+    deleted = {p for p in old if p not in cur.paths}
+    changed_inos = {n.ino for p in changed if isinstance(n := cur.paths[p], FileRef)}
+    peers = {p for p, n in cur.paths.items() if isinstance(n, FileRef) and n.ino in changed_inos}
+    out = {p for p in changed if isinstance(cur.paths[p], fsgen.Dir)}
+    for p in changed | deleted | peers:
+        out.update(p[:k] for k in range(1, len(p)))
+    return out
+
+
+# --- building, applying, comparing ------------------------------------------------------------
+
+
+def build_layer(lower: Path | None, upper: Path) -> bytes:
+    buf = io.BytesIO()
+    with open_snapshot(upper) as up:
+        if lower is None:
+            write_tar(tar_entries(diff(None, up), up), up, buf.write)
+        else:
+            with open_snapshot(lower) as low:
+                write_tar(tar_entries(diff(low, up), up), up, buf.write)
+    return buf.getvalue()
+
+
+def describe(root: Path) -> dict[bytes, tuple[object, ...]]:
+    """fsgen's canonical listing keyed by path, root excluded, mtime_ns split out (last field)."""
+    out = {}
+    for rel, fmt, mode, uid, gid, size, mtime_ns, rdev, target, cap, digest, group in fsgen.listing(root):
+        if rel:
+            out[rel] = (fmt, mode, uid, gid, size, rdev, target, cap, digest, group, mtime_ns)
+    return out
+
+
+def check_round_trip(states: list[Model], work: Path) -> None:
+    dirs: list[Path] = []
+    for i, m in enumerate(states):
+        dirs.append(fsgen.build(work / f"s{i}", m.spec()))
+    # The materialised top is what the model says (so the oracle below talks about real trees).
+    top = describe(dirs[-1])
+    assert set(top) == {_join(p) for p in states[-1].paths}
+
+    result = work / "result"
+    layers = [build_layer(dirs[i - 1] if i else None, dirs[i]) for i in range(len(dirs))]
+    # Determinism: the same pair gives the same bytes.
+    assert build_layer(dirs[-2], dirs[-1]) == layers[-1]
+    for blob in layers:
+        apply_layer(io.BytesIO(blob), result)
+    got = describe(result)
+    _events(states, layers, top)
+
+    assert sorted(got) == sorted(top), "names differ"
+    last_layer: dict[Path_, int] = {}
+    for i in range(len(states)):
+        for d in emitted_dirs(states[i - 1] if i else None, states[i]):
+            last_layer[d] = i
+    for rel, want in top.items():
+        have = got[rel]
+        # Everything but mtime and (for directories) the result's inode grouping is exact.
+        assert have[:-1] == want[:-1], (rel, have, want)
+        if want[0] == stat.S_IFDIR:
+            p = tuple(rel.split(b"/"))
+            exp = states[last_layer[p]].paths[p].mtime_ns // NS  # type: ignore[union-attr]
+            assert have[-1] // NS == exp, (rel, "directory mtime", have[-1], exp, last_layer[p])
+            if exp != want[-1] // NS:
+                event("a directory mtime legitimately differs from the top")
+        else:
+            assert have[-1] // NS == want[-1] // NS, (rel, "mtime", have[-1], want[-1])
+
+
+def _events(states: list[Model], layers: list[bytes], top: dict[bytes, tuple[object, ...]]) -> None:
+    """Coverage notes for ``--hypothesis-show-statistics``."""
+    event(f"{len(states)} states")
+    if any(b".wh." in blob for blob in layers[1:]):
+        event("a layer has whiteouts")
+    if any(v[-2] is not None for v in top.values()):
+        event("top has hardlinks")
+    kinds = [{p: type(n) for p, n in m.paths.items()} for m in states]
+    if any(a[p] is not b[p] for a, b in itertools.pairwise(kinds) for p in a.keys() & b.keys()):
+        event("a path changes type")
+    if any(len(p) > 1 and len(_join(p)) > 255 for p in states[-1].paths):
+        event("a path over 255 bytes")
+
+
+@settings(
+    max_examples=int(os.environ.get("BLOBCHAIN_ROUNDTRIP_EXAMPLES", "80")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    print_blob=True,
+)
+@given(chains())
+def test_layers_round_trip(states: list[Model]) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bc-roundtrip-"))
+    try:
+        check_round_trip(states, work)
+    finally:
+        shutil.rmtree(work)
