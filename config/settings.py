@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -41,7 +42,7 @@ class Settings(BaseSettings):
     # --- embedded mode ---
     store: str = Field(default_factory=_default_store, description="OCI layout used as the local content store")
     # Snapshot paths must resolve inside one of these (os.pathsep-separated in the env); empty = any.
-    roots: tuple[str, ...] = ()
+    roots: Annotated[tuple[str, ...], NoDecode] = ()
     jobs: int | None = Field(default=None, ge=1, description="layers built in parallel (default: all cores)")
     threads: int | None = Field(default=None, ge=1, description="compression threads per layer")
     compression: str = "gzip"

@@ -266,8 +266,9 @@ def upper_changes(lower: LowerView | Snapshot | None, upper: Snapshot) -> Iterat
                     "redirect_dir is used, which the overlay differ does not support", path=path
                 )
             if fmt == S_IFCHR and st.st_rdev == 0:
-                if lower is not None and lower.lookup(path) is not None:
-                    yield new(DELETE, path, st)
+                gone = lower.lookup(path) if lower is not None else None
+                if gone is not None:
+                    yield new(DELETE, path, gone[1])  # the lower's stat, as diff() reports
                 continue
             base = lower.lookup(path) if lower is not None else None
             if base is None:

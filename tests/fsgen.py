@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,7 @@ __all__ = [
     "Whiteout",
     "big_sparse_pair",
     "build",
+    "build_pair",
     "chain",
     "kitchen_sink",
     "listing",
@@ -356,6 +357,7 @@ def _common_lower() -> dict[bytes, Node]:
         b"lnksame": Symlink(b"same-target"),
         b"devchg": Device("c", 1, 3),
         b"oldsock": Socket(),
+        b"d2s/x": File(b"x"),
         b"sockdir/": Dir(),
         b"sockdir/keep": File(b"k"),
         b"keep/": Dir(),
@@ -421,6 +423,8 @@ def kitchen_sink() -> tuple[Spec, Spec]:
     up[b"sock1"] = Socket()
     up[b"sockdir/s"] = Socket()  # skipped, and does not pull in sockdir/
     del up[b"oldsock"]  # a deleted socket still gets a whiteout
+    del up[b"d2s/x"]
+    up[b"d2s"] = Socket()  # a directory replaced by a socket: no entry, no whiteout at all
     up[b"suid"] = File(b"#!/bin/sh\n", mode=0o4755)
     up[b"sgid"] = File(b"g", mode=0o2755, gid=50)
     up[b"tmp/"] = Dir(mode=0o1777)
@@ -564,8 +568,3 @@ def _pairs() -> dict[str, tuple[Spec, Spec]]:
 
 
 PAIRS: dict[str, tuple[Spec, Spec]] = _pairs()
-
-
-def write_tree_names(specs: Iterable[Spec]) -> list[bytes]:
-    """All paths of ``specs``, sorted (a helper for assertions)."""
-    return sorted({_key(k) for s in specs for k in s})

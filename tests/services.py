@@ -102,6 +102,7 @@ class _Process:
     """One service process we own: start, stop by PID, restart on the same ports."""
 
     name = "service"
+    stop_timeout_s = 15.0
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -146,8 +147,9 @@ class _Process:
             self.stop()
             raise
 
-    def stop(self, timeout_s: float = 15.0) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
         """SIGTERM the PID we started; SIGKILL if it is still there after ``timeout_s``."""
+        timeout_s = self.stop_timeout_s if timeout_s is None else timeout_s
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -224,6 +226,9 @@ class SeaweedProcess(_Process):
     """``weed mini`` (master, volume, filer, S3) on 127.0.0.1, every port picked free, no telemetry."""
 
     name = "weed"
+    # Usually down in ~2 s; its volume server sometimes hangs in shutdown after heavy use. The
+    # data is throwaway, and what was written survives a SIGKILL (no fsync needed for that).
+    stop_timeout_s = 6.0
 
     def __init__(
         self,

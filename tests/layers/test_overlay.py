@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -121,7 +122,9 @@ def test_rootfs_snapshot_as_lower(snapshots: Make) -> None:
     lower = snapshots({b"d/keep": File(b"k"), b"d/gone": File(), b"same": File(b"s", mtime_ns=t(0, 5))})
     up = snapshots({b"d/gone": Whiteout(), b"d/new": File(), b"same": File(b"s", mtime_ns=t(0, 5))})
     # "same" was copied up unchanged: dropped, as sameDirent says.
-    assert kinds(upper_changes(lower, up)) == [(D, b"d/gone"), (A, b"d/new")]
+    got = list(upper_changes(lower, up))
+    assert kinds(got) == [(D, b"d/gone"), (A, b"d/new")]
+    assert got[0].st is not None and stat.S_ISREG(got[0].st.st_mode)  # a Delete carries the lower's stat
 
 
 def test_opaque_over_a_lower_file(snapshots: Make) -> None:
