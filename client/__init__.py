@@ -1,11 +1,11 @@
 """blobchain's front door for users: the Python client.
 
-    from blobchain.client import Client
-    with Client() as client:
-        specs = client.register_chain(["rootfs-0", "rootfs-1"])
-        with client.lease() as lease:
-            result = client.compute_blob_chain(specs[-1].ref_id, compression="zstd", lease=lease).wait()
-        client.export(result, "out-oci", tag="latest")
+from blobchain.client import Client
+with Client() as client:
+    specs = client.register_chain(["rootfs-0", "rootfs-1"])
+    with client.lease() as lease:
+        result = client.compute_blob_chain(specs[-1].ref_id, compression="zstd", lease=lease).wait()
+    client.export(result, "out-oci", tag="latest")
 """
 
 from blobchain.client.api import Client, Lease, chain_specs

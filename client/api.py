@@ -105,7 +105,9 @@ class Client:
                 os.path.commonpath([spec.snapshot, os.path.abspath(r)]) == os.path.abspath(r) for r in roots
             ):
                 raise SnapshotOutsideRoots(
-                    f"snapshot {spec.snapshot} is outside the configured roots", ref=spec.ref_id, path=spec.snapshot
+                    f"snapshot {spec.snapshot} is outside the configured roots",
+                    ref=spec.ref_id,
+                    path=spec.snapshot,
                 )
         else:
             open_snapshot(spec.snapshot, roots)

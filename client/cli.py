@@ -34,7 +34,9 @@ _EXIT = [(InvalidArgument, 2), (NotFound, 3), (FailedPrecondition, 4), (Unavaila
 
 Compression = Annotated[str, typer.Option("--compression", "-c", help="gzip, zstd or uncompressed")]
 Level = Annotated[int | None, typer.Option("--level", "-l", help="compression level")]
-Jobs = Annotated[int | None, typer.Option("--jobs", "-j", help="layers built in parallel (default: all cores)")]
+Jobs = Annotated[
+    int | None, typer.Option("--jobs", "-j", help="layers built in parallel (default: all cores)")
+]
 AsJson = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 
 
@@ -55,7 +57,7 @@ def _human(n: float) -> str:
 
 def _follow(job: Job, labels: dict[str, str], quiet: bool) -> ChainResult:
     """Live per-layer progress (files, bytes, state) until the job ends."""
-    if quiet or not err.is_terminal and os.environ.get("BLOBCHAIN_PROGRESS") != "1":
+    if quiet or (not err.is_terminal and os.environ.get("BLOBCHAIN_PROGRESS") != "1"):
         return job.wait()
     cols = (
         TextColumn("{task.description}"),
@@ -67,7 +69,8 @@ def _follow(job: Job, labels: dict[str, str], quiet: bool) -> ChainResult:
     )
     with Progress(*cols, console=err, transient=False) as bar:
         tasks = {
-            r: bar.add_task(labels.get(r, r), total=1, state="queued", files=0, nbytes="0 B") for r in job.progress()
+            r: bar.add_task(labels.get(r, r), total=1, state="queued", files=0, nbytes="0 B")
+            for r in job.progress()
         }
         for ev in job.events():
             t = tasks.get(ev.ref_id)
@@ -139,7 +142,9 @@ def _run_chain(
 
 @app.command()
 def export(
-    snapshots: Annotated[list[str], typer.Argument(help="ROOTFS_0 ROOTFS_1 ...: each the parent of the next")],
+    snapshots: Annotated[
+        list[str], typer.Argument(help="ROOTFS_0 ROOTFS_1 ...: each the parent of the next")
+    ],
     oci: Annotated[str, typer.Option("--oci", help="the OCI image layout to write")],
     compression: Compression = "gzip",
     level: Level = None,
@@ -149,9 +154,12 @@ def export(
     windows: Annotated[bool, typer.Option("--windows", help="Windows layers (BuildKit winlayers)")] = False,
     docker: Annotated[bool, typer.Option("--docker-media-types", help="Docker schema2 media types")] = False,
     source_date_epoch: Annotated[
-        int | None, typer.Option("--source-date-epoch", envvar="SOURCE_DATE_EPOCH", help="clamp mtimes to this")
+        int | None,
+        typer.Option("--source-date-epoch", envvar="SOURCE_DATE_EPOCH", help="clamp mtimes to this"),
     ] = None,
-    store: Annotated[str | None, typer.Option("--store", help="content store (default: the --oci layout)")] = None,
+    store: Annotated[
+        str | None, typer.Option("--store", help="content store (default: the --oci layout)")
+    ] = None,
     as_json: AsJson = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
 ) -> None:
@@ -177,7 +185,9 @@ def export(
 
 @app.command()
 def demo(
-    out_dir: Annotated[str, typer.Option("--out", help="where to build the sample and the image")] = "demo-out",
+    out_dir: Annotated[
+        str, typer.Option("--out", help="where to build the sample and the image")
+    ] = "demo-out",
     compression: Compression = "gzip",
     as_json: AsJson = False,
 ) -> None:
@@ -242,7 +252,9 @@ def gc(dry_run: Annotated[bool, typer.Option("--dry-run")] = False, as_json: AsJ
     if as_json:
         out.print_json(json.dumps(data))
     else:
-        out.print(f"{'would delete' if dry_run else 'deleted'} {len(report.deleted)} blobs, {_human(report.freed_bytes)}")
+        out.print(
+            f"{'would delete' if dry_run else 'deleted'} {len(report.deleted)} blobs, {_human(report.freed_bytes)}"
+        )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

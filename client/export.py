@@ -17,8 +17,8 @@ from blobchain.layers.errors import NotFound
 from blobchain.layers.oci import (
     CONFIG_MEDIA_TYPE,
     DOCKER_CONFIG_MEDIA_TYPE,
-    MANIFEST_MEDIA_TYPE,
     DOCKER_MANIFEST_MEDIA_TYPE,
+    MANIFEST_MEDIA_TYPE,
     config_bytes,
     index_with,
     manifest_bytes,
@@ -59,9 +59,8 @@ def _copy_blob(reader: BlobReader, store: LocalContentStore, digest: str, size: 
 def _write_index(dest: str, manifest: Descriptor, tag: str | None) -> None:
     path = os.path.join(dest, "index.json")
     existing = None
-    with contextlib.suppress(FileNotFoundError):
-        with open(path, "rb") as f:
-            existing = json.load(f)
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        existing = json.load(f)
     data = index_with(existing, manifest, tag)
     fd, tmp = tempfile.mkstemp(dir=dest, prefix=".index-")
     try:
@@ -113,5 +112,7 @@ def export_layout(
     )
     _put_bytes(store, man, "export-manifest")  # type: ignore[arg-type]
     _write_index(dest, man_desc, tag)
-    deps.metadata.put_manifest(tag or man_desc.digest, [man_desc.digest, cfg_desc.digest] + [b.digest for b in blobs])
+    deps.metadata.put_manifest(
+        tag or man_desc.digest, [man_desc.digest, cfg_desc.digest] + [b.digest for b in blobs]
+    )
     return man_desc

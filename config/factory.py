@@ -29,7 +29,9 @@ def open_deps(settings: Settings) -> Deps:
         content = LocalContentStore(settings.store)
         state = os.path.join(settings.store, ".blobchain")
         metadata = SqliteMetadataStore(os.path.join(state, "metadata.db"))
-        return Deps(content=content, metadata=metadata, leases=metadata, locks=LocalLockService(state), **common)
+        return Deps(
+            content=content, metadata=metadata, leases=metadata, locks=LocalLockService(state), **common
+        )
 
     from blobchain.storage.content.s3 import S3ContentStore, make_s3_client
     from blobchain.storage.locks.redis import RedisLockService

@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BLOBCHAIN_", extra="ignore", frozen=True)
 
     # --- embedded mode ---
-    store: str = Field(default_factory=_default_store, description="OCI layout used as the local content store")
+    store: str = Field(
+        default_factory=_default_store, description="OCI layout used as the local content store"
+    )
     # Snapshot paths must resolve inside one of these (os.pathsep-separated in the env); empty = any.
     roots: Annotated[tuple[str, ...], NoDecode] = ()
     jobs: int | None = Field(default=None, ge=1, description="layers built in parallel (default: all cores)")
@@ -66,7 +68,9 @@ class Settings(BaseSettings):
     soft_time_limit_s: int = Field(default=3300, gt=0)
     time_limit_s: int = Field(default=3600, gt=0)
     max_attempts: int = Field(default=3, ge=1, description="worker crashes before a ref is failed as poison")
-    wait_budget_s: float = Field(default=3600.0, gt=0, description="how long a duplicate waits for the holder")
+    wait_budget_s: float = Field(
+        default=3600.0, gt=0, description="how long a duplicate waits for the holder"
+    )
 
     @field_validator("roots", mode="before")
     @classmethod

@@ -51,13 +51,19 @@ _LOST_CHECK_S = 2.0
 
 
 class PollingRedisBackend(RedisBackend):
-    """The client's result backend: jobs poll task states, so sending a task does not subscribe
-    to its result channel (Celery's default). That keeps one pubsub connection per thread and an
-    unsubscribe in ``AsyncResult.__del__`` (which blocks on reconnects when Redis is down) out of
-    the client."""
+    """The client's result backend: jobs poll task states, so sending a task or building a
+    result set does not subscribe to result channels (Celery's default). That keeps a pubsub
+    connection per thread and the unsubscribe in ``AsyncResult.__del__`` (which blocks up to 20 s
+    on reconnects when Redis is down) out of the client."""
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         return None
+
+    def add_pending_result(self, result: Any, weak: bool = False, start_drainer: bool = True) -> Any:
+        return result  # GroupResult/AsyncResult.then() would subscribe: we poll instead
+
+    def remove_pending_result(self, result: Any) -> Any:
+        return result
 
 
 def task_error(exc: Any, ref_id: str | None = None) -> BlobchainError:

@@ -6,7 +6,8 @@ service given by environment (``BLOBCHAIN_TEST_REDIS_URL``, ``BLOBCHAIN_TEST_S3_
 is used as is and cannot be stopped or restarted; fault tests skip then.
 
 Fault helpers for tests: ``stop()``/``start()``/``restart()`` (same ports, same data directory:
-SeaweedFS keeps its objects; our Redis runs without persistence, so a restart empties it) and
+SeaweedFS keeps its objects; our Redis runs without persistence, so a restart empties it unless
+``keep_data=True`` snapshots it at shutdown), ``kill()`` (SIGKILL) and
 ``pause()``/``resume()`` (SIGSTOP/SIGCONT: connections hang instead of being refused).
 """
 
@@ -127,7 +128,7 @@ class _Process:
     def start(self, timeout_s: float = 60.0) -> None:
         if self.running:
             return
-        log = open(self.workdir / f"{self.name}.log", "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.workdir / f"{self.name}.log", "ab")
         try:
             self.proc = subprocess.Popen(
                 self.argv(),
@@ -214,12 +215,31 @@ class RedisProcess(_Process):
         ]  # fmt: skip
 
     def ready(self) -> bool:
+        reply = self._command(b"PING")
+        return reply.startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: up, with a password set
+
+    def _command(self, cmd: bytes) -> bytes:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+                s.sendall(cmd + b"\r\n")
+                return s.recv(64)
         except OSError:
-            return False
+            return b""
+
+    def stop(self, timeout_s: float | None = None, *, keep_data: bool = False) -> None:
+        """Stop; with ``keep_data`` write a snapshot first (``SHUTDOWN SAVE``) that the next
+        start loads, as a Redis with persistence would. Without it the next start is empty."""
+        if keep_data and self.proc is not None and self.running and not self._paused:
+            self._command(b"SHUTDOWN SAVE")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(self.stop_timeout_s if timeout_s is None else timeout_s)
+        else:
+            (self.workdir / "dump.rdb").unlink(missing_ok=True)
+        super().stop(timeout_s)
+
+    def restart(self, timeout_s: float = 60.0, *, keep_data: bool = False) -> None:
+        self.stop(keep_data=keep_data)
+        self.start(timeout_s)
 
 
 class SeaweedProcess(_Process):
@@ -365,8 +385,8 @@ class RedisService:
             pytest.skip(f"Redis from ${REDIS_ENV} is not ours to stop")
         return self.process
 
-    def stop(self) -> None:
-        self._own().stop()
+    def stop(self, *, keep_data: bool = False) -> None:
+        self._own().stop(keep_data=keep_data)
 
     def kill(self) -> None:
         self._own().kill()
@@ -374,9 +394,10 @@ class RedisService:
     def start(self) -> None:
         self._own().start()
 
-    def restart(self) -> None:
-        """Stop and start on the same port; the data is gone (no persistence)."""
-        self._own().restart()
+    def restart(self, *, keep_data: bool = False) -> None:
+        """Stop and start on the same port. The data is gone unless ``keep_data`` (then it is
+        snapshotted at shutdown and loaded at start, like a Redis with persistence)."""
+        self._own().restart(keep_data=keep_data)
 
     def pause(self) -> None:
         self._own().pause()
@@ -385,9 +406,9 @@ class RedisService:
         self._own().resume()
 
     @contextlib.contextmanager
-    def down(self) -> Iterator[None]:
+    def down(self, *, keep_data: bool = False) -> Iterator[None]:
         """Stopped for the duration of the block, started again after."""
-        self.stop()
+        self.stop(keep_data=keep_data)
         try:
             yield
         finally:

@@ -117,7 +117,10 @@ class EmbeddedExecutor:
             ctx = mp.get_context("spawn")  # no fork with threads running
             self._events = ctx.Queue()
             self._pool = ProcessPoolExecutor(
-                max_workers=self._jobs, mp_context=ctx, initializer=_child_init, initargs=(settings, self._events)
+                max_workers=self._jobs,
+                mp_context=ctx,
+                initializer=_child_init,
+                initargs=(settings, self._events),
             )
             threading.Thread(target=self._pump, name="blobchain-events", daemon=True).start()
 
@@ -191,7 +194,9 @@ class EmbeddedExecutor:
             try:
                 if self._pool is None:
                     progress = _throttled(self._emit, ref_id)
-                    return build_ref(ref_id, opts, self.deps, create_if_needed=create_if_needed, progress=progress)
+                    return build_ref(
+                        ref_id, opts, self.deps, create_if_needed=create_if_needed, progress=progress
+                    )
                 return self._pool.submit(_child_build, ref_id, opts, create_if_needed).result()
             except InProgress:
                 if time.monotonic() > deadline:
@@ -206,10 +211,8 @@ class EmbeddedExecutor:
                 self._stop_children()
             self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._events.put(None)
-            except (OSError, ValueError):
-                pass
         self._threads.shutdown(wait=not cancel, cancel_futures=cancel)
 
     def _stop_children(self) -> None:

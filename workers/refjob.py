@@ -150,7 +150,9 @@ def _record(stats: LayerStats, digest: str, size: int, opts: LayerOptions) -> La
     )
 
 
-def _build(deps: Deps, spec: RefSpec, opts: LayerOptions, ref_id: str, gc_lease: str, tick: Progress) -> LayerBlob:
+def _build(
+    deps: Deps, spec: RefSpec, opts: LayerOptions, ref_id: str, gc_lease: str, tick: Progress
+) -> LayerBlob:
     src = layer_source(deps, spec)
     with deps.content.ingest(f"{ref_id}-{int(time.time())}") as ing:
         stats = write_layer(src, opts, ing.write, threads=deps.threads, progress=tick)

@@ -47,7 +47,7 @@ from blobchain.layers.errors import (
 from blobchain.layers.records import check_digest
 from blobchain.storage.content import BlobInfo
 
-__all__ = ["S3AccessDenied", "S3ContentStore", "S3Ingest", "make_s3_client"]
+__all__ = ["S3AccessDenied", "S3ContentStore", "S3Ingest", "decode_labels", "encode_labels", "make_s3_client"]
 
 log = logging.getLogger(__name__)
 

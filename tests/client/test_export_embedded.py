@@ -96,7 +96,9 @@ def test_peers_accept_the_layout(tmp_path, chain, capsys):
     if shutil.which("skopeo"):
         subprocess.run(["skopeo", "inspect", f"oci:{out}:demo"], check=True, capture_output=True)
         subprocess.run(
-            ["skopeo", "copy", f"oci:{out}:demo", f"oci:{tmp_path / 'copy'}:x"], check=True, capture_output=True
+            ["skopeo", "copy", f"oci:{out}:demo", f"oci:{tmp_path / 'copy'}:x"],
+            check=True,
+            capture_output=True,
         )
         ran += 1
     if shutil.which("oci-image-tool"):
@@ -108,9 +110,15 @@ def test_peers_accept_the_layout(tmp_path, chain, capsys):
         ran += 1
     if shutil.which("umoci"):
         bundle = tmp_path / "bundle"
-        subprocess.run(["umoci", "unpack", "--image", f"{out}:demo", str(bundle)], check=True, capture_output=True)
+        subprocess.run(
+            ["umoci", "unpack", "--image", f"{out}:demo", str(bundle)], check=True, capture_output=True
+        )
         top = chain[-1]
-        got = sorted(os.path.relpath(os.path.join(d, f), bundle / "rootfs") for d, ds, fs in os.walk(bundle / "rootfs") for f in fs + ds)
+        got = sorted(
+            os.path.relpath(os.path.join(d, f), bundle / "rootfs")
+            for d, ds, fs in os.walk(bundle / "rootfs")
+            for f in fs + ds
+        )
         want = sorted(os.path.relpath(os.path.join(d, f), top) for d, ds, fs in os.walk(top) for f in fs + ds)
         assert got == want
         assert open(bundle / "rootfs/etc/app.conf", "rb").read() == open(f"{top}/etc/app.conf", "rb").read()

@@ -95,7 +95,7 @@ class Containerd:
             '[debug]\n  address = ""\n'
             '[metrics]\n  address = ""\n'
         )
-        self._log = open(d / "containerd.log", "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(d / "containerd.log", "wb")
         self.proc = subprocess.Popen(
             [CONTAINERD, "--config", str(d / "config.toml")],
             stdin=subprocess.DEVNULL,

@@ -246,6 +246,15 @@ def test_zstd_frame_parameters(size: int) -> None:
 # --- lifecycle --------------------------------------------------------------------------------
 
 
+def _is_complete(comp: Compression, blob: bytes) -> bool:
+    d = zlib.decompressobj(31) if comp is GZIP else zstandard.ZstdDecompressor().decompressobj()
+    try:
+        d.decompress(blob)
+    except (zlib.error, zstandard.ZstdError):
+        return False
+    return bool(d.eof)
+
+
 def _gzip_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("gzip")]
 
@@ -275,14 +284,7 @@ def test_exception_in_block_stops_workers_and_writes_no_trailer(comp: Compressio
         c.write(data)
         raise RuntimeError("boom")
     assert _gzip_threads() == []
-    with pytest.raises((EOFError, zstandard.ZstdError, zlib.error, gzip.BadGzipFile)):
-        if comp is GZIP:
-            gzip.decompress(bytes(out))
-        else:
-            d = zstandard.ZstdDecompressor().decompressobj()
-            d.decompress(bytes(out))
-            if not d.eof:
-                raise EOFError("truncated frame")
+    assert not _is_complete(comp, bytes(out))  # no trailer: a reader sees a truncated stream
     c.close()  # closing an aborted compressor adds nothing
     with pytest.raises(ValueError):
         c.write(b"x")

@@ -221,6 +221,19 @@ def test_redis_restart_mid_run(private_redis: RedisService) -> None:
     assert [r.ref_id for r in store.list_refs()] == ["b"]
 
 
+def test_redis_restart_with_persistence_keeps_records(private_redis: RedisService) -> None:
+    store = RedisMetadataStore(private_redis.client())
+    store.register(RefSpec("a", "/a"))
+    store.set_blob("a", layer_blob(1))
+    store.set_chain("a", digest_of(b"c"), digest_of(b"b"))
+    before = store.get("a")
+    private_redis.restart(keep_data=True)
+    assert store.get("a") == before
+    assert store.set_blob("a", layer_blob(1, "zstd-3", diff_seed=1)).variants == (
+        layer_blob(1, "zstd-3", diff_seed=1),
+    )
+
+
 def test_wrong_password_is_a_clear_non_retryable_error(private_redis: RedisService) -> None:
     admin = private_redis.client()
     admin.config_set("requirepass", "the-right-password")

@@ -34,7 +34,9 @@ def test_cycle():
 
 def test_one_ref_two_parents_in_one_submission():
     with pytest.raises(ConflictingParent):
-        make_plan([RefSpec("p", "/p"), RefSpec("q", "/q"), RefSpec("c", "/c", "p"), RefSpec("c", "/c", "q")], _none)
+        make_plan(
+            [RefSpec("p", "/p"), RefSpec("q", "/q"), RefSpec("c", "/c", "p"), RefSpec("c", "/c", "q")], _none
+        )
 
 
 def test_one_ref_two_parents_against_the_store():
