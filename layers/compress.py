@@ -41,12 +41,14 @@ __all__ = [
     "GZIP_BLOCK_SIZE",
     "GZIP_DICT_SIZE",
     "GZIP_MEM_LEVEL",
+    "ZSTD_MEMORY_BUDGET",
     "Compressor",
     "compressor_id",
     "detect_compression",
     "gzip_header",
     "open_compressor",
     "open_decompressor",
+    "zstd_workers",
 ]
 
 # Format contract: changing any of these changes every gzip blob digest.
@@ -56,7 +58,10 @@ GZIP_MEM_LEVEL = 8  # zlib's default; sizes zlib-ng's symbol buffer, so it shape
 # Blocks in flight per worker thread, and a hard cap so a many-core host stays within budget
 # (each in-flight block holds ~1 MiB of input plus its output).
 _INFLIGHT_PER_THREAD = 2
-_MAX_INFLIGHT = 64
+_MAX_INFLIGHT = 32
+# libzstd's MT engine holds per worker a compression context plus a few job buffers; the worker
+# count is lowered to stay within this budget (the bytes do not depend on it).
+ZSTD_MEMORY_BUDGET = 192 << 20
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -90,8 +95,10 @@ def open_compressor(
 ) -> Compressor:
     """A compressor for ``opts.compression`` at ``opts.effective_level`` writing to ``write``.
 
-    ``threads`` is the number of compression threads (``None``: ``os.cpu_count()``); the output
-    bytes do not depend on it. Levels were validated by :class:`LayerOptions` already.
+    ``threads`` is the most compression threads to use (``None``: ``os.cpu_count()``); the
+    output bytes do not depend on it. With one thread gzip compresses inline in the caller's
+    thread; zstd always runs libzstd's MT engine (``threads`` workers, capped by
+    :data:`ZSTD_MEMORY_BUDGET` at high levels). Levels were validated by :class:`LayerOptions`.
     """
     n = _threads(threads)
     comp = opts.compression
@@ -241,7 +248,8 @@ class _GzipCompressor(_Base):
     def __init__(self, level: int, write: Callable[[bytes], object], threads: int) -> None:
         self._level = level
         self._sink = write
-        self._pending = bytearray()
+        self._pending = bytearray()  # a partial block
+        self._held: bytes | None = None  # a full block not yet known to be the last
         self._zdict = b""
         self._crc = 0
         self._isize = 0
@@ -255,22 +263,37 @@ class _GzipCompressor(_Base):
         self._check_open()
         mv = memoryview(data).cast("B")
         n = mv.nbytes
-        # Feed at most one block at a time so a huge write never doubles in memory.
-        for off in range(0, n, GZIP_BLOCK_SIZE):
-            self._pending += mv[off : off + GZIP_BLOCK_SIZE]
-            # Strictly more than a block: a full block is held back until we know it is not
-            # the last, so an input of exactly k blocks ends with its k-th block, not an empty one.
-            while len(self._pending) > GZIP_BLOCK_SIZE:
-                block = bytes(self._pending[:GZIP_BLOCK_SIZE])
-                del self._pending[:GZIP_BLOCK_SIZE]  # O(1): CPython bytearrays trim their head in place
-                self._submit(block, last=False)
+        off = 0
+        try:
+            while off < n:
+                if self._held is not None:  # more input follows: the held block is not the last
+                    self._submit(self._held, last=False)
+                    self._held = None
+                take = min(GZIP_BLOCK_SIZE - len(self._pending), n - off)
+                if take == GZIP_BLOCK_SIZE:  # aligned: one copy, straight from the caller's buffer
+                    self._held = bytes(mv[off : off + take])
+                else:
+                    self._pending += mv[off : off + take]
+                    if len(self._pending) == GZIP_BLOCK_SIZE:
+                        self._held, self._pending = bytes(self._pending), bytearray()
+                off += take
+        except BaseException:
+            # A failed sink or worker leaves the stream unusable: free the threads now, even
+            # without a ``with`` block.
+            self.abort()
+            raise
         return n
 
     def close(self) -> None:
         if self._closed:
             return
         try:
-            block, self._pending = bytes(self._pending), bytearray()
+            # A full block is held back until more input or close(), so an input of exactly k
+            # blocks ends with its k-th block rather than an extra empty one.
+            if self._held is not None:
+                block, self._held = self._held, None
+            else:
+                block, self._pending = bytes(self._pending), bytearray()
             self._submit(block, last=True)
             while self._inflight:
                 self._emit_oldest()
@@ -286,7 +309,7 @@ class _GzipCompressor(_Base):
         for fut, _ in self._inflight:
             fut.cancel()
         self._inflight.clear()
-        self._pending = bytearray()
+        self._pending, self._held = bytearray(), None
         self._shutdown(cancel=True)
 
     def _shutdown(self, *, cancel: bool) -> None:
@@ -327,17 +350,21 @@ class _ZstdCompressor(_Base):
         # threads >= 1 selects libzstd's multi-threaded engine, whose output is the same for any
         # worker count; threads=0 (single-thread engine) would give different bytes.
         cctx = zstandard.ZstdCompressor(
-            level=level, threads=threads, write_checksum=True, write_content_size=False
+            level=level, threads=zstd_workers(level, threads), write_checksum=True, write_content_size=False
         )
         self._cobj = cctx.compressobj()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._check_open()
         mv = memoryview(data).cast("B")
-        for off in range(0, mv.nbytes, _ZSTD_FEED):
-            out = self._cobj.compress(mv[off : off + _ZSTD_FEED])
-            if out:
-                self._sink(out)
+        try:
+            for off in range(0, mv.nbytes, _ZSTD_FEED):
+                out = self._cobj.compress(mv[off : off + _ZSTD_FEED])
+                if out:
+                    self._sink(out)
+        except BaseException:
+            self.abort()
+            raise
         return mv.nbytes
 
     def close(self) -> None:
@@ -352,6 +379,16 @@ class _ZstdCompressor(_Base):
     def abort(self) -> None:
         self._closed = True
         self._cobj = None  # type: ignore[assignment]
+
+
+def zstd_workers(level: int, threads: int) -> int:
+    """libzstd MT workers for ``level``: at most ``threads``, at least 1, within the memory budget."""
+    params = zstandard.ZstdCompressionParameters.from_level(level)
+    # libzstd's default MT job is 4 windows (at least 1 MiB); a worker holds about four job-sized
+    # buffers (input, overlap, output) besides its context.
+    job = 1 << max(20, params.window_log + 2)
+    per_worker = params.estimated_compression_context_size() + 4 * job
+    return max(1, min(threads, ZSTD_MEMORY_BUDGET // per_worker))
 
 
 class _RawReader(io.RawIOBase):

@@ -129,6 +129,8 @@ class _Process:
         if self.running:
             return
         log = open(self.workdir / f"{self.name}.log", "ab")
+        # PDEATHSIG fires when the forking *thread* exits: only arm it from the main thread.
+        arm = sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
         try:
             self.proc = subprocess.Popen(
                 self.argv(),
@@ -136,7 +138,7 @@ class _Process:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=_die_with_parent if arm else None,
             )
         finally:
             log.close()
@@ -152,11 +154,11 @@ class _Process:
         """SIGTERM the PID we started; SIGKILL if it is still there after ``timeout_s``."""
         timeout_s = self.stop_timeout_s if timeout_s is None else timeout_s
         proc, self.proc = self.proc, None
+        paused, self._paused = self._paused, False
         if proc is None or proc.poll() is not None:
             return
-        if self._paused:
+        if paused:
             proc.send_signal(signal.SIGCONT)
-            self._paused = False
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout_s)

@@ -16,8 +16,9 @@ from blobchain.layers.layer import LayerSource, LayerStats, check_windows, conve
 from blobchain.layers.overlay import LowerView
 from blobchain.layers.records import DIFF_ID_LABEL, LayerBlob, LayerOptions, RefRecord, RefSpec
 from blobchain.layers.snapshot import open_snapshot
+from blobchain.storage.locks import Lease
+from blobchain.storage.locks.heartbeat import Heartbeat
 from blobchain.workers.deps import Deps
-from blobchain.workers.heartbeat import Heartbeat
 from blobchain.workers.plan import ancestry
 
 __all__ = ["BuildOutcome", "build_ref", "flight_key", "is_windows", "layer_source"]
@@ -108,7 +109,7 @@ def build_ref(
         gc_lease = f"build-{uuid.uuid4().hex}"
         deps.leases.create_lease(gc_lease, deps.lease_ttl_s * 10)
         try:
-            with Heartbeat(lease, deps.lease_ttl_s / 3) as hb:
+            with Heartbeat(lease, deps.lease_ttl_s / 3, ttl_s=deps.lease_ttl_s) as hb:
 
                 def tick(files: int, nbytes: int) -> None:
                     hb.check()
@@ -120,13 +121,20 @@ def build_ref(
                 else:
                     blob, action = _build(deps, rec.spec, opts, ref_id, gc_lease, tick), "built"
                 hb.check()
-                lease.refresh()
-                rec = deps.metadata.set_blob(ref_id, blob)
+                rec = _commit(deps, ref_id, blob, lease)
         finally:
             deps.leases.delete_lease(gc_lease)
         return BuildOutcome(rec, action)
     finally:
         lease.release()
+
+
+def _commit(deps: Deps, ref_id: str, blob: LayerBlob, lease: Lease) -> RefRecord:
+    """Record the blob. Stores that support fencing write only while our lease token still
+    holds (a holder that lost its lease cannot commit over the new one); the others rely on
+    the record rules alone (idempotent, same bytes from any worker)."""
+    lease.refresh()
+    return deps.metadata.set_blob(ref_id, blob, token=lease.token, lease_key=lease.key)
 
 
 def _done(deps: Deps, rec: RefRecord, opts: LayerOptions) -> RefRecord | None:

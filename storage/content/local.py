@@ -36,6 +36,7 @@ from blobchain.layers.errors import (
 )
 from blobchain.layers.records import check_digest
 from blobchain.storage.content import BlobInfo
+from blobchain.storage.sqlite_util import connect
 
 __all__ = ["LocalContentStore", "LocalIngest"]
 
@@ -199,11 +200,7 @@ class _LabelDB:
         if self._conn is None or self._pid != os.getpid():
             if self._conn is not None:
                 _INHERITED.append(self._conn)
-            conn = sqlite3.connect(
-                self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn = connect(self._path, self._timeout)
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS labels (digest TEXT NOT NULL, key TEXT NOT NULL,"
                 " value TEXT NOT NULL, PRIMARY KEY (digest, key)) WITHOUT ROWID"

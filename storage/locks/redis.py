@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +20,7 @@ import redis
 import redis.exceptions
 
 from blobchain.layers.errors import FailedPrecondition, InvalidArgument, LeaseLost, Unavailable
-from blobchain.storage.locks import Lease
+from blobchain.storage.locks.heartbeat import Heartbeat
 
 __all__ = [
     "Heartbeat",
@@ -184,72 +182,3 @@ class RedisLockService:
 
     def __repr__(self) -> str:
         return f"RedisLockService({describe_redis(self.client)!r}, prefix={self.prefix!r})"
-
-
-class Heartbeat:
-    """Refresh a lease from a daemon thread until the ``with`` block ends.
-
-    ``lost`` becomes true when a refresh raises LeaseLost, or when refreshes kept failing
-    (service unavailable) for longer than ``ttl_s`` since the last good one (the lease has
-    expired by then). The work loop calls :meth:`check` between steps. Works with any
-    :class:`blobchain.storage.locks.Lease`.
-    """
-
-    def __init__(self, lease: Lease, interval_s: float, *, ttl_s: float | None = None) -> None:
-        if not interval_s > 0:
-            raise InvalidArgument(f"heartbeat interval must be > 0 (got {interval_s})")
-        self.lease = lease
-        self.interval_s = interval_s
-        self.ttl_s = ttl_s if ttl_s is not None else 3 * interval_s
-        self._stop = threading.Event()
-        self._lost = threading.Event()
-        self.error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def lost(self) -> bool:
-        return self._lost.is_set()
-
-    def check(self) -> None:
-        """Raise LeaseLost if the heartbeat found the lease lost."""
-        if self._lost.is_set():
-            raise LeaseLost(f"lease on {self.lease.key!r} lost: {self.error}", key=self.lease.key)
-
-    def start(self) -> Heartbeat:
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat:{self.lease.key}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        last_ok = time.monotonic()
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.lease.refresh()
-                last_ok = time.monotonic()
-            except LeaseLost as e:
-                self._mark_lost(e)
-                return
-            except Unavailable as e:
-                if time.monotonic() - last_ok >= self.ttl_s:
-                    self._mark_lost(e)
-                    return
-                log.warning("heartbeat for %r failed, will retry: %s", self.lease.key, e)
-            except Exception as e:  # never let the thread die silently
-                self._mark_lost(e)
-                return
-
-    def _mark_lost(self, e: BaseException) -> None:
-        self.error = e
-        self._lost.set()
-        log.warning("lease on %r lost: %s", self.lease.key, e)
-
-    def __enter__(self) -> Heartbeat:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -9,7 +9,8 @@ Rules shared by every implementation (embedded SQLite, Redis), each done atomica
 - ``set_chain(ref, chain_id, blob_chain_id)``: idempotent; a ref whose chain ID is already set is
   left alone (the stored values are returned).
 - ``token``: when given, the write happens only if the lock service still holds that lease token
-  for the ref (fencing); otherwise LeaseLost. Embedded stores may ignore it.
+  for ``lease_key`` (default: the ref id) (fencing); otherwise LeaseLost. Embedded stores may
+  ignore it (their file locks die with their holder).
 
 Leases (``LeaseStore``) hold blobs against GC while they are being written or referenced.
 """
@@ -30,7 +31,11 @@ class MetadataStore(Protocol):
 
     def register(self, spec: RefSpec) -> RefRecord: ...
 
-    def set_blob(self, ref_id: str, blob: LayerBlob) -> RefRecord: ...
+    def set_blob(
+        self, ref_id: str, blob: LayerBlob, *, token: str | None = None, lease_key: str | None = None
+    ) -> RefRecord:
+        """``token``/``lease_key``: fence the write on that lock lease (see the module doc)."""
+        ...
 
     def set_chain(self, ref_id: str, chain_id: str, blob_chain_id: str) -> RefRecord: ...
 

@@ -30,6 +30,7 @@ from blobchain.layers.errors import (
     Unavailable,
 )
 from blobchain.layers.records import LayerBlob, RefRecord, RefSpec, check_digest
+from blobchain.storage.sqlite_util import connect
 
 __all__ = ["SCHEMA_VERSION", "SqliteMetadataStore"]
 
@@ -117,15 +118,10 @@ class SqliteMetadataStore:
         if self._conn is None or self._pid != os.getpid():
             if self._conn is not None:
                 _INHERITED.append(self._conn)
-            conn = sqlite3.connect(
-                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
-            )
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
+                conn = connect(self.path, self._timeout)
                 conn.execute("PRAGMA foreign_keys=ON")
             except sqlite3.Error as e:
-                conn.close()
                 raise self._map(e) from e
             self._conn, self._pid = conn, os.getpid()
         return self._conn
@@ -232,7 +228,9 @@ class SqliteMetadataStore:
             )
             return RefRecord(spec=spec)
 
-    def set_blob(self, ref_id: str, blob: LayerBlob, *, token: str | None = None) -> RefRecord:
+    def set_blob(
+        self, ref_id: str, blob: LayerBlob, *, token: str | None = None, lease_key: str | None = None
+    ) -> RefRecord:
         check_digest(blob.digest)
         check_digest(blob.diff_id)
         if blob.size < 0:

@@ -283,6 +283,14 @@ def test_opaque_clears_lower_children_wherever_it_sits(dest: Path) -> None:
     assert listing(dest) == [b"d", b"d/later", b"other"]
 
 
+def test_opaque_at_the_root(dest: Path) -> None:
+    (dest / "old").mkdir()
+    (dest / "old/f").write_bytes(b"f")
+    (dest / "top").write_bytes(b"t")
+    apply(dest, reg("new", b"n"), wh(".wh..wh..opq"))
+    assert listing(dest) == [b"new"]
+
+
 def test_opaque_on_missing_dir_is_a_no_op(dest: Path) -> None:
     apply(dest, wh("ghost/.wh..wh..opq"))
     assert listing(dest) == []
@@ -468,7 +476,7 @@ class _Synthetic(io.RawIOBase):
 
 
 def test_memory_does_not_grow_with_file_size(dest: Path) -> None:
-    size = 48 << 20
+    size = 32 << 20
     tracemalloc.start()
     try:
         apply_layer(io.BufferedReader(_Synthetic(size), 1 << 16), dest)

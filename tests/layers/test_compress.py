@@ -3,7 +3,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import random
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from blobchain.layers.compress import (
     gzip_header,
     open_compressor,
     open_decompressor,
+    zstd_workers,
 )
 from blobchain.layers.errors import InvalidArgument, InvalidLevel
 from blobchain.layers.records import Compression, LayerOptions
@@ -308,6 +308,21 @@ def test_sink_error_propagates_and_stops_workers() -> None:
     assert _gzip_threads() == []
 
 
+@pytest.mark.parametrize("comp", [GZIP, ZSTD])
+def test_failed_write_without_with_block_frees_the_compressor(comp: Compression) -> None:
+    def sink(_: bytes) -> None:
+        raise OSError("upload failed")
+
+    c = open_compressor(LayerOptions(comp, 1), sink, threads=2)
+    data = make_data(6 * MIB, seed=14, kind="random")
+    with pytest.raises(OSError, match="upload failed"):
+        for i in range(0, len(data), MIB):
+            c.write(data[i : i + MIB])
+    assert _gzip_threads() == []
+    with pytest.raises(ValueError):  # aborted: no more writes
+        c.write(b"x")
+
+
 def test_close_with_failing_sink_stops_workers() -> None:
     c = open_compressor(LayerOptions(GZIP), lambda b: (_ for _ in ()).throw(OSError("gone")), threads=2)
     c.write(b"x" * 100)  # less than a block: nothing is written yet
@@ -408,7 +423,7 @@ def test_decompressor_detects_corruption() -> None:
 
 _MEMORY_CHILD = textwrap.dedent(
     """
-    import hashlib, json, resource, sys, tracemalloc, zlib
+    import hashlib, json, sys, tracemalloc, zlib
     import zstandard
     from blobchain.layers.compress import open_compressor
     from blobchain.layers.records import LayerOptions
@@ -422,9 +437,16 @@ _MEMORY_CHILD = textwrap.dedent(
     else:
         d = zstandard.ZstdDecompressor().decompressobj()
         feed = lambda b: h_out.update(d.decompress(b))
+    def status(key):  # kiB; per address space, unlike ru_maxrss (which survives exec)
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+
     tracemalloc.start()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with open_compressor(LayerOptions(comp, level), feed, threads=2) as c:
+    rss0 = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    with open_compressor(LayerOptions(comp, level), feed, threads=int(sys.argv[4])) as c:
         n = 0
         i = 0
         while n < total:
@@ -436,7 +458,7 @@ _MEMORY_CHILD = textwrap.dedent(
             i += 1
     print(json.dumps({
         "rss0_kib": rss0,
-        "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "rss_kib": status("VmHWM"),
         "py_peak": tracemalloc.get_traced_memory()[1],
         "same": h_in.digest() == h_out.digest(),
     }))
@@ -445,17 +467,33 @@ _MEMORY_CHILD = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("comp", "level"), [("gzip", 1), ("zstd", 3)])
+@pytest.mark.parametrize(("comp", "level"), [("gzip", 1), ("gzip", 9), ("zstd", 3)])
 def test_memory_bounded_on_a_512_mib_stream(comp: str, level: int) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", _MEMORY_CHILD, comp, str(level), "512"],
+        [sys.executable, "-c", _MEMORY_CHILD, comp, str(level), "512", "4"],
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
     )
     res = json.loads(proc.stdout)
     assert res["same"]  # the stream decompressed to exactly the input
-    growth_mib = (res["rss_kib"] - res["rss0_kib"]) / 1024
-    assert growth_mib < 128, res  # 512 MiB went through
+    # Peak RSS while 512 MiB went through: the growth, and the whole process (interpreter and
+    # libraries included).
+    assert res["rss_kib"] - res["rss0_kib"] < 96 * 1024, res
+    assert res["rss_kib"] < 160 * 1024, res
     assert res["py_peak"] < 32 * MIB, res
+
+
+def test_zstd_workers_respect_the_memory_budget() -> None:
+    assert zstd_workers(3, 2) == 2
+    assert zstd_workers(3, 1) == 1
+    assert zstd_workers(19, 8) == 1  # a level-19 worker alone needs most of the budget
+    assert 1 <= zstd_workers(9, 64) < 64
+    for level in range(1, 23):
+        assert zstd_workers(level, 1) == 1
+
+
+def test_zstd_worker_cap_does_not_change_bytes() -> None:
+    data = make_data(3 * MIB, seed=21)
+    opts = LayerOptions(ZSTD, 12)  # capped to one worker whatever is asked
+    assert compress(opts, data, threads=4) == compress(opts, data, threads=1)

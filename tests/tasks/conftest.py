@@ -52,7 +52,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def clean_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BLOBCHAIN_") or k.startswith("BLOBCHAIN_TEST_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BLOBCHAIN_") or k.startswith("BLOBCHAIN_TEST_")
+    }
     env.update(settings_env(settings))
     env.update(extra)
     return env
@@ -69,33 +73,38 @@ def snapdir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def new_settings(redis_service: Any, s3_service: Any, snapdir: Path, **overrides: Any) -> Settings:
+    """Distributed settings on the test services, with a key prefix and S3 prefix of their own."""
+    tag = uuid.uuid4().hex[:10]
+    base: dict[str, Any] = {
+        "broker_url": redis_service.url_for(BROKER_DB),
+        "result_url": redis_service.url_for(RESULT_DB),
+        "lock_url": redis_service.url_for(LOCK_DB),
+        "key_prefix": f"bct:{tag}:",
+        "s3_endpoint": s3_service.endpoint,
+        "s3_region": s3_service.region,
+        "s3_bucket": s3_service.bucket,
+        "s3_prefix": f"tasks-{tag}/",
+        "s3_access_key": s3_service.access_key,
+        "s3_secret_key": s3_service.secret_key,
+        "roots": (str(snapdir),),
+        "soft_time_limit_s": 50,
+        "time_limit_s": 60,
+        "lease_ttl_s": 5.0,
+        "max_attempts": 3,
+        "wait_budget_s": 300.0,
+        "jobs": 2,
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
 @pytest.fixture
 def make_settings(redis_service: Any, s3_service: Any, snapdir: Path) -> Callable[..., Settings]:
-    """``make_settings(**overrides)``: distributed settings for this test (one prefix per test)."""
-    tag = uuid.uuid4().hex[:10]
+    """``make_settings(**overrides)``: distributed settings for this test (one prefix per call)."""
 
     def make(**overrides: Any) -> Settings:
-        base: dict[str, Any] = {
-            "broker_url": redis_service.url_for(BROKER_DB),
-            "result_url": redis_service.url_for(RESULT_DB),
-            "lock_url": redis_service.url_for(LOCK_DB),
-            "key_prefix": f"bct:{tag}:",
-            "s3_endpoint": s3_service.endpoint,
-            "s3_region": s3_service.region,
-            "s3_bucket": s3_service.bucket,
-            "s3_prefix": f"tasks-{tag}/",
-            "s3_access_key": s3_service.access_key,
-            "s3_secret_key": s3_service.secret_key,
-            "roots": (str(snapdir),),
-            "soft_time_limit_s": 50,
-            "time_limit_s": 60,
-            "lease_ttl_s": 5.0,
-            "max_attempts": 3,
-            "wait_budget_s": 300.0,
-            "jobs": 2,
-        }
-        base.update(overrides)
-        return Settings(**base)
+        return new_settings(redis_service, s3_service, snapdir, **overrides)
 
     return make
 
@@ -119,7 +128,7 @@ class WorkerProcess:
         pool: str = "prefork",
         cli: bool = False,
         extra_env: dict[str, str] | None = None,
-        user: str | None = None,
+        wrap: list[str] | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -129,13 +138,22 @@ class WorkerProcess:
         self.pool = pool
         self.cli = cli
         self.extra_env = extra_env or {}
-        self.user = user
+        self.wrap = wrap or []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
         if self.cli:
-            return [str(VENV_BIN / "blobchain"), "worker", "-c", str(self.concurrency), "-n", self.nodename]
+            return [
+                *self.wrap,
+                str(VENV_BIN / "blobchain"),
+                "worker",
+                "-c",
+                str(self.concurrency),
+                "-n",
+                self.nodename,
+            ]
         return [
+            *self.wrap,
             sys.executable, "-m", "celery", "-A", "blobchain.tasks.app", "worker",
             "-Q", "blobchain", "-P", self.pool, "-c", str(self.concurrency), "-n", self.nodename,
             "-E", "--without-mingle", "--without-gossip", "-l", "INFO",
@@ -152,7 +170,6 @@ class WorkerProcess:
                 env=env,
                 cwd="/",
                 start_new_session=True,
-                user=self.user,
             )
         return self
 
