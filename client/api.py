@@ -209,6 +209,6 @@ class Client:
         if self._executor is not None:
             close = self._executor.close
             try:
-                close(cancel=e is not None)  # type: ignore[call-arg]
+                close(cancel=isinstance(e, KeyboardInterrupt))  # type: ignore[call-arg]
             except TypeError:
                 close()

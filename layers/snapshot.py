@@ -129,6 +129,11 @@ def _open_component(dirfd: int, name: bytes, flags: int, path: bytes) -> int:
 # --- path checks ------------------------------------------------------------------------------
 
 
+def _show(path: bytes) -> str:
+    """A path for messages: raw bytes shown as text, undecodable bytes escaped."""
+    return path.decode("utf-8", "backslashreplace")
+
+
 def _check_rel(rel: bytes) -> bytes:
     if not isinstance(rel, bytes):
         if isinstance(rel, str):
@@ -152,11 +157,11 @@ def _check_rel(rel: bytes) -> bytes:
 
 def _raise_open_error(e: OSError, rel: bytes, *, what: str) -> None:
     if e.errno in (errno.ELOOP, errno.EXDEV):
-        raise PathEscapes(f"{what}: a symlink or '..' is in the way", path=rel) from None
+        raise PathEscapes(f"{what} {_show(rel)}: a symlink or '..' is in the way", path=rel) from None
     if e.errno in (errno.EACCES, errno.EPERM):
-        raise UnreadableFile(f"{what}: permission denied", path=rel) from None
+        raise UnreadableFile(f"{what} {_show(rel)}: permission denied", path=rel) from None
     if e.errno in (errno.ENOENT, errno.ENOTDIR):
-        raise FileChanged(f"{what}: it vanished during the walk", path=rel) from None
+        raise FileChanged(f"{what} {_show(rel)}: it vanished during the walk", path=rel) from None
     raise e
 
 
@@ -227,7 +232,7 @@ class Snapshot:
             return _walk_open(self._fd, rel, _O_DIR)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.EXDEV):
-                raise PathEscapes("a symlink or '..' is in the way", path=rel) from None
+                raise PathEscapes(f"{_show(rel)}: a symlink or '..' is in the way", path=rel) from None
             raise
 
     def lstat(self, rel: bytes) -> os.stat_result:
@@ -254,7 +259,7 @@ class Snapshot:
                 with os.scandir(fd) as it:
                     out = [(fsencode(e.name), e.stat(follow_symlinks=False)) for e in it]
             except FileNotFoundError:
-                raise FileChanged("an entry vanished during the walk", path=rel) from None
+                raise FileChanged(f"{_show(rel)} vanished during the walk", path=rel) from None
         finally:
             if fd != self._fd:
                 os.close(fd)
@@ -286,7 +291,7 @@ class Snapshot:
             if e.errno in _NO_XATTR:
                 return None
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise FileChanged("entry vanished during the walk", path=rel) from None
+                raise FileChanged(f"{_show(rel)} vanished during the walk", path=rel) from None
             raise
 
     def capability(self, rel: bytes) -> bytes | None:
@@ -300,7 +305,7 @@ class Snapshot:
             if e.errno in _NO_XATTR:
                 return None
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise FileChanged("entry vanished during the walk", path=rel) from None
+                raise FileChanged(f"{_show(rel)} vanished during the walk", path=rel) from None
             raise
 
     def open_file(self, rel: bytes) -> int:
@@ -341,9 +346,9 @@ def open_snapshot(
     try:
         st = os.stat(real)
     except OSError:
-        raise SnapshotNotFound(f"snapshot {raw!r} does not exist", snapshot=raw) from None
+        raise SnapshotNotFound(f"snapshot {_show(raw)} does not exist", snapshot=raw) from None
     if not stat.S_ISDIR(st.st_mode):
-        raise SnapshotNotFound(f"snapshot {raw!r} is not a directory", snapshot=raw)
+        raise SnapshotNotFound(f"snapshot {_show(raw)} is not a directory", snapshot=raw)
     if roots is not None:
         for r in roots:
             rr = os.path.realpath(os.fsencode(r)).rstrip(b"/") + b"/"
@@ -351,14 +356,14 @@ def open_snapshot(
                 break
         else:
             raise SnapshotOutsideRoots(
-                f"snapshot {raw!r} is outside the allowed roots", snapshot=raw, roots=list(roots)
+                f"snapshot {_show(raw)} is outside the allowed roots", snapshot=raw, roots=list(roots)
             )
     try:
         fd = os.open(real, _O_DIR | os.O_NOFOLLOW)
     except OSError:
-        raise SnapshotNotFound(f"snapshot {raw!r} cannot be opened", snapshot=raw) from None
+        raise SnapshotNotFound(f"snapshot {_show(raw)} cannot be opened", snapshot=raw) from None
     fst = os.fstat(fd)
     if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
-        raise SnapshotNotFound(f"snapshot {raw!r} changed while being opened", snapshot=raw)
+        raise SnapshotNotFound(f"snapshot {_show(raw)} changed while being opened", snapshot=raw)
     return Snapshot(real, fd)

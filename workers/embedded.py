@@ -43,8 +43,19 @@ _child_deps: Deps | None = None
 _child_events: Any = None
 
 
+_child_busy = False
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    # Ctrl-C interrupts a build (its ingest aborts: no partial blob); an idle child just lets
+    # the pool shut it down, without a traceback.
+    if _child_busy:
+        raise KeyboardInterrupt
+
+
 def _child_init(settings: Settings, events: Any) -> None:
     global _child_deps, _child_events
+    signal.signal(signal.SIGINT, _on_sigint)
     _child_deps = open_deps(settings)
     _child_events = events
 
@@ -62,9 +73,14 @@ def _throttled(emit: Any, ref_id: str) -> Any:
 
 
 def _child_build(ref_id: str, opts: LayerOptions, create_if_needed: bool) -> BuildOutcome:
+    global _child_busy
     assert _child_deps is not None
     progress = _throttled(_child_events.put, ref_id)
-    return build_ref(ref_id, opts, _child_deps, create_if_needed=create_if_needed, progress=progress)
+    _child_busy = True
+    try:
+        return build_ref(ref_id, opts, _child_deps, create_if_needed=create_if_needed, progress=progress)
+    finally:
+        _child_busy = False
 
 
 # --- the main side ------------------------------------------------------------------------
@@ -238,4 +254,4 @@ class EmbeddedExecutor:
         return self
 
     def __exit__(self, et: object, e: object, tb: object) -> None:
-        self.close(cancel=e is not None)
+        self.close(cancel=isinstance(e, KeyboardInterrupt))

@@ -67,7 +67,7 @@ def layer_source(deps: Deps, spec: RefSpec) -> LayerSource:
         if len(stack) == 1 and stack[0][1] == "rootfs" and spec.kind == "rootfs":
             lower = stack[0][0]
         else:
-            lower = LowerView.from_layers(stack)
+            lower = LowerView([snap for snap, _ in stack], [kind for _, kind in stack])
     return LayerSource(upper=upper, lower=lower, kind=spec.kind, windows=windows)  # type: ignore[arg-type]
 
 
