@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from blobchain.client.api import Client
 from blobchain.config.settings import load_settings
@@ -60,8 +60,8 @@ def _follow(job: Job, labels: dict[str, str], quiet: bool) -> ChainResult:
     if quiet or (not err.is_terminal and os.environ.get("BLOBCHAIN_PROGRESS") != "1"):
         return job.wait()
     cols = (
+        SpinnerColumn(finished_text="✓"),
         TextColumn("{task.description}"),
-        BarColumn(bar_width=None),
         TextColumn("{task.fields[state]:>9}"),
         TextColumn("{task.fields[files]:>7} files"),
         TextColumn("{task.fields[nbytes]:>10}"),

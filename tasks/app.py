@@ -12,12 +12,14 @@ while its task can still be running or waiting for its retry.
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_init
 
 from blobchain.config.settings import Settings, load_settings
 
@@ -162,6 +164,48 @@ def settings_of(app: Celery) -> Settings:
         s = load_settings()
         app.blobchain_settings = s  # type: ignore[attr-defined]
     return s
+
+
+log = logging.getLogger(__name__)
+
+
+def harden_kombu() -> None:
+    """Keep a worker alive when its Redis connection drops while it holds unacked messages.
+
+    kombu 5.7's Redis channel, closed by Celery 5.7 after ``Connection.collect()`` on a broker
+    connection loss, tries to put its unacked messages back through a transport whose client is
+    already gone: ``AttributeError: 'NoneType' object has no attribute 'hostname'`` escapes as an
+    "Unrecoverable error" and the worker stops instead of reconnecting (reproduced by
+    tests/tasks/test_faults.py with a Redis restart). Those messages are still in Redis'
+    ``unacked`` hash (or lost with Redis' data, where restoring cannot help either); the
+    visibility-timeout sweep of any worker restores them. So skip the restore in that case.
+    """
+    from kombu.transport import redis as kredis
+
+    original = kredis.QoS.restore_unacked
+    if getattr(original, "_blobchain_hardened", False):
+        return
+
+    def restore_unacked(self: Any, client: Any = None) -> Any:
+        try:
+            return original(self, client)
+        except AttributeError as e:
+            log.warning(
+                "could not put %d unacked message(s) back after losing Redis (%s); the "
+                "visibility-timeout sweep will",
+                len(self._delivered),
+                e,
+            )
+            return None
+
+    restore_unacked._blobchain_hardened = True  # type: ignore[attr-defined]
+    kredis.QoS.restore_unacked = restore_unacked
+
+
+@worker_init.connect(weak=False)
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    if getattr(getattr(sender, "app", None), "blobchain_settings", None) is not None:
+        harden_kombu()
 
 
 _app: Celery | None = None

@@ -77,6 +77,7 @@ def _child_build(ref_id: str, opts: LayerOptions, create_if_needed: bool) -> Bui
     assert _child_deps is not None
     progress = _throttled(_child_events.put, ref_id)
     _child_busy = True
+    _child_events.put(RefEvent(ref_id, RUNNING))
     try:
         return build_ref(ref_id, opts, _child_deps, create_if_needed=create_if_needed, progress=progress)
     finally:
@@ -188,7 +189,8 @@ class EmbeddedExecutor:
         return EmbeddedJob(ref_id, state, outer)
 
     def _build_one(self, ref_id: str, opts: LayerOptions, create_if_needed: bool) -> RefRecord:
-        self._emit(RefEvent(ref_id, RUNNING))
+        if self._pool is None:
+            self._emit(RefEvent(ref_id, RUNNING))  # pool children announce themselves
         try:
             outcome = self._flight.do(
                 f"{flight_key(ref_id, opts)}-{create_if_needed}",
@@ -197,10 +199,9 @@ class EmbeddedExecutor:
         except BaseException as e:
             self._emit(RefEvent(ref_id, FAILED, error=error_dict(e)))
             raise
-        rec = outcome.record
-        size = (rec.blob_for(opts) or rec.blob).size if rec.blob else 0
-        self._emit(RefEvent(ref_id, outcome.action, 0, size))
-        return rec
+        # files/bytes stay those of the last progress event (tar bytes walked)
+        self._emit(RefEvent(ref_id, outcome.action))
+        return outcome.record
 
     def _until_free(self, ref_id: str, opts: LayerOptions, create_if_needed: bool) -> BuildOutcome:
         """Build; while another process (another CLI run) holds the ref, wait with backoff."""

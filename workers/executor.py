@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from blobchain.layers.errors import BlobchainError
@@ -93,6 +93,8 @@ class JobState:
             prev = self._latest[ev.ref_id]
             if prev.state in FINISHED and ev.state not in FINISHED:
                 return  # late progress after the end
+            # A state change without counts keeps the last counts seen.
+            ev = replace(ev, files=ev.files or prev.files, bytes=ev.bytes or prev.bytes)
             self._latest[ev.ref_id] = ev
         self._queue.put(ev)
 

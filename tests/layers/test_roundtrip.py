@@ -77,6 +77,7 @@ NAMES = sorted(
         "ünï".encode(),
         b"caf\xe9",  # Latin-1, not UTF-8
         b"\xff\xfe",
+        b"m" * 60,  # two levels: over 100 bytes, split into USTAR prefix and name
         b"n" * 101,  # a component over 100 bytes: PAX path
         b"L" * 200,
     ]
