@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.chains import Chain, build_chain, default_workdir
 from bench.common import BLOBCHAIN, REPO, blobchain_env, md_table, print_machine, rm_tree, warm
 from blobchain.client.api import Client
@@ -291,8 +293,25 @@ def bench_overhead(redis: Any, s3: Any, work: Path, n: int, repeat: int, threads
 # --- 3. uploads ---------------------------------------------------------------------------------
 
 
-def _ingest(store: Any, size: int, chunk: bytes) -> tuple[float, float, float]:
-    """(write s, commit s, CPU s of this process) for one blob of ``size`` bytes."""
+def _tree_cpu(pid: int | None) -> float:
+    """CPU seconds (user + sys) of a process and its children, 0 if unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _ingest(store: Any, size: int, chunk: bytes, server: int | None) -> tuple[float, float, float, float]:
+    """(write s, commit s, CPU s of this process, CPU s of the server) for one blob."""
+    s0 = _tree_cpu(server)
     c0 = time.process_time()
     t0 = time.perf_counter()
     ing = store.ingest(f"bench-{uuid.uuid4().hex}")
@@ -306,8 +325,9 @@ def _ingest(store: Any, size: int, chunk: bytes) -> tuple[float, float, float]:
     info = ing.commit(size=size)
     t2 = time.perf_counter()
     assert info.size == size
+    cpu, server_cpu = time.process_time() - c0, _tree_cpu(server) - s0
     store.delete(info.digest)
-    return t1 - t0, t2 - t1, time.process_time() - c0
+    return t1 - t0, t2 - t1, cpu, server_cpu
 
 
 def bench_uploads(redis: Any, s3: Any, work: Path, sizes: Sequence[int], repeat: int) -> str:
@@ -315,11 +335,15 @@ def bench_uploads(redis: Any, s3: Any, work: Path, sizes: Sequence[int], repeat:
     settings = dist_settings(redis, s3, [], None)
     s3store = open_deps(settings).content
     local = LocalContentStore(str(work / "upload-local"))
+    weed = s3.process.pid if s3.process is not None else None
     rows = []
     for size in sizes:
-        for name, store in (("S3 (SeaweedFS weed mini)", s3store), ("local OCI layout", local)):
-            res = [_ingest(store, size, chunk) for _ in range(repeat)]
-            w, c, cpu = sorted(res, key=lambda r: r[0] + r[1])[(len(res) - 1) // 2]
+        for name, store, server in (
+            ("S3 (SeaweedFS weed mini)", s3store, weed),
+            ("local OCI layout", local, None),
+        ):
+            res = [_ingest(store, size, chunk, server) for _ in range(repeat)]
+            w, c, cpu, scpu = sorted(res, key=lambda r: r[0] + r[1])[(len(res) - 1) // 2]
             rows.append(
                 [
                     name,
@@ -329,12 +353,23 @@ def bench_uploads(redis: Any, s3: Any, work: Path, sizes: Sequence[int], repeat:
                     f"{size / 2**20 / w:.0f}",
                     f"{size / 2**20 / (w + c):.0f}",
                     f"{cpu:.1f}",
+                    f"{scpu:.1f}" if server else "-",
                 ]
             )
             _say(f"upload {name} {size >> 20} MiB: write {w:.2f} s commit {c:.2f} s")
     rm_tree(work / "upload-local")
     out = md_table(
-        ["store", "blob MiB", "write s", "commit s", "write MiB/s", "end-to-end MiB/s", "client CPU s"], rows
+        [
+            "store",
+            "blob MiB",
+            "write s",
+            "commit s",
+            "write MiB/s",
+            "end-to-end MiB/s",
+            "client CPU s",
+            "server CPU s",
+        ],
+        rows,
     )
     out += (
         "\n\nS3 write = sha256 + 8 MiB multipart parts (2 in flight) to a temporary key; commit = complete "

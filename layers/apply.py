@@ -214,26 +214,27 @@ class _Applier:
             if fd is None:
                 raise InvalidLayer(f"hardlink target {_raw(info.linkname)!r} does not exist", path=name)
             link_fd, link_base = fd, link_parts[-1]
-
-        pfd = self._open_dir(parts[:-1], create=True)
-        assert pfd is not None
         try:
-            existing = _lstat(pfd, base)
-            merge = existing is not None and stat.S_ISDIR(existing.st_mode) and info.isdir()
-            if existing is not None and not merge:
-                _remove(pfd, base, existing)
-            if info.isreg():
-                self._regular(tf, info, pfd, base)
-            elif info.isdir():
-                self._directory(info, pfd, base, parts, merged=merge)
-            elif info.issym():
-                self._symlink(info, pfd, base)
-            elif info.islnk():
-                self._hardlink(info, pfd, base, link_fd, link_base, name)
-            else:
-                self._node(info, pfd, base)
+            pfd = self._open_dir(parts[:-1], create=True)
+            assert pfd is not None
+            try:
+                existing = _lstat(pfd, base)
+                merge = existing is not None and stat.S_ISDIR(existing.st_mode) and info.isdir()
+                if existing is not None and not merge:
+                    _remove(pfd, base, existing)
+                if info.isreg():
+                    self._regular(tf, info, pfd, base)
+                elif info.isdir():
+                    self._directory(info, pfd, base, parts, merged=merge)
+                elif info.issym():
+                    self._symlink(info, pfd, base)
+                elif info.islnk():
+                    self._hardlink(info, pfd, base, link_fd, link_base, name)
+                else:
+                    self._node(info, pfd, base)
+            finally:
+                os.close(pfd)
         finally:
-            os.close(pfd)
             if link_fd != -1:
                 os.close(link_fd)
         self._unpacked.add(b"/".join(parts))

@@ -20,6 +20,7 @@ See docs/compression.md for the measurements behind these choices.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import platform
@@ -95,7 +96,7 @@ def open_compressor(
 ) -> Compressor:
     """A compressor for ``opts.compression`` at ``opts.effective_level`` writing to ``write``.
 
-    ``threads`` is the most compression threads to use (``None``: ``os.cpu_count()``); the
+    ``threads`` is the most compression threads to use (``None``: the CPUs available); the
     output bytes do not depend on it. With one thread gzip compresses inline in the caller's
     thread; zstd always runs libzstd's MT engine (``threads`` workers, capped by
     :data:`ZSTD_MEMORY_BUDGET` at high levels). Levels were validated by :class:`LayerOptions`.
@@ -125,7 +126,7 @@ def compressor_id(opts: LayerOptions) -> str:
     arch = platform.machine() or "unknown"
     if comp is Compression.GZIP:
         return (
-            f"zlib-ng {zlib_ng.ZLIBNG_VERSION} (python-zlib-ng {_dist_version('zlib-ng')}, {arch}) "
+            f"zlib-ng {zlib_ng.ZLIBNG_RUNTIME_VERSION} (python-zlib-ng {_dist_version('zlib-ng')}, {arch}) "
             f"gzip level={level} block={GZIP_BLOCK_SIZE} dict={GZIP_DICT_SIZE} memlevel={GZIP_MEM_LEVEL}"
         )
     zv = ".".join(str(p) for p in zstandard.ZSTD_VERSION)
@@ -173,7 +174,11 @@ def open_decompressor(read_stream: BinaryIO, compression: Compression) -> Binary
 
 def _threads(threads: int | None) -> int:
     if threads is None:
-        return max(1, os.cpu_count() or 1)
+        # CPUs this process may run on (affinity/cpuset), not the host's count.
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):  # pragma: no cover - non-Linux
+            return max(1, os.cpu_count() or 1)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InvalidArgument(
             f"compression threads must be an integer >= 1 (got {threads!r})", threads=threads
@@ -181,6 +186,7 @@ def _threads(threads: int | None) -> int:
     return threads
 
 
+@functools.cache
 def _dist_version(name: str) -> str:
     try:
         return metadata.version(name)

@@ -76,7 +76,8 @@ class Compression(enum.StrEnum):
         return {Compression.UNCOMPRESSED: None, Compression.GZIP: (1, 9), Compression.ZSTD: (1, 22)}[self]
 
     def default_level(self) -> int | None:
-        return {Compression.UNCOMPRESSED: None, Compression.GZIP: 6, Compression.ZSTD: 3}[self]
+        # gzip 5: within 0.3 % of Go's level-6 size, faster than 6 (docs/compression.md).
+        return {Compression.UNCOMPRESSED: None, Compression.GZIP: 5, Compression.ZSTD: 3}[self]
 
 
 @dataclass(frozen=True)

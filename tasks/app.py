@@ -12,7 +12,6 @@ while its task can still be running or waiting for its retry.
 
 from __future__ import annotations
 
-import logging
 import ssl
 import threading
 from dataclasses import dataclass
@@ -166,40 +165,34 @@ def settings_of(app: Celery) -> Settings:
     return s
 
 
-log = logging.getLogger(__name__)
-
-
 def harden_kombu() -> None:
     """Keep a worker alive when its Redis connection drops while it holds unacked messages.
 
-    kombu 5.7's Redis channel, closed by Celery 5.7 after ``Connection.collect()`` on a broker
-    connection loss, tries to put its unacked messages back through a transport whose client is
-    already gone: ``AttributeError: 'NoneType' object has no attribute 'hostname'`` escapes as an
-    "Unrecoverable error" and the worker stops instead of reconnecting (reproduced by
-    tests/tasks/test_faults.py with a Redis restart). Those messages are still in Redis'
-    ``unacked`` hash (or lost with Redis' data, where restoring cannot help either); the
-    visibility-timeout sweep of any worker restores them. So skip the restore in that case.
+    Celery 5.7 handles a broker connection loss by ``Connection.collect()`` (which detaches the
+    kombu transport from its channels) and then closing the connection; kombu 5.7's Redis
+    channel then tries to put its unacked messages back, or a finishing late-ack task tries to
+    ack, through that detached transport, and ``AttributeError: 'NoneType' object has no
+    attribute 'hostname'`` (or ``'client'``) escapes as an "Unrecoverable error": the worker
+    stops instead of reconnecting (reproduced by tests/tasks/test_faults.py: Redis down while a
+    layer builds). Raising Redis' ConnectionError there instead lets kombu and Celery treat it
+    as the connection error it is (logged, message left to the visibility-timeout sweep).
     """
     from kombu.transport import redis as kredis
 
-    original = kredis.QoS.restore_unacked
+    original = kredis.Channel._connparams
     if getattr(original, "_blobchain_hardened", False):
         return
 
-    def restore_unacked(self: Any, client: Any = None) -> Any:
-        try:
-            return original(self, client)
-        except AttributeError as e:
-            log.warning(
-                "could not put %d unacked message(s) back after losing Redis (%s); the "
-                "visibility-timeout sweep will",
-                len(self._delivered),
-                e,
+    def _connparams(self: Any, asynchronous: bool = False) -> Any:
+        transport = self.connection
+        if transport is None or getattr(transport, "client", None) is None:
+            raise kredis.get_redis_ConnectionError()(
+                "the broker connection of this channel is already closed"
             )
-            return None
+        return original(self, asynchronous)
 
-    restore_unacked._blobchain_hardened = True  # type: ignore[attr-defined]
-    kredis.QoS.restore_unacked = restore_unacked
+    _connparams._blobchain_hardened = True  # type: ignore[attr-defined]
+    kredis.Channel._connparams = _connparams
 
 
 @worker_init.connect(weak=False)

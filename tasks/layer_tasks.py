@@ -9,7 +9,12 @@ Each task maps the engine's errors to what a queue should do with them:
 - ``Unavailable`` (S3 or Redis down): a few retries with backoff, then fail with the error.
 - any other ``BlobchainError`` (bad input, missing blob, ...): fail at once.
 - a ref whose build keeps killing its worker (SIGKILL, OOM, segfault: the message comes back
-  each time) fails with ``PoisonRef`` once it crashed ``settings.max_attempts`` times.
+  each time) fails with ``PoisonRef`` once it crashed ``settings.max_attempts`` times. (Celery
+  5.7's ``task_retry_on_worker_lost`` is not used: it shares ``max_retries`` with our waiting
+  retries, waits ``default_retry_delay`` and does nothing when the whole worker dies; our
+  counter in Redis covers a dead pool child and a dead worker alike.)
+- the soft time limit: fail with ``RefTimedOut`` (the hard limit's ``TimeLimitExceeded`` is
+  mapped to it by the client).
 
 Failures cross the result backend as :class:`RefFailed` (JSON-friendly: code, message,
 details), so the client rebuilds the same ``BlobchainError`` subclass. Tasks never wait on other

@@ -177,7 +177,7 @@ class CeleryJob:
                 now = time.monotonic()
                 down_since = down_since or now
                 if now - down_since > _BACKEND_DOWN_S:
-                    where = redact_url(str(app.conf.result_backend))
+                    where = redact_url(self._executor.settings.redis_urls()[1])
                     self._finish(
                         error=Unavailable(
                             f"result backend {where} unreachable for {_BACKEND_DOWN_S:.0f} s while following "

@@ -358,8 +358,8 @@ def test_passthrough_forwards_unchanged() -> None:
 
 def test_compressor_id() -> None:
     gz = compressor_id(LayerOptions(GZIP))
-    assert gz.startswith(f"zlib-ng {zlib_ng.ZLIBNG_VERSION} (python-zlib-ng ")
-    assert f"level=6 block={GZIP_BLOCK_SIZE} dict={GZIP_DICT_SIZE}" in gz
+    assert gz.startswith(f"zlib-ng {zlib_ng.ZLIBNG_RUNTIME_VERSION} (python-zlib-ng ")
+    assert f"level={GZIP.default_level()} block={GZIP_BLOCK_SIZE} dict={GZIP_DICT_SIZE}" in gz
     assert compressor_id(LayerOptions(GZIP, 9)) != gz
     zs = compressor_id(LayerOptions(ZSTD, 19))
     assert zs.startswith("zstd " + ".".join(map(str, zstandard.ZSTD_VERSION)))
@@ -393,6 +393,16 @@ def test_decompress_multi_member_gzip_and_multi_frame_zstd() -> None:
     for comp in (GZIP, ZSTD):
         blob = compress(LayerOptions(comp), a) + compress(LayerOptions(comp), b)
         assert open_decompressor(io.BytesIO(blob), comp).read() == a + b
+
+
+def test_decompressor_reads_blobs_from_other_encoders() -> None:
+    data = make_data(700_000, seed=15)
+    foreign_gzip = gzip.compress(data, mtime=0)  # CPython's gzip: FNAME-less, zlib encoder
+    foreign_zstd = zstandard.ZstdCompressor(level=5).compress(data)  # single-thread, size in header
+    assert open_decompressor(io.BytesIO(foreign_gzip), GZIP).read() == data
+    assert open_decompressor(io.BytesIO(foreign_zstd), ZSTD).read() == data
+    assert detect_compression(foreign_gzip) is GZIP
+    assert detect_compression(foreign_zstd) is ZSTD
 
 
 @pytest.mark.parametrize("comp", [GZIP, ZSTD, TAR])

@@ -32,7 +32,15 @@ What "reproduce" means, and why:
 - Content edits that keep a non-zero nanosecond mtime are invisible to containerd (spec
   pitfall 32); the generator only keeps an mtime across a rewrite when its nanoseconds are 0.
 
-Sockets are not generated (the differ drops them). Needs root (chown, mknod, capabilities).
+The overlay property builds each later layer from an overlay upper directory instead (copy-ups,
+whiteout devices, drawn opaque directories) with ``upper_changes`` over a ``LowerView``. Two
+rules relax there, both from BuildKit's overlay path never re-emitting unchanged hardlink peers
+(spec pitfall 27): result inode groups need only refine the top's, and a directory's mtime may
+come from any state between its last real change and its last peer emission.
+
+Sockets are not generated (the differ drops them; ``test_fsgen_chain_round_trips`` covers them).
+Examples per property: ``$BLOBCHAIN_ROUNDTRIP_EXAMPLES``. Needs root (chown, mknod, capabilities,
+trusted.overlay.* xattrs).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,3 +103,42 @@ def test_concurrent_overlapping_submissions_diff_each_ref_once(
     counts = built_counts(settings)
     assert counts == {f"{r}#{variant}": 1 for r in refs}
     assert all(w.alive() for w in ws)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cli_submit_oci_writes_the_same_layout_as_embedded_export(
+    settings: Settings, snapdir: Path, workers: Any, tmp_path: Path
+) -> None:
+    import subprocess
+
+    from .conftest import VENV_BIN, clean_env
+
+    paths = [fsgen.build(snapdir / f"s{i}", spec) for i, spec in enumerate(fsgen.chain()[:3])]
+    w = workers(settings, "cli")
+    w.wait_ready(make_app(settings))
+    dist, emb = tmp_path / "dist-oci", tmp_path / "emb-oci"
+    blobchain = str(VENV_BIN / "blobchain")
+    r = subprocess.run(
+        [blobchain, "submit", *map(str, paths), "--oci", str(dist), "--quiet", "--json"],
+        capture_output=True,
+        text=True,
+        env=clean_env(settings),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("BLOBCHAIN_")}
+    r2 = subprocess.run(
+        [blobchain, "export", *map(str, paths), "--oci", str(emb), "--quiet", "--json"],
+        capture_output=True,
+        text=True,
+        env=plain,
+        timeout=300,
+    )
+    assert r2.returncode == 0, r2.stderr
+    # Both layouts keep a local store's state in .blobchain/: compare the image only.
+    got, want = ({k: v for k, v in _tree(d).items() if not k.startswith(".blobchain/")} for d in (dist, emb))
+    assert got == want
+    assert any(k.startswith("blobs/sha256/") for k in got)

@@ -16,13 +16,13 @@ import fsgen
 import psutil
 import pytest
 
-from blobchain.client.api import Client
+from blobchain.client.api import Client, chain_specs
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
 from blobchain.layers.errors import BlobchainError, PoisonRef, Unavailable
 from blobchain.layers.records import LayerOptions
 from blobchain.tasks.app import make_app
-from blobchain.tasks.layer_tasks import PROGRESS
+from blobchain.tasks.layer_tasks import PROGRESS, RefTimedOut
 
 from .conftest import built_counts, embedded_chain, new_settings, run_chain, s3_get, s3_keys
 
@@ -221,4 +221,48 @@ def test_redis_down_and_back_empty_gives_an_error_or_the_right_result(
     # Redis is back (empty): register again and resubmit; the workers reconnected.
     got = run_chain(settings, chain, timeout=180, compression="gzip", level=9)
     assert got.to_dict() == want.to_dict()
+    assert w.alive()
+
+
+def test_sigterm_lets_the_layer_in_flight_finish(
+    make_settings: Callable[..., Settings], snapdir: Path, workers: Any, tmp_path: Path
+) -> None:
+    # `blobchain worker` remaps SIGTERM to the soft shutdown: the running build gets
+    # worker_soft_shutdown_timeout (here 10 s, the soft limit) to finish, then the worker stops.
+    settings = make_settings(soft_time_limit_s=10, time_limit_s=12)
+    chain = _big_chain(snapdir, 64 << 20)
+    app = make_app(settings)
+    a = workers(settings, "term", cli=True, concurrency=1)
+    a.wait_ready(app)
+    with Client(settings) as client:
+        job, lease_cm = _submit(client, chain, compression="gzip", level=9)
+        tid = job.task_ids[job.ref_id]
+        _until(lambda: _meta(app, tid).get("status") == PROGRESS, 60, "the build to be running")
+        a.stop(signal.SIGTERM, timeout=60)
+        assert "Soft Shutdown" in a.log()
+        assert _meta(app, tid).get("status") == "SUCCESS"
+        b = workers(settings, "after", concurrency=1)
+        b.wait_ready(app)
+        got = job.wait(120)
+        lease_cm.__exit__(None, None, None)
+    want = embedded_chain(tmp_path / "embedded", chain, compression="gzip", level=9)
+    assert got.to_dict() == want.to_dict()
+    variant = LayerOptions(compression="gzip", level=9).variant_key()
+    assert built_counts(settings) == {f"{r.ref_id}#{variant}": 1 for r in got.records}
+
+
+def test_a_layer_over_the_time_limit_fails_with_ref_timed_out(
+    make_settings: Callable[..., Settings], snapdir: Path, workers: Any, s3_client: Any
+) -> None:
+    settings = make_settings(soft_time_limit_s=1, time_limit_s=3)
+    chain = _big_chain(snapdir, 96 << 20)
+    app = make_app(settings)
+    w = workers(settings, "slow", concurrency=1)
+    w.wait_ready(app)
+    with pytest.raises(RefTimedOut) as info:
+        run_chain(settings, chain, timeout=120, compression="gzip", level=9)
+    assert "time limit" in info.value.message
+    with Client(settings) as client:
+        assert client.status(chain_specs(chain)[-1].ref_id).blob is None
+    _check_store(settings, s3_client, {client.status(chain_specs(chain)[0].ref_id).blob.digest})
     assert w.alive()
