@@ -46,6 +46,7 @@ __all__ = [
     "md_table",
     "mib",
     "rm_tree",
+    "wait_quiet",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,6 +65,7 @@ class Usage:
     peak_rss: int  # bytes: largest sampled sum of RSS over the watched process trees
     peak_proc_rss: int  # bytes: largest VmHWM of a single watched process
     load1: float  # 1-minute load average when the measurement started (others share the box)
+    others_cpu_s: float = 0.0  # CPU the rest of the machine used meanwhile (/proc/stat - ours)
 
     @property
     def cpu_s(self) -> float:
@@ -78,10 +80,34 @@ class Usage:
             max(self.peak_rss, other.peak_rss),
             max(self.peak_proc_rss, other.peak_proc_rss),
             max(self.load1, other.load1),
+            self.others_cpu_s + other.others_cpu_s,
         )
 
 
 ZERO = Usage(0.0, 0.0, 0.0, 0, 0, 0.0)
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores (/proc/stat)."""
+    with open("/proc/stat", "rb") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    total = sum(fields)
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (total - idle) / _TICK, total / _TICK
+
+
+def wait_quiet(max_busy: float = 0.2, window_s: float = 3.0, timeout_s: float = 900.0) -> float:
+    """Wait until the machine is mostly idle (others share it): the busy fraction over
+    ``window_s`` below ``max_busy``; give up after ``timeout_s``. Returns the last fraction."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        b0, t0 = machine_busy_s()
+        time.sleep(window_s)
+        b1, t1 = machine_busy_s()
+        frac = (b1 - b0) / max(t1 - t0, 1e-9)
+        if frac <= max_busy or time.monotonic() > deadline:
+            return frac
 
 
 def _rss(pid: int) -> tuple[int, int]:
@@ -176,6 +202,7 @@ class Meter:
 
     def __enter__(self) -> Meter:
         self._load = os.getloadavg()[0]
+        self._busy0 = machine_busy_s()[0]
         self._ext0 = [_cpu(p) for p in self.external]
         self._ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         self._t0 = time.perf_counter()
@@ -186,6 +213,7 @@ class Meter:
         wall = time.perf_counter() - self._t0
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         ext1 = [_cpu(p) for p in self.external]
+        busy = machine_busy_s()[0] - self._busy0
         self._stop.set()
         self._thread.join()
         user = (
@@ -198,7 +226,8 @@ class Meter:
             - self._ru0.ru_stime
             + sum(b[1] - a[1] for a, b in zip(self._ext0, ext1, strict=True))
         )
-        self.usage = Usage(wall, user, sys_, self._peak, self._peak_proc, self._load)
+        others = max(0.0, busy - user - sys_)
+        self.usage = Usage(wall, user, sys_, self._peak, self._peak_proc, self._load, others)
 
 
 # --- blobchain ----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,7 @@ from bench.common import (
     mib,
     print_machine,
     rm_tree,
+    wait_quiet,
     warm,
 )
 
@@ -159,7 +160,7 @@ def _umoci(m: Meter | None, *args: str) -> None:
         m.run(argv)
 
 
-def run_umoci(chain: Chain, work: Path) -> Result:
+def run_umoci(chain: Chain, work: Path, before_timed: Callable[[], object] = lambda: None) -> Result:
     res = Result("umoci", "gzip (repack)")
     layout = work / "umoci-oci"
     bundle = work / "umoci-bundle"
@@ -178,6 +179,7 @@ def run_umoci(chain: Chain, work: Path) -> Result:
         )
         fill += time.perf_counter() - t0
         tag = f"l{i}"
+        before_timed()
         with Meter() as m:
             _umoci(m, "repack", "--no-history", "--image", f"{layout}:{tag}", str(bundle))
         total = total + m.usage
@@ -205,6 +207,12 @@ def _layout_layer_sizes(layout: Path, tag: str) -> list[int]:
 # --- report -------------------------------------------------------------------------------------
 
 
+def quiet(max_busy: float) -> None:
+    if max_busy < 1:
+        frac = wait_quiet(max_busy)
+        print(f"  (machine busy {frac * 100:.0f} % before the next run)", file=sys.stderr, flush=True)
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}×" if b else "-"
 
@@ -225,6 +233,7 @@ def report(chain: Chain, results: list[Result], ctr_fill: float) -> dict[str, An
                 r.config,
                 f"{u.wall_s:.1f}",
                 f"{u.cpu_s:.1f}",
+                f"{u.others_cpu_s:.1f}",
                 f"{u.peak_rss / 2**20:.0f}",
                 mib(r.total),
                 _ratio(ctr_gz.usage.wall_s, u.wall_s) if ctr_gz else "-",
@@ -242,6 +251,7 @@ def report(chain: Chain, results: list[Result], ctr_fill: float) -> dict[str, An
                 "config",
                 "wall s",
                 "CPU s",
+                "others' CPU s",
                 "peak RSS MiB",
                 "blobs MiB",
                 "speed-up vs ctr gzip seq",
@@ -255,6 +265,8 @@ def report(chain: Chain, results: list[Result], ctr_fill: float) -> dict[str, An
     )
     print(
         "\nspeed-up = the other's wall time / this row's wall time (higher: this row is faster). "
+        "CPU = user + sys of the tool's processes; others' CPU = what the rest of the machine used "
+        "during the run (the box is shared: a large value means a disturbed run). "
         f"Not timed: containerd fill (prepare + rsync + check + commit) {ctr_fill:.1f} s"
         + (f", umoci fill (unpack previous + rsync) {umoci.fill_s:.1f} s." if umoci else ".")
     )
@@ -391,6 +403,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--repeat", type=int, default=1, help="runs per configuration (median reported)")
+    ap.add_argument(
+        "--quiet",
+        type=float,
+        default=0.2,
+        help="before each run wait (up to 15 min) until the machine's busy fraction is below this (1: don't wait)",
+    )
     ap.add_argument("--skip-containerd", action="store_true")
     ap.add_argument("--skip-umoci", action="store_true")
     ap.add_argument(
@@ -436,17 +454,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"[export] containerd filled in {ctr_fill:.1f} s", file=sys.stderr, flush=True)
         for rep in range(a.repeat):
             # Tools interleaved within each repetition, so load from others hits all alike.
+            # Each run starts when the machine is quiet (others share it); see Usage.others_cpu_s.
             for c in configs:
+                quiet(a.quiet)
                 add(run_blobchain(chain, work, *c))
             if ctrd is not None:
                 nproc = os.cpu_count() or 1
+                quiet(a.quiet)
                 add(run_containerd(ctrd, keys, work, Containerd.GZIP, "gzip, sequential"))
                 tar = "uncompressed, sequential"
+                quiet(a.quiet)
                 add(run_containerd(ctrd, keys, work, Containerd.TAR, tar, hash_tars=rep == 0))
                 par = f"gzip, {nproc} at once"
+                quiet(a.quiet)
                 add(run_containerd(ctrd, keys, work, Containerd.GZIP, par, parallel=nproc))
             if not a.skip_umoci:
-                add(run_umoci(chain, work))
+                add(run_umoci(chain, work, lambda: quiet(a.quiet)))
     finally:
         if ctrd is not None:
             ctrd.__exit__(None, None, None)

