@@ -42,6 +42,7 @@ __all__ = [
     "blobchain_env",
     "blobchain_export",
     "dir_bytes",
+    "machine_busy_s",
     "machine_info",
     "md_table",
     "mib",
@@ -376,7 +377,8 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
     def numeric(col: int) -> bool:
         vals = [r[col] for r in cells if r[col] not in ("", "-")]
-        return bool(vals) and all(v.replace(".", "", 1).replace("×", "").lstrip("-").isdigit() for v in vals)
+        strip = str.maketrans("", "", " ×%+-")
+        return bool(vals) and all(v.translate(strip).replace(".", "", 1).isdigit() for v in vals)
 
     align = ["---:" if numeric(i) else "---" for i in range(len(headers))]
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
@@ -405,12 +407,32 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def code_version() -> str:
+    """The commit the bench runs on, and how many tracked files differ from it (others edit the
+    tree while we measure)."""
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+        return r.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = len(git("status", "--porcelain", "--untracked-files=no").splitlines())
+    return f"{head} + {dirty} uncommitted files" if dirty else head
+
+
 def print_machine(title: str) -> None:
+    from blobchain.layers.compress import compressor_id
+    from blobchain.layers.records import LayerOptions
+
     info = machine_info()
     print(f"## {title}\n")
     print(
         f"{info['date']} · nproc {info['nproc']} · {info['cpu']} · {info['memory']} RAM · "
-        f"Linux {info['kernel']} · Python {info['python']} · load average at start {info['load']}\n"
+        f"Linux {info['kernel']} · Python {info['python']} · load average at start {info['load']} · "
+        f"blobchain at {code_version()}\n"
+    )
+    print(
+        f"Compressors: `{compressor_id(LayerOptions())}`; `{compressor_id(LayerOptions(compression='zstd'))}`\n"
     )
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.chains import default_workdir
-from bench.common import Meter, blobchain_export, md_table, print_machine, rm_tree
+from bench.common import Meter, blobchain_export, md_table, print_machine, rm_tree, wait_quiet
 
 _ALPHABET = bytes(b"etaoinshrdlucmfw"[i % 16] for i in range(256))
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for comp in a.compressions.split(","):
                 out = workdir / "oci"
                 rm_tree(out)
+                wait_quiet()  # others share the machine: start each run when it is idle
                 with Meter() as m:
                     data = blobchain_export([snap], out, m, compression=comp, jobs=1)
                 rm_tree(out)

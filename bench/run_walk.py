@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.chains import default_workdir, tree_stats
-from bench.common import Meter, blobchain_export, md_table, print_machine, rm_tree, warm
+from bench.common import Meter, blobchain_export, md_table, print_machine, rm_tree, wait_quiet, warm
 from blobchain.layers.layer import LayerSource, write_layer
 from blobchain.layers.records import LayerOptions
 from blobchain.layers.snapshot import open_snapshot
@@ -202,11 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for case, lo, up, walked in cases:
                     if t.label == "second-mtimes" and lo is None:
                         continue  # same walk as the ns flavour: nothing to compare
+                    wait_quiet()  # others share the machine: start each run when it is idle
                     r = run_engine(lo, up, case, walked, prof)
                     if not prof:
                         results.setdefault(case, []).append(r)
             if not prof:
                 case = f"CLI: blobchain export a -c uncompressed ({trees[0].label})"
+                wait_quiet()
                 results.setdefault(case, []).append(run_cli(trees[0].a, work, case, counts[trees[0].a]))
     finally:
         rm_tree(work)
