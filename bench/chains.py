@@ -38,7 +38,7 @@ FILES_PER_SCALE = 50_000
 BYTES_PER_SCALE = 1 << 30
 T_BASE_NS = 1_700_000_000 * 10**9  # mutation times: fixed, so the chain is reproducible
 DAY_NS = 86_400 * 10**9
-FORMAT = 4  # bump when the recipe changes, so cached chains are rebuilt
+FORMAT = 5  # bump when the recipe changes, so cached chains are rebuilt
 
 
 def default_workdir() -> Path:
@@ -223,6 +223,9 @@ class _State:
                 st = os.stat(src)
                 os.chmod(self.path(d), stat.S_IMODE(st.st_mode))
                 os.utime(self.path(d), ns=(st.st_atime_ns, st.st_mtime_ns))
+            else:  # made up (no source dir): fixed mode and time, not the umask and the clock
+                os.chmod(self.path(d), 0o755)
+                os.utime(self.path(d), ns=(self.t_ns, self.t_ns))
         for d in sorted(self.touched_dirs - set(self.new_dirs), key=lambda p: -p.count("/")):
             if os.path.isdir(self.path(d)):
                 os.utime(self.path(d), ns=(self.t_ns, self.t_ns))
