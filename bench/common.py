@@ -99,8 +99,10 @@ def machine_busy_s() -> tuple[float, float]:
 
 
 def wait_quiet(max_busy: float = 0.2, window_s: float = 3.0, timeout_s: float = 900.0) -> float:
-    """Wait until the machine is mostly idle (others share it): the busy fraction over
+    """Flush dirty pages (a previous run's or the fill's writeback must not land in the next
+    run), then wait until the machine is mostly idle (others share it): the busy fraction over
     ``window_s`` below ``max_busy``; give up after ``timeout_s``. Returns the last fraction."""
+    os.sync()
     deadline = time.monotonic() + timeout_s
     while True:
         b0, t0 = machine_busy_s()

@@ -213,9 +213,12 @@ def _layout_layer_sizes(layout: Path, tag: str) -> list[int]:
 
 
 def quiet(max_busy: float) -> None:
+    """Before a timed run: writeback flushed, and (unless ``max_busy`` >= 1) the machine idle."""
     if max_busy < 1:
         frac = wait_quiet(max_busy)
         print(f"  (machine busy {frac * 100:.0f} % before the next run)", file=sys.stderr, flush=True)
+    else:
+        os.sync()
 
 
 def _ratio(a: float, b: float) -> str:
