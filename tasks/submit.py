@@ -167,8 +167,10 @@ class CeleryJob:
         while not self._stop.is_set():
             lost = False
             try:
-                metas = {r: backend.get_task_meta(tid) for r, tid in self._ids.items()}
+                # The final step runs only after every ref's result is stored, so reading it
+                # first means a finished chain is always seen with every ref's final state.
                 body = backend.get_task_meta(self._body_id)
+                metas = {r: backend.get_task_meta(tid) for r, tid in self._ids.items()}
                 if time.monotonic() >= next_lost_check:
                     next_lost_check = time.monotonic() + _LOST_CHECK_S
                     lost = self._executor.deps.metadata.get(self._ref_id) is None

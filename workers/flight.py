@@ -17,6 +17,7 @@ class _Call(Generic[T]):
         self.done = threading.Event()
         self.value: T | None = None
         self.error: BaseException | None = None
+        self.waiters = 0  # callers sharing the leader's call
 
 
 class Flight(Generic[T]):
@@ -30,6 +31,8 @@ class Flight(Generic[T]):
             leader = call is None
             if call is None:
                 call = self._calls[key] = _Call()
+            else:
+                call.waiters += 1
         if leader:
             try:
                 call.value = fn()
@@ -50,3 +53,9 @@ class Flight(Generic[T]):
     def in_flight(self) -> int:
         with self._lock:
             return len(self._calls)
+
+    def waiters(self, key: str) -> int:
+        """How many callers are waiting on the call running for ``key`` (0 if none runs)."""
+        with self._lock:
+            call = self._calls.get(key)
+            return 0 if call is None else call.waiters
