@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -61,13 +62,32 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORT_FLOOR = 15000
+
+
 def free_port(*, grpc_pair: bool = False) -> int:
-    """A port free on 127.0.0.1 now; with ``grpc_pair`` also port+10000 (and port < 55536)."""
+    """A port free on 127.0.0.1 now; with ``grpc_pair`` also port+10000.
+
+    Ports come from below the kernel's ephemeral range: a port there can be handed to an
+    outgoing connection between this check and the server's bind (or a restart's rebind)."""
+    top = _ephemeral_low() - (GRPC_OFFSET if grpc_pair else 0)
     with _claim_lock:
         for _ in range(500):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind(("127.0.0.1", 0))
-                port = int(s.getsockname()[1])
+            if top - _PORT_FLOOR >= 1000:
+                port = random.randrange(_PORT_FLOOR, top)
+                if not _bindable(port):
+                    continue
+            else:  # an unusual ephemeral range: let the kernel pick
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = int(s.getsockname()[1])
             # Neither this port nor its gRPC twin may meet a port (or gRPC twin) already given out.
             if port in _claimed or (grpc_pair and port + GRPC_OFFSET in _claimed):
                 continue
@@ -327,6 +347,10 @@ class SeaweedProcess(_Process):
             )
         try:
             self._probe.head_bucket(Bucket=self.bucket)
+            # head_bucket needs only the filer; a write also needs a registered volume server,
+            # which SeaweedFS may lack for a moment after start ("no free volumes left").
+            self._probe.put_object(Bucket=self.bucket, Key=".ready-probe", Body=b"x")
+            self._probe.delete_object(Bucket=self.bucket, Key=".ready-probe")
             return True
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
             return False

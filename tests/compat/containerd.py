@@ -82,7 +82,7 @@ class Containerd:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self, timeout: float = 20.0) -> Containerd:
+    def start(self, timeout: float = 60.0) -> Containerd:
         d = self.dir
         disabled = ", ".join(json.dumps(p) for p in _DISABLED)
         (d / "config.toml").write_text(

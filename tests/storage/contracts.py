@@ -537,8 +537,10 @@ class LeaseStoreContract:
         d_short, d_long = digest_of(b"short"), digest_of(b"long")
         metadata_store.create_lease("long", 3600)
         metadata_store.add_resource("long", d_long)
-        metadata_store.create_lease("short", 0.5)
+        # Shorten only after adding: a stall between the calls must not expire it first.
+        metadata_store.create_lease("short", 3600)
         metadata_store.add_resource("short", d_short)
+        metadata_store.create_lease("short", 0.2)
         assert _wait_for(lambda: d_short not in metadata_store.live_digests())
         assert metadata_store.live_digests() == {d_long}
 

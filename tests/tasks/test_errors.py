@@ -267,7 +267,7 @@ def _appending(path: Path) -> Iterator[None]:
         "fd=os.open(sys.argv[1],os.O_WRONLY|os.O_APPEND)\n"
         "while True:\n"
         "    os.write(fd,b'x'*64)\n"
-        "    if os.fstat(fd).st_size>(256<<20): os.ftruncate(fd,1<<20)\n"
+        "    if os.fstat(fd).st_size>(256<<20): os.ftruncate(fd,64<<20)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)])
     try:
@@ -282,7 +282,7 @@ def _appending(path: Path) -> Iterator[None]:
 
 
 def test_file_changing_during_the_walk(client: Client, embedded: Client, snaps: Path) -> None:
-    snap = fsgen.build(snaps / "growing", {b"a": fsgen.File(b"a"), b"log": fsgen.File(b"x" * (1 << 20))})
+    snap = fsgen.build(snaps / "growing", {b"a": fsgen.File(b"a"), b"log": fsgen.File(b"x" * (64 << 20))})
     with _appending(snap / "log"):
         got = _error(lambda: _compute(client, [snap]))
         want = _error(lambda: _compute(embedded, [snap]))
