@@ -49,6 +49,7 @@ __all__ = [
     "gzip_header",
     "open_compressor",
     "open_decompressor",
+    "threads_for_share",
     "zstd_workers",
 ]
 
@@ -110,6 +111,20 @@ def open_compressor(
     if comp is Compression.GZIP:
         return _GzipCompressor(level, write, n)
     return _ZstdCompressor(level, write, n)
+
+
+def threads_for_share(compression: Compression, share: int) -> int | None:
+    """Compression threads for one of several builds running at once, each entitled to
+    ``share`` cores (``None``: all cores).
+
+    zstd's MT engine compresses in worker threads even at one worker, overlapping the caller's
+    walk, so ``share`` workers keep the cores busy; more oversubscribe them. On the 2-core bench
+    chain with two builds at once, one worker each was 5-15 % faster than two and used ~40 MiB
+    less per process. gzip at one thread compresses inline, so it keeps every core (measured:
+    all cores 3-6 % faster than one thread per build). The bytes never depend on this."""
+    if compression is Compression.ZSTD:
+        return max(1, share)
+    return None
 
 
 def compressor_id(opts: LayerOptions) -> str:

@@ -12,10 +12,12 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
+from blobchain.layers.compress import threads_for_share
 from blobchain.layers.errors import InProgress
 from blobchain.layers.records import LayerOptions, RefRecord
 from blobchain.workers.chainjob import chain_records, finalize_chain
@@ -72,14 +74,17 @@ def _throttled(emit: Any, ref_id: str) -> Any:
     return progress
 
 
-def _child_build(ref_id: str, opts: LayerOptions, create_if_needed: bool) -> BuildOutcome:
+def _child_build(
+    ref_id: str, opts: LayerOptions, create_if_needed: bool, threads: int | None = None
+) -> BuildOutcome:
     global _child_busy
     assert _child_deps is not None
+    deps = _child_deps if threads is None else replace(_child_deps, threads=threads)
     progress = _throttled(_child_events.put, ref_id)
     _child_busy = True
     _child_events.put(RefEvent(ref_id, RUNNING))
     try:
-        return build_ref(ref_id, opts, _child_deps, create_if_needed=create_if_needed, progress=progress)
+        return build_ref(ref_id, opts, deps, create_if_needed=create_if_needed, progress=progress)
     finally:
         _child_busy = False
 
@@ -163,7 +168,8 @@ class EmbeddedExecutor:
         state = JobState(chain)
         with self._states_lock:
             self._states.append(state)
-        builds = [self._threads.submit(self._build_one, r, opts, create_if_needed) for r in chain]
+        threads = self._threads_per_build(opts, len(chain))
+        builds = [self._threads.submit(self._build_one, r, opts, create_if_needed, threads) for r in chain]
         outer: Future[ChainResult] = Future()
 
         def finish() -> None:
@@ -188,13 +194,26 @@ class EmbeddedExecutor:
         threading.Thread(target=finish, name=f"blobchain-chain-{ref_id}", daemon=True).start()
         return EmbeddedJob(ref_id, state, outer)
 
-    def _build_one(self, ref_id: str, opts: LayerOptions, create_if_needed: bool) -> RefRecord:
+    def _threads_per_build(self, opts: LayerOptions, n_refs: int) -> int | None:
+        """Up to ``jobs`` builds share the cores; the configured ``threads`` wins."""
+        if self.settings.threads is not None:
+            return None  # already in every Deps
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # pragma: no cover - non-Linux
+            cpus = os.cpu_count() or 1
+        at_once = max(1, min(self._jobs, n_refs))
+        return threads_for_share(opts.compression, cpus // at_once)
+
+    def _build_one(
+        self, ref_id: str, opts: LayerOptions, create_if_needed: bool, threads: int | None = None
+    ) -> RefRecord:
         if self._pool is None:
             self._emit(RefEvent(ref_id, RUNNING))  # pool children announce themselves
         try:
             outcome = self._flight.do(
                 f"{flight_key(ref_id, opts)}-{create_if_needed}",
-                lambda: self._until_free(ref_id, opts, create_if_needed),
+                lambda: self._until_free(ref_id, opts, create_if_needed, threads),
             )
         except BaseException as e:
             self._emit(RefEvent(ref_id, FAILED, error=error_dict(e)))
@@ -203,7 +222,9 @@ class EmbeddedExecutor:
         self._emit(RefEvent(ref_id, outcome.action))
         return outcome.record
 
-    def _until_free(self, ref_id: str, opts: LayerOptions, create_if_needed: bool) -> BuildOutcome:
+    def _until_free(
+        self, ref_id: str, opts: LayerOptions, create_if_needed: bool, threads: int | None
+    ) -> BuildOutcome:
         """Build; while another process (another CLI run) holds the ref, wait with backoff."""
         delay = 0.05
         deadline = time.monotonic() + self.settings.wait_budget_s
@@ -211,10 +232,9 @@ class EmbeddedExecutor:
             try:
                 if self._pool is None:
                     progress = _throttled(self._emit, ref_id)
-                    return build_ref(
-                        ref_id, opts, self.deps, create_if_needed=create_if_needed, progress=progress
-                    )
-                return self._pool.submit(_child_build, ref_id, opts, create_if_needed).result()
+                    deps = self.deps if threads is None else replace(self.deps, threads=threads)
+                    return build_ref(ref_id, opts, deps, create_if_needed=create_if_needed, progress=progress)
+                return self._pool.submit(_child_build, ref_id, opts, create_if_needed, threads).result()
             except InProgress:
                 if time.monotonic() > deadline:
                     raise
