@@ -155,18 +155,16 @@ def _copy_body(e: TarEntry, snapshot: Any, sink: _Sink) -> None:
         before = os.fstat(fd)
         _check_walked(e, before)
         remaining = e.size
-        while True:
-            # Asking for one byte more than is left finds growth without an extra read; the
-            # loop only ends on EOF, so a short read is never mistaken for the end.
+        # Exactly ``size`` bytes are read; growth, shrinkage or rewrites during the read show in
+        # the fstat after it (size, mtime, ctime), which saves an EOF read per file.
+        while remaining:
             try:
-                chunk = os.read(fd, remaining + 1 if remaining < CHUNK_SIZE else CHUNK_SIZE)
+                chunk = os.read(fd, remaining if remaining < CHUNK_SIZE else CHUNK_SIZE)
             except OSError as err:
                 raise UnreadableFile(f"cannot read {e.source!r}: {err}", path=e.source) from err
             n = len(chunk)
             if not n:
-                break
-            if n > remaining:
-                raise _changed(e, f"grew past {e.size} bytes")
+                raise _changed(e, f"ended {remaining} bytes early")
             remaining -= n
             if n >= CHUNK_SIZE // 2:
                 sink.add_large(chunk)
@@ -174,9 +172,9 @@ def _copy_body(e: TarEntry, snapshot: Any, sink: _Sink) -> None:
                 sink.add(chunk)
             if sink.progress is not None:
                 sink.report()
-        if remaining:
-            raise _changed(e, f"ended {remaining} bytes early")
         after = os.fstat(fd)
+        if after.st_size > e.size:
+            raise _changed(e, f"grew past {e.size} bytes while being read")
         # ctime moves on any write or metadata change, even one that restores mtime.
         if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
             before.st_size,
