@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -38,6 +39,28 @@ Jobs = Annotated[
     int | None, typer.Option("--jobs", "-j", help="layers built in parallel (default: all cores)")
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+Tag = Annotated[str, typer.Option("--tag", "-t", help="image tag in index.json")]
+Upper = Annotated[bool, typer.Option("--upper", help="snapshots are overlay upper dirs")]
+Windows = Annotated[bool, typer.Option("--windows", help="Windows layers (BuildKit winlayers)")]
+Docker = Annotated[bool, typer.Option("--docker-media-types", help="Docker schema2 media types")]
+SourceDateEpoch = Annotated[
+    int | None,
+    typer.Option("--source-date-epoch", envvar="SOURCE_DATE_EPOCH", help="clamp mtimes to this"),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")]
+
+
+@dataclass(frozen=True)
+class _ChainArgs:
+    """The options ``export`` and ``submit`` share: how the snapshots become layers."""
+
+    compression: str = "gzip"
+    level: int | None = None
+    upper: bool = False
+    windows: bool = False
+    docker: bool = False
+    source_date_epoch: int | None = None
+    quiet: bool = False
 
 
 def _exit_code(e: BlobchainError) -> int:
@@ -109,33 +132,24 @@ def _print_result(result: ChainResult, as_json: bool, extra: dict[str, Any] | No
             out.print(f"{k}: {v}", highlight=False, soft_wrap=True)
 
 
-def _run_chain(
-    client: Client,
-    snapshots: list[str],
-    *,
-    upper: bool,
-    windows: bool,
-    compression: str,
-    level: int | None,
-    docker: bool,
-    source_date_epoch: int | None,
-    quiet: bool,
-) -> ChainResult:
+def _run_chain(client: Client, snapshots: list[str], args: _ChainArgs) -> ChainResult:
     specs = client.register_chain(
-        snapshots, kind="upper" if upper else "rootfs", layer_type="windows" if windows else "linux"
+        snapshots,
+        kind="upper" if args.upper else "rootfs",
+        layer_type="windows" if args.windows else "linux",
     )
     labels = {s.ref_id: f"layer {i}: {os.path.basename(s.snapshot)}" for i, s in enumerate(specs)}
     with client.lease() as lease:
         job = client.compute_blob_chain(
             specs[-1].ref_id,
-            compression=compression,
-            level=level,
+            compression=args.compression,
+            level=args.level,
             force=True,
             lease=lease,
-            docker_media_types=docker,
-            source_date_epoch=source_date_epoch,
+            docker_media_types=args.docker,
+            source_date_epoch=args.source_date_epoch,
         )
-        result = _follow(job, labels, quiet)
+        result = _follow(job, labels, args.quiet)
         client.hold(lease, result)
     return result
 
@@ -148,37 +162,25 @@ def export(
     oci: Annotated[str, typer.Option("--oci", help="the OCI image layout to write")],
     compression: Compression = "gzip",
     level: Level = None,
-    tag: Annotated[str, typer.Option("--tag", "-t", help="image tag in index.json")] = "latest",
+    tag: Tag = "latest",
     jobs: Jobs = None,
-    upper: Annotated[bool, typer.Option("--upper", help="snapshots are overlay upper dirs")] = False,
-    windows: Annotated[bool, typer.Option("--windows", help="Windows layers (BuildKit winlayers)")] = False,
-    docker: Annotated[bool, typer.Option("--docker-media-types", help="Docker schema2 media types")] = False,
-    source_date_epoch: Annotated[
-        int | None,
-        typer.Option("--source-date-epoch", envvar="SOURCE_DATE_EPOCH", help="clamp mtimes to this"),
-    ] = None,
+    upper: Upper = False,
+    windows: Windows = False,
+    docker: Docker = False,
+    source_date_epoch: SourceDateEpoch = None,
     store: Annotated[
         str | None, typer.Option("--store", help="content store (default: the --oci layout)")
     ] = None,
     as_json: AsJson = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Diff each snapshot against the previous one, store the layers and write an OCI image."""
     settings = load_settings()
     if not settings.distributed:
         settings = settings.model_copy(update={"store": store or oci})
+    args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
     with Client(settings, jobs=jobs) as client:
-        result = _run_chain(
-            client,
-            snapshots,
-            upper=upper,
-            windows=windows,
-            compression=compression,
-            level=level,
-            docker=docker,
-            source_date_epoch=source_date_epoch,
-            quiet=quiet,
-        )
+        result = _run_chain(client, snapshots, args)
         manifest = client.export(result, oci, tag=tag)
     _print_result(result, as_json, {"manifest": manifest.digest, "oci": f"{oci}:{tag}"})
 
@@ -206,26 +208,19 @@ def submit(
     snapshots: Annotated[list[str], typer.Argument(help="ROOTFS_0 ROOTFS_1 ...")],
     compression: Compression = "gzip",
     level: Level = None,
-    upper: Annotated[bool, typer.Option("--upper")] = False,
-    windows: Annotated[bool, typer.Option("--windows")] = False,
+    upper: Upper = False,
+    windows: Windows = False,
+    docker: Docker = False,
+    source_date_epoch: SourceDateEpoch = None,
     oci: Annotated[str | None, typer.Option("--oci", help="also export to this OCI layout")] = None,
-    tag: Annotated[str, typer.Option("--tag", "-t")] = "latest",
+    tag: Tag = "latest",
     as_json: AsJson = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Submit a chain to the workers (or run it embedded) and follow its progress."""
+    args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
     with Client() as client:
-        result = _run_chain(
-            client,
-            snapshots,
-            upper=upper,
-            windows=windows,
-            compression=compression,
-            level=level,
-            docker=False,
-            source_date_epoch=None,
-            quiet=quiet,
-        )
+        result = _run_chain(client, snapshots, args)
         extra = None
         if oci:
             extra = {"manifest": client.export(result, oci, tag=tag).digest}

@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
+import tarfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -121,8 +124,9 @@ def test_cli_submit_oci_writes_the_same_layout_as_embedded_export(
     w.wait_ready(make_app(settings))
     dist, emb = tmp_path / "dist-oci", tmp_path / "emb-oci"
     blobchain = str(VENV_BIN / "blobchain")
+    sde = ["--source-date-epoch", "86400"]  # both commands take the same layer options
     r = subprocess.run(
-        [blobchain, "submit", *map(str, paths), "--oci", str(dist), "--quiet", "--json"],
+        [blobchain, "submit", *map(str, paths), "--oci", str(dist), "--quiet", "--json", *sde],
         capture_output=True,
         text=True,
         env=clean_env(settings),
@@ -131,7 +135,7 @@ def test_cli_submit_oci_writes_the_same_layout_as_embedded_export(
     assert r.returncode == 0, r.stderr
     plain = {k: v for k, v in os.environ.items() if not k.startswith("BLOBCHAIN_")}
     r2 = subprocess.run(
-        [blobchain, "export", *map(str, paths), "--oci", str(emb), "--quiet", "--json"],
+        [blobchain, "export", *map(str, paths), "--oci", str(emb), "--quiet", "--json", *sde],
         capture_output=True,
         text=True,
         env=plain,
@@ -142,3 +146,8 @@ def test_cli_submit_oci_writes_the_same_layout_as_embedded_export(
     got, want = ({k: v for k, v in _tree(d).items() if not k.startswith(".blobchain/")} for d in (dist, emb))
     assert got == want
     assert any(k.startswith("blobs/sha256/") for k in got)
+    index = json.loads(got["index.json"])
+    manifest = json.loads(got["blobs/sha256/" + index["manifests"][0]["digest"][7:]])
+    for layer in manifest["layers"]:
+        with tarfile.open(fileobj=io.BytesIO(got["blobs/sha256/" + layer["digest"][7:]]), mode="r:gz") as tar:
+            assert max(m.mtime for m in tar.getmembers()) <= 86400
