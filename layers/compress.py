@@ -44,6 +44,7 @@ __all__ = [
     "GZIP_MEM_LEVEL",
     "ZSTD_MEMORY_BUDGET",
     "Compressor",
+    "available_cpus",
     "compressor_id",
     "detect_compression",
     "gzip_header",
@@ -187,13 +188,17 @@ def open_decompressor(read_stream: BinaryIO, compression: Compression) -> Binary
 # --- implementation ---------------------------------------------------------------------------
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity/cpuset), not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _threads(threads: int | None) -> int:
     if threads is None:
-        # CPUs this process may run on (affinity/cpuset), not the host's count.
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except (AttributeError, OSError):  # pragma: no cover - non-Linux
-            return max(1, os.cpu_count() or 1)
+        return available_cpus()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InvalidArgument(
             f"compression threads must be an integer >= 1 (got {threads!r})", threads=threads

@@ -27,16 +27,17 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from celery import Celery, shared_task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from celery.utils.log import get_task_logger
 
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
+from blobchain.layers.compress import available_cpus, threads_for_share
 from blobchain.layers.errors import (
     BlobchainError,
     FailedPrecondition,
@@ -60,6 +61,7 @@ __all__ = [
     "RefFailed",
     "RefTimedOut",
     "WorkerContext",
+    "build_deps",
     "build_ref_task",
     "finalize_chain_task",
     "worker_context",
@@ -155,6 +157,27 @@ def worker_context(app: Celery) -> WorkerContext:
                 ctx = WorkerContext(settings, open_deps(settings))
                 _contexts[key] = ctx
     return ctx
+
+
+# The worker's pool size, noted before the pool forks its children: that many builds may run at
+# once on this machine, so each takes its share of the cores (see ``threads_for_share``).
+_pool_size: int | None = None
+
+
+@worker_init.connect(weak=False)
+def _note_pool_size(sender: Any = None, **_: Any) -> None:
+    global _pool_size
+    size = getattr(sender, "concurrency", None)
+    _pool_size = size if isinstance(size, int) and size > 0 else None  # "auto": not known yet
+
+
+def build_deps(ctx: WorkerContext, options: LayerOptions) -> Deps:
+    """``ctx.deps`` with this build's compression threads: a configured ``threads`` as is,
+    otherwise this build's share of the cores when the pool runs several builds at once."""
+    if ctx.settings.threads is not None or not _pool_size or _pool_size == 1:
+        return ctx.deps
+    threads = threads_for_share(options.compression, available_cpus() // _pool_size)
+    return ctx.deps if threads is None else replace(ctx.deps, threads=threads)
 
 
 @worker_process_init.connect(weak=False)
@@ -336,7 +359,7 @@ def build_ref_task(
         outcome = build_ref(
             ref_id,
             options,
-            ctx.deps,
+            build_deps(ctx, options),
             create_if_needed=create_if_needed,
             progress=_progress_reporter(self),
         )

@@ -17,7 +17,7 @@ from typing import Any
 
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
-from blobchain.layers.compress import threads_for_share
+from blobchain.layers.compress import available_cpus, threads_for_share
 from blobchain.layers.errors import InProgress
 from blobchain.layers.records import LayerOptions, RefRecord
 from blobchain.workers.chainjob import chain_records, finalize_chain
@@ -128,7 +128,7 @@ class EmbeddedExecutor:
         sweep = getattr(self.deps.content, "sweep_orphans", None)
         if sweep is not None:
             sweep()  # leftovers of a killed earlier run
-        self._jobs = jobs or settings.jobs or os.cpu_count() or 1
+        self._jobs = jobs or settings.jobs or available_cpus()
         self._flight: Flight[BuildOutcome] = Flight()
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="blobchain-ref")
         self._states: list[JobState] = []
@@ -198,12 +198,8 @@ class EmbeddedExecutor:
         """Up to ``jobs`` builds share the cores; the configured ``threads`` wins."""
         if self.settings.threads is not None:
             return None  # already in every Deps
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):  # pragma: no cover - non-Linux
-            cpus = os.cpu_count() or 1
         at_once = max(1, min(self._jobs, n_refs))
-        return threads_for_share(opts.compression, cpus // at_once)
+        return threads_for_share(opts.compression, available_cpus() // at_once)
 
     def _build_one(
         self, ref_id: str, opts: LayerOptions, create_if_needed: bool, threads: int | None = None

@@ -1,0 +1,101 @@
+"""How the embedded executor and a Celery worker split the cores between the builds they run at
+once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blobchain.config.factory import open_deps
+from blobchain.config.settings import Settings
+from blobchain.layers.compress import threads_for_share
+from blobchain.layers.records import Compression, LayerOptions
+from blobchain.tasks import layer_tasks
+from blobchain.tasks.layer_tasks import WorkerContext
+from blobchain.workers.embedded import EmbeddedExecutor
+
+
+def test_zstd_gets_its_share_and_gzip_all_cores() -> None:
+    assert threads_for_share(Compression.ZSTD, 2) == 2
+    assert threads_for_share(Compression.ZSTD, 0) == 1  # more builds than cores
+    assert threads_for_share(Compression.GZIP, 1) is None
+    assert threads_for_share(Compression.UNCOMPRESSED, 1) is None
+
+
+@pytest.mark.parametrize(
+    ("cpus", "jobs", "refs", "comp", "want"),
+    [
+        (4, 2, 5, "zstd", 2),  # two builds at once: half the cores each
+        (4, 2, 1, "zstd", 4),  # one layer: all of them
+        (2, 4, 3, "zstd", 1),  # more builds than cores: one worker each
+        (4, 2, 5, "gzip", None),  # gzip keeps every core
+    ],
+)
+def test_threads_per_build(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cpus: int,
+    jobs: int,
+    refs: int,
+    comp: str,
+    want: int | None,
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
+    ex = EmbeddedExecutor(Settings(store=str(tmp_path / "store")), jobs=jobs, in_process=True)
+    try:
+        assert ex._threads_per_build(LayerOptions(compression=comp), refs) == want
+    finally:
+        ex.close()
+
+
+def test_configured_threads_win(tmp_path: Path) -> None:
+    ex = EmbeddedExecutor(Settings(store=str(tmp_path / "store"), threads=3), jobs=2, in_process=True)
+    try:
+        # None: the Deps already carry threads=3 from the settings.
+        assert ex._threads_per_build(LayerOptions(compression="zstd"), 5) is None
+        assert ex.deps.threads == 3
+    finally:
+        ex.close()
+
+
+def _context(tmp_path: Path, **kw: object) -> WorkerContext:
+    settings = Settings(store=str(tmp_path / "store"), **kw)
+    return WorkerContext(settings, open_deps(settings))
+
+
+@pytest.mark.parametrize(
+    ("pool", "comp", "want"),
+    [
+        (2, "zstd", 2),  # 4 cores, 2 builds at once
+        (8, "zstd", 1),
+        (2, "gzip", None),  # all cores
+        (1, "zstd", None),  # one build at a time: all cores
+        (None, "zstd", None),  # pool size unknown
+    ],
+)
+def test_a_worker_build_takes_its_share_of_the_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pool: int | None, comp: str, want: int | None
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)))
+    monkeypatch.setattr(layer_tasks, "_pool_size", pool)
+    ctx = _context(tmp_path)
+    deps = layer_tasks.build_deps(ctx, LayerOptions(compression=comp))
+    assert deps.threads == want
+    assert deps.content is ctx.deps.content
+
+
+def test_configured_threads_win_in_a_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(layer_tasks, "_pool_size", 2)
+    ctx = _context(tmp_path, threads=3)
+    assert layer_tasks.build_deps(ctx, LayerOptions(compression="zstd")).threads == 3
+
+
+def test_the_worker_notes_its_pool_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery import Celery
+    from celery.worker import WorkController
+
+    monkeypatch.setattr(layer_tasks, "_pool_size", None)
+    app = Celery("core-share", broker="memory://", backend="cache+memory://")
+    WorkController(app=app, concurrency=3, pool_cls="solo", without_mingle=True, without_gossip=True)
+    assert layer_tasks._pool_size == 3
