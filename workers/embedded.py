@@ -164,11 +164,13 @@ class EmbeddedExecutor:
             st.update(ev)
 
     def submit(self, ref_id: str, opts: LayerOptions, *, create_if_needed: bool = True) -> EmbeddedJob:
-        chain = [r.ref_id for r in chain_records(ref_id, self.deps.metadata)]
+        records = chain_records(ref_id, self.deps.metadata)
+        chain = [r.ref_id for r in records]
         state = JobState(chain)
         with self._states_lock:
             self._states.append(state)
-        threads = self._threads_per_build(opts, len(chain))
+        # Only the refs still missing this variant build; the others are answered from the store.
+        threads = self._threads_per_build(opts, sum(r.blob_for(opts) is None for r in records))
         builds = [self._threads.submit(self._build_one, r, opts, create_if_needed, threads) for r in chain]
         outer: Future[ChainResult] = Future()
 

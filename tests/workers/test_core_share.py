@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from blobchain.client.api import Client
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
 from blobchain.layers.compress import threads_for_share
@@ -99,3 +100,28 @@ def test_the_worker_notes_its_pool_size(tmp_path: Path, monkeypatch: pytest.Monk
     app = Celery("core-share", broker="memory://", backend="cache+memory://")
     WorkController(app=app, concurrency=3, pool_cls="solo", without_mingle=True, without_gossip=True)
     assert layer_tasks._pool_size == 3
+
+
+def test_refs_that_already_have_the_blob_do_not_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_bytes(b"base")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "f").write_bytes(b"top")
+    seen: list[int | None] = []
+    ex = EmbeddedExecutor(Settings(store=str(tmp_path / "store")), jobs=2, in_process=True)
+    real = ex._threads_per_build
+    monkeypatch.setattr(ex, "_threads_per_build", lambda opts, n: seen.append(n) or real(opts, n))
+    try:
+        client = Client(ex.settings, executor=ex)
+        specs = client.register_chain([str(tmp_path / "a")])
+        with client.lease() as lease:
+            client.compute_blob_chain(specs[-1].ref_id, lease=lease, compression="zstd").wait(60)
+        specs = client.register_chain([str(tmp_path / "a"), str(tmp_path / "b")])
+        with client.lease() as lease:
+            client.compute_blob_chain(specs[-1].ref_id, lease=lease, compression="zstd").wait(60)
+    finally:
+        ex.close()
+    assert seen == [1, 1]  # the second run builds only the new top layer: all 4 cores for it
