@@ -117,7 +117,8 @@ def _print_result(result: ChainResult, as_json: bool, extra: dict[str, Any] | No
         return
     out.print(f"[bold]chain {result.ref_id}[/bold]", highlight=False)
     for i, layer in enumerate(data["layers"]):
-        out.print(f"layer {i}  {layer['snapshot']}  (ref {layer['ref']})", highlight=False)
+        # soft_wrap: a ref id split across lines could not be pasted into `blobchain status`
+        out.print(f"layer {i}  {layer['snapshot']}  (ref {layer['ref']})", highlight=False, soft_wrap=True)
         for label, key in (
             ("diffID", "diff_id"),
             ("blob", "digest"),
