@@ -21,13 +21,33 @@ def _format(h: hashlib._Hash) -> str:
     return "sha256:" + h.hexdigest()
 
 
-class HashingWriter:
+class _Hashed:
+    """The running sha256 and byte count both directions share."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._size = 0
+
+    @property
+    def digest(self) -> str:
+        """``sha256:<hex>`` of every byte passed so far."""
+        return _format(self._hash)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def verify(self, expected: str) -> None:
+        """Raise :class:`DigestMismatch` unless the bytes passed so far hash to ``expected``."""
+        _verify(expected, self.digest, self._size)
+
+
+class HashingWriter(_Hashed):
     """A ``write`` callable's front: hash and count each chunk, then forward it unchanged."""
 
     def __init__(self, write: Callable[[bytes], object]) -> None:
+        super().__init__()
         self._write = write
-        self._hash = hashlib.sha256()
-        self._size = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         # memoryview lengths count items, not bytes; nbytes is what was written.
@@ -37,31 +57,17 @@ class HashingWriter:
         self._write(data)  # type: ignore[arg-type]
         return n
 
-    @property
-    def digest(self) -> str:
-        """``sha256:<hex>`` of everything written so far."""
-        return _format(self._hash)
 
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def verify(self, expected: str) -> None:
-        """Raise :class:`DigestMismatch` unless the bytes written so far hash to ``expected``."""
-        _verify(expected, self.digest, self._size)
-
-
-class HashingReader(io.RawIOBase):
+class HashingReader(_Hashed, io.RawIOBase):
     """A readable stream's front: every byte read through it is hashed and counted.
 
     Closing it does not close the wrapped stream (the caller owns that).
     """
 
     def __init__(self, raw: BinaryIO) -> None:
-        super().__init__()
+        _Hashed.__init__(self)
+        io.RawIOBase.__init__(self)
         self._raw = raw
-        self._hash = hashlib.sha256()
-        self._size = 0
 
     def readable(self) -> bool:
         return True
@@ -81,19 +87,6 @@ class HashingReader(io.RawIOBase):
             self._hash.update(mv[:n])
             self._size += n
         return n
-
-    @property
-    def digest(self) -> str:
-        """``sha256:<hex>`` of everything read so far."""
-        return _format(self._hash)
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def verify(self, expected: str) -> None:
-        """Raise :class:`DigestMismatch` unless the bytes read so far hash to ``expected``."""
-        _verify(expected, self.digest, self._size)
 
 
 def _verify(expected: str, got: str, size: int) -> None:
