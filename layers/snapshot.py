@@ -31,6 +31,8 @@ __all__ = ["Snapshot", "open_snapshot"]
 
 _CAPABILITY = b"security.capability"
 _NO_XATTR = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
+# xattrs are read through /proc/self/fd/<parent>/<name> (see Snapshot.xattr).
+_PROC_FD = os.path.isdir("/proc/self/fd")
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # O_NONBLOCK: a file swapped for a FIFO mid-walk must not hang the open; no effect on regular files.
@@ -175,7 +177,7 @@ class Snapshot:
     Pickles by path, so it can cross process boundaries (the receiver re-opens the root).
     """
 
-    __slots__ = ("__weakref__", "_closed", "_fd", "_lock", "_prefix", "root")
+    __slots__ = ("__weakref__", "_closed", "_fd", "_lock", "_prefix", "_xdir", "root")
 
     def __init__(self, root: bytes, fd: int) -> None:
         self.root = root
@@ -183,6 +185,9 @@ class Snapshot:
         self._prefix = root.rstrip(b"/") + b"/"
         self._closed = False
         self._lock = threading.Lock()
+        # (directory, descriptor) of the last parent an xattr value was re-read under (values
+        # are rare; one cached descriptor serves a directory full of capability-bearing files).
+        self._xdir: tuple[bytes, int] | None = None
 
     # lifecycle
 
@@ -191,6 +196,9 @@ class Snapshot:
             if not self._closed:
                 self._closed = True
                 os.close(self._fd)
+                if self._xdir is not None:
+                    os.close(self._xdir[1])
+                    self._xdir = None
 
     def __enter__(self) -> Snapshot:
         return self
@@ -281,26 +289,38 @@ class Snapshot:
     def xattr(self, rel: bytes, name: bytes | str) -> bytes | None:
         """The raw value of extended attribute ``name`` on ``rel`` itself (lgetxattr), or None.
 
-        ``rel`` comes from the walk of this root; the lookup goes by path (fast), a parent
-        component swapped for a symlink during the walk is the only way it could leave the root.
-        """
-        rel = _check_rel(rel)
-        try:
-            return os.getxattr(self._prefix + rel if rel else self.root, name, follow_symlinks=False)
-        except OSError as e:
-            if e.errno in _NO_XATTR:
-                return None
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise FileChanged(f"{_show(rel)} vanished during the walk", path=rel) from None
-            raise
+        Python has no ``getxattrat``. The lookup goes by path (fast; most entries have no such
+        xattr), and a value found that way is read again through ``/proc/self/fd/<parent>/<name>``
+        with the parent opened beneath the root: a parent swapped for a symlink during the walk
+        can hide a value but never bring one in from outside (it raises PathEscapes)."""
+        return self._getxattr(_check_rel(rel), name)
 
     def capability(self, rel: bytes) -> bytes | None:
         """The raw ``security.capability`` xattr of ``rel`` (None when absent or unsupported)."""
-        # Inlined xattr(): this runs once per emitted entry.
+        # Runs once per emitted entry: the full check only for a suspicious path (walked paths
+        # are clean; open_dir checks the parent anyway).
         if rel[:1] == b"/" or b".." in rel:
             _check_rel(rel)
+        return self._getxattr(rel, _CAPABILITY)
+
+    def _getxattr(self, rel: bytes, name: bytes | str) -> bytes | None:
         try:
-            return os.getxattr(self._prefix + rel if rel else self.root, _CAPABILITY, follow_symlinks=False)
+            if not rel:
+                return os.getxattr(self._fd, name)
+            value = os.getxattr(self._prefix + rel, name, follow_symlinks=False)
+            if not _PROC_FD:  # pragma: no cover - no procfs: the path lookup is all there is
+                return value
+            parent, _, base = rel.rpartition(b"/")
+            if not parent:
+                return os.getxattr(b"/proc/self/fd/%d/%s" % (self._fd, base), name, follow_symlinks=False)
+            with self._lock:  # the cached descriptor must not be closed while in use
+                cached = self._xdir
+                if cached is None or cached[0] != parent:
+                    fd = self.open_dir(parent)
+                    if cached is not None:
+                        os.close(cached[1])
+                    cached = self._xdir = (parent, fd)
+                return os.getxattr(b"/proc/self/fd/%d/%s" % (cached[1], base), name, follow_symlinks=False)
         except OSError as e:
             if e.errno in _NO_XATTR:
                 return None

@@ -230,6 +230,41 @@ def test_capability_and_xattrs(tmp_path: Path) -> None:
             s.capability(b"missing")
 
 
+def _user_xattr(path: Path, value: bytes) -> None:
+    try:
+        os.setxattr(path, "user.blobchain", value)
+    except OSError as e:  # e.g. a tmpfs without user xattrs
+        pytest.skip(f"no user xattrs here: {e}")
+
+
+def test_xattrs_read_under_a_pinned_parent(tmp_path: Path) -> None:
+    root = fsgen.build(
+        tmp_path / "r", {b"d/a": File(b"a"), b"d/b": File(b"b"), b"e/c": File(b"c"), b"top": File(b"t")}
+    )
+    for rel, value in ((b"d/a", b"1"), (b"d/b", b"2"), (b"e/c", b"3"), (b"top", b"4")):
+        _user_xattr(root / os.fsdecode(rel), value)
+    fds = len(os.listdir("/proc/self/fd"))
+    with open_snapshot(root) as s:
+        got = [s.xattr(rel, "user.blobchain") for rel in (b"d/a", b"d/b", b"e/c", b"d/a", b"top")]
+        assert got == [b"1", b"2", b"3", b"1", b"4"]
+        assert s.xattr(b"d", "user.blobchain") is None
+    assert len(os.listdir("/proc/self/fd")) == fds  # the cached parent descriptor is closed too
+
+
+def test_a_parent_swapped_for_a_symlink_never_brings_in_an_outside_xattr(tmp_path: Path) -> None:
+    """A parent replaced by a symlink to outside the root after the walk saw it: a path lookup
+    would read the outside file's xattr; the pinned re-read refuses it."""
+    root = fsgen.build(tmp_path / "r", {b"d/f": File(b"inside")})
+    outside = fsgen.build(tmp_path / "outside", {b"f": File(b"outside")})
+    _user_xattr(outside / "f", b"secret")
+    with open_snapshot(root) as s:
+        assert s.xattr(b"d/f", "user.blobchain") is None
+        os.rename(root / "d", tmp_path / "d-moved")
+        os.symlink(outside, root / "d")
+        with pytest.raises(PathEscapes):
+            s.xattr(b"d/f", "user.blobchain")
+
+
 @needs_root
 def test_unreadable_file(tmp_path: Path, resolver: str) -> None:
     """EACCES (for an unprivileged user) becomes UnreadableFile."""
