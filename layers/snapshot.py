@@ -369,15 +369,10 @@ def open_snapshot(
         raise SnapshotNotFound(f"snapshot {_show(raw)} does not exist", snapshot=raw) from None
     if not stat.S_ISDIR(st.st_mode):
         raise SnapshotNotFound(f"snapshot {_show(raw)} is not a directory", snapshot=raw)
-    if roots is not None:
-        for r in roots:
-            rr = os.path.realpath(os.fsencode(r)).rstrip(b"/") + b"/"
-            if real == rr.rstrip(b"/") or real.startswith(rr):
-                break
-        else:
-            raise SnapshotOutsideRoots(
-                f"snapshot {_show(raw)} is outside the allowed roots", snapshot=raw, roots=list(roots)
-            )
+    if roots is not None and not _inside(real, roots):
+        raise SnapshotOutsideRoots(
+            f"snapshot {_show(raw)} is outside the allowed roots", snapshot=raw, roots=list(roots)
+        )
     try:
         fd = os.open(real, _O_DIR | os.O_NOFOLLOW)
     except OSError:
@@ -386,4 +381,26 @@ def open_snapshot(
     if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
         raise SnapshotNotFound(f"snapshot {_show(raw)} changed while being opened", snapshot=raw)
+    if roots is not None and _PROC_FD:
+        # The roots were checked on a path string: check where the descriptor really is, in case
+        # a component was swapped for a symlink between realpath() and open().
+        try:
+            opened = os.readlink(b"/proc/self/fd/%d" % fd)
+        except OSError:  # pragma: no cover - procfs without fd links
+            opened = real
+        if not _inside(opened, roots):
+            os.close(fd)
+            raise SnapshotOutsideRoots(
+                f"snapshot {_show(raw)} resolved outside the allowed roots while being opened",
+                snapshot=raw,
+                roots=list(roots),
+            )
     return Snapshot(real, fd)
+
+
+def _inside(real: bytes, roots: Sequence[str]) -> bool:
+    for r in roots:
+        rr = os.path.realpath(os.fsencode(r)).rstrip(b"/") + b"/"
+        if real == rr.rstrip(b"/") or real.startswith(rr):
+            return True
+    return False

@@ -293,3 +293,28 @@ def test_walk_fallback_matches_openat2(tree: tuple[Path, Snapshot], monkeypatch:
     with_openat2 = [snap.scandir(b"d"), _read(snap.open_file(b"d/sub/g"))]
     monkeypatch.setattr(snapmod, "use_openat2", False)
     assert [snap.scandir(b"d"), _read(snap.open_file(b"d/sub/g"))] == with_openat2
+
+
+def test_a_component_swapped_while_opening_is_caught_by_where_the_fd_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The roots are checked on realpath()'s string; a component swapped for a symlink right
+    after it would make stat() and open() land outside. The descriptor's real location decides."""
+    roots = tmp_path / "roots"
+    (roots / "a" / "snap").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    (outside / "snap").mkdir(parents=True)
+    real_stat = os.stat
+    swapped = []
+
+    def stat_after_swap(p, *a, **kw):  # type: ignore[no-untyped-def]
+        if not swapped and os.fsencode(p).endswith(b"/a/snap"):
+            swapped.append(True)
+            os.rename(roots / "a", tmp_path / "a-moved")
+            os.symlink(outside, roots / "a")
+        return real_stat(p, *a, **kw)
+
+    monkeypatch.setattr(os, "stat", stat_after_swap)
+    with pytest.raises(SnapshotOutsideRoots, match="while being opened"):
+        open_snapshot(roots / "a" / "snap", roots=[str(roots)])
+    assert swapped
