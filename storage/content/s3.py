@@ -22,10 +22,9 @@ import base64
 import hashlib
 import io
 import logging
-import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, cast
@@ -34,6 +33,7 @@ from urllib.parse import quote, unquote
 import boto3
 import botocore.exceptions as bexc
 from botocore.config import Config
+from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential
 
 from blobchain.layers.errors import (
     BlobchainError,
@@ -162,6 +162,7 @@ def decode_labels(meta: Mapping[str, str]) -> dict[str, str]:
 _ABSENT = object()
 _EXISTS = object()
 _CONFLICT = object()
+_CONFLICT_ATTEMPTS = 5
 
 
 class S3ContentStore:
@@ -328,8 +329,9 @@ class S3ContentStore:
     def _put_if_absent(self, key: str, body: bytes | bytearray, digest: str, meta: dict[str, str]) -> bool:
         """PUT with If-None-Match: *; False if the key already exists."""
         checksum = base64.b64encode(bytes.fromhex(digest[7:])).decode()
-        for attempt in range(5):
-            resp = self._call(
+        return self._settled(
+            key,
+            lambda: self._call(
                 "put_object",
                 exists_ok=True,
                 Bucket=self.bucket,
@@ -339,13 +341,22 @@ class S3ContentStore:
                 Metadata=meta,
                 ContentType="application/octet-stream",
                 ChecksumSHA256=checksum,
-            )
-            if resp is _EXISTS:
-                return False
-            if resp is not _CONFLICT:
-                return True
-            time.sleep(0.05 * 2**attempt)
-        raise Unavailable(f"S3 at {self.endpoint} kept reporting a conflicting write on {key}")
+            ),
+        )
+
+    def _settled(self, key: str, write: Callable[[], Any]) -> bool:
+        """Run a conditional write until S3 stops answering 409 (another write on ``key`` in
+        flight): True if written, False if the condition failed (412)."""
+        retrying = Retrying(
+            retry=retry_if_result(lambda resp: resp is _CONFLICT),
+            stop=stop_after_attempt(_CONFLICT_ATTEMPTS),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            retry_error_callback=lambda state: _CONFLICT,
+        )
+        resp = retrying(write)
+        if resp is _CONFLICT:
+            raise Unavailable(f"S3 at {self.endpoint} kept reporting a conflicting write on {key}")
+        return resp is not _EXISTS
 
     def _copy(
         self,
@@ -361,29 +372,25 @@ class S3ContentStore:
         cond: dict[str, Any] = {}
         if if_none_match:
             cond["IfNoneMatch"] = "*"
-        for attempt in range(5):
-            if size <= self.multipart_copy_threshold:
-                src_cond = {"CopySourceIfMatch": source_etag} if source_etag else {}
-                resp = self._call(
-                    "copy_object",
-                    exists_ok=True,
-                    Bucket=self.bucket,
-                    Key=dst,
-                    CopySource={"Bucket": self.bucket, "Key": src},
-                    MetadataDirective="REPLACE",
-                    Metadata=meta,
-                    ContentType="application/octet-stream",
-                    **src_cond,
-                    **cond,
-                )
-            else:
-                resp = self._copy_multipart(src, dst, size, meta, cond, source_etag)
-            if resp is _EXISTS:
-                return False
-            if resp is not _CONFLICT:
-                return True
-            time.sleep(0.05 * 2**attempt)
-        raise Unavailable(f"S3 at {self.endpoint} kept reporting a conflicting write on {dst}")
+
+        def copy() -> Any:
+            if size > self.multipart_copy_threshold:
+                return self._copy_multipart(src, dst, size, meta, cond, source_etag)
+            src_cond = {"CopySourceIfMatch": source_etag} if source_etag else {}
+            return self._call(
+                "copy_object",
+                exists_ok=True,
+                Bucket=self.bucket,
+                Key=dst,
+                CopySource={"Bucket": self.bucket, "Key": src},
+                MetadataDirective="REPLACE",
+                Metadata=meta,
+                ContentType="application/octet-stream",
+                **src_cond,
+                **cond,
+            )
+
+        return self._settled(dst, copy)
 
     def _copy_multipart(
         self,

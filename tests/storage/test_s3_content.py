@@ -361,3 +361,17 @@ def test_concurrent_writers_and_readers_share_one_client(content_store: S3Conten
         t.join()
     assert errors == []
     assert set(content_store.list_digests()) == {digest_of(b) for b in blobs}
+
+
+def test_conditional_writes_retry_a_409_then_give_up_clearly(content_store: S3ContentStore) -> None:
+    # The retry policy alone (S3 answers 409 when another write on the key is in flight; a
+    # real server cannot be made to do that on demand).
+    from blobchain.storage.content import s3 as s3mod
+
+    answers = [s3mod._CONFLICT, s3mod._CONFLICT, None]
+    assert content_store._settled("k", lambda: answers.pop(0)) is True
+    assert content_store._settled("k", lambda: s3mod._EXISTS) is False
+    calls = []
+    with pytest.raises(Unavailable, match="conflicting write on k"):
+        content_store._settled("k", lambda: calls.append(1) or s3mod._CONFLICT)
+    assert len(calls) == s3mod._CONFLICT_ATTEMPTS
