@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
-import random
 import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
@@ -223,22 +224,24 @@ class EmbeddedExecutor:
     def _until_free(
         self, ref_id: str, opts: LayerOptions, create_if_needed: bool, threads: int | None
     ) -> BuildOutcome:
-        """Build; while another process (another CLI run) holds the ref, wait with backoff."""
-        delay = 0.05
-        deadline = time.monotonic() + self.settings.wait_budget_s
-        while True:
-            try:
-                if self._pool is None:
-                    progress = _throttled(self._emit, ref_id)
-                    deps = self.deps if threads is None else replace(self.deps, threads=threads)
-                    return build_ref(ref_id, opts, deps, create_if_needed=create_if_needed, progress=progress)
-                return self._pool.submit(_child_build, ref_id, opts, create_if_needed, threads).result()
-            except InProgress:
-                if time.monotonic() > deadline:
-                    raise
-                self._emit(RefEvent(ref_id, WAITING))
-                time.sleep(delay * (1 + random.random()))
-                delay = min(delay * 2, 2.0)
+        """Build; while another process (another CLI run) holds the ref, wait with jittered
+        backoff, up to the wait budget (then the last InProgress is raised)."""
+
+        def once() -> BuildOutcome:
+            if self._pool is None:
+                progress = _throttled(self._emit, ref_id)
+                deps = self.deps if threads is None else replace(self.deps, threads=threads)
+                return build_ref(ref_id, opts, deps, create_if_needed=create_if_needed, progress=progress)
+            return self._pool.submit(_child_build, ref_id, opts, create_if_needed, threads).result()
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(InProgress),
+            wait=wait_random_exponential(multiplier=0.05, max=2.0),
+            stop=stop_after_delay(self.settings.wait_budget_s),
+            before_sleep=lambda _: self._emit(RefEvent(ref_id, WAITING)),
+            reraise=True,
+        )
+        return retrying(once)
 
     def close(self, *, cancel: bool = False) -> None:
         if self._pool is not None:
