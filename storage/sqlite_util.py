@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 
-__all__ = ["connect"]
+__all__ = ["ProcessConnection", "connect"]
+
+# Connections inherited through fork() are kept, never closed: closing one in the child could
+# disturb the parent's SQLite locks. (Fork only without other threads running.)
+_INHERITED: list[sqlite3.Connection] = []
 
 
 def connect(path: str | os.PathLike[str], timeout_s: float) -> sqlite3.Connection:
@@ -35,3 +40,42 @@ def connect(path: str | os.PathLike[str], timeout_s: float) -> sqlite3.Connectio
         conn.close()
         raise
     return conn
+
+
+class ProcessConnection:
+    """One connection per process, opened on first use and again in a forked child (a SQLite
+    connection must not cross ``fork()``). Callers serialise its use with their own lock."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        timeout_s: float,
+        setup: Callable[[sqlite3.Connection], object] | None = None,
+    ) -> None:
+        self._path = path
+        self._timeout = timeout_s
+        self._setup = setup
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+
+    def get(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            if self._conn is not None:
+                _INHERITED.append(self._conn)
+                self._conn = None
+            conn = connect(self._path, self._timeout)
+            try:
+                if self._setup is not None:
+                    self._setup(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        elif self._conn is not None:
+            _INHERITED.append(self._conn)
+        self._conn = None

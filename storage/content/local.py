@@ -36,13 +36,9 @@ from blobchain.layers.errors import (
 )
 from blobchain.layers.records import check_digest
 from blobchain.storage.content import BlobInfo
-from blobchain.storage.sqlite_util import connect
+from blobchain.storage.sqlite_util import ProcessConnection
 
 __all__ = ["LocalContentStore", "LocalIngest"]
-
-# Connections inherited through fork() are kept, never closed: closing one in the child could
-# disturb the parent's SQLite locks. (Fork only without other threads running.)
-_INHERITED: list[sqlite3.Connection] = []
 
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -190,23 +186,18 @@ class _LabelDB:
 
     def __init__(self, path: Path, busy_timeout_s: float) -> None:
         self._path = path
-        self._timeout = busy_timeout_s
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        self._pid = -1
-
-    def _connection(self) -> sqlite3.Connection:
-        # A connection must not cross fork(): reopen in a child process.
-        if self._conn is None or self._pid != os.getpid():
-            if self._conn is not None:
-                _INHERITED.append(self._conn)
-            conn = connect(self._path, self._timeout)
-            conn.execute(
+        self._db = ProcessConnection(
+            path,
+            busy_timeout_s,
+            lambda conn: conn.execute(
                 "CREATE TABLE IF NOT EXISTS labels (digest TEXT NOT NULL, key TEXT NOT NULL,"
                 " value TEXT NOT NULL, PRIMARY KEY (digest, key)) WITHOUT ROWID"
-            )
-            self._conn, self._pid = conn, os.getpid()
-        return self._conn
+            ),
+        )
+
+    def _connection(self) -> sqlite3.Connection:
+        return self._db.get()
 
     def get(self, digest: str) -> dict[str, str]:
         with self._lock:
@@ -244,11 +235,7 @@ class _LabelDB:
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            elif self._conn is not None:
-                _INHERITED.append(self._conn)
-            self._conn = None
+            self._db.close()
 
     def _map(self, e: sqlite3.Error) -> BlobchainError:
         if getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL:

@@ -30,13 +30,9 @@ from blobchain.layers.errors import (
     Unavailable,
 )
 from blobchain.layers.records import LayerBlob, RefRecord, RefSpec, check_digest
-from blobchain.storage.sqlite_util import connect
+from blobchain.storage.sqlite_util import ProcessConnection
 
 __all__ = ["SCHEMA_VERSION", "SqliteMetadataStore"]
-
-# Connections inherited through fork() are kept, never closed: closing one in the child could
-# disturb the parent's SQLite locks. (Fork only without other threads running.)
-_INHERITED: list[sqlite3.Connection] = []
 
 SCHEMA_VERSION = 1
 _SQLITE_FULL = 13
@@ -101,11 +97,11 @@ class SqliteMetadataStore:
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._timeout = busy_timeout_s
         self._clock = clock
         self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = None
-        self._pid = -1
+        self._db = ProcessConnection(
+            self.path, busy_timeout_s, lambda conn: conn.execute("PRAGMA foreign_keys=ON")
+        )
         self._init_schema()
 
     def __repr__(self) -> str:
@@ -115,16 +111,10 @@ class SqliteMetadataStore:
 
     def _connection(self) -> sqlite3.Connection:
         # One connection per process (reopened after fork), used under self._lock.
-        if self._conn is None or self._pid != os.getpid():
-            if self._conn is not None:
-                _INHERITED.append(self._conn)
-            try:
-                conn = connect(self.path, self._timeout)
-                conn.execute("PRAGMA foreign_keys=ON")
-            except sqlite3.Error as e:
-                raise self._map(e) from e
-            self._conn, self._pid = conn, os.getpid()
-        return self._conn
+        try:
+            return self._db.get()
+        except sqlite3.Error as e:
+            raise self._map(e) from e
 
     @contextmanager
     def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
@@ -166,11 +156,7 @@ class SqliteMetadataStore:
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            elif self._conn is not None:
-                _INHERITED.append(self._conn)
-            self._conn = None
+            self._db.close()
 
     # --- records ------------------------------------------------------------------------------
 
