@@ -311,16 +311,15 @@ class Snapshot:
             if not _PROC_FD:  # pragma: no cover - no procfs: the path lookup is all there is
                 return value
             parent, _, base = rel.rpartition(b"/")
-            if not parent:
-                return os.getxattr(b"/proc/self/fd/%d/%s" % (self._fd, base), name, follow_symlinks=False)
             with self._lock:  # the cached descriptor must not be closed while in use
                 cached = self._xdir
-                if cached is None or cached[0] != parent:
+                if parent and (cached is None or cached[0] != parent):
                     fd = self.open_dir(parent)
                     if cached is not None:
                         os.close(cached[1])
                     cached = self._xdir = (parent, fd)
-                return os.getxattr(b"/proc/self/fd/%d/%s" % (cached[1], base), name, follow_symlinks=False)
+                dirfd = cached[1] if parent else self._fd  # type: ignore[index]
+                return os.getxattr(b"/proc/self/fd/%d/%s" % (dirfd, base), name, follow_symlinks=False)
         except OSError as e:
             if e.errno in _NO_XATTR:
                 return None

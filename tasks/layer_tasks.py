@@ -27,7 +27,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, shared_task
@@ -37,7 +37,6 @@ from celery.utils.log import get_task_logger
 
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
-from blobchain.layers.compress import available_cpus, threads_for_share
 from blobchain.layers.errors import (
     BlobchainError,
     FailedPrecondition,
@@ -172,12 +171,8 @@ def _note_pool_size(sender: Any = None, **_: Any) -> None:
 
 
 def build_deps(ctx: WorkerContext, options: LayerOptions) -> Deps:
-    """``ctx.deps`` with this build's compression threads: a configured ``threads`` as is,
-    otherwise this build's share of the cores when the pool runs several builds at once."""
-    if ctx.settings.threads is not None or not _pool_size or _pool_size == 1:
-        return ctx.deps
-    threads = threads_for_share(options.compression, available_cpus() // _pool_size)
-    return ctx.deps if threads is None else replace(ctx.deps, threads=threads)
+    """``ctx.deps`` for one of the pool's builds (they share the cores)."""
+    return ctx.deps.sharing_cores(options, _pool_size or 1)
 
 
 @worker_process_init.connect(weak=False)

@@ -11,14 +11,13 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
-from blobchain.layers.compress import available_cpus, threads_for_share
+from blobchain.layers.compress import available_cpus
 from blobchain.layers.errors import InProgress
 from blobchain.layers.records import LayerOptions, RefRecord
 from blobchain.workers.chainjob import chain_records, finalize_chain
@@ -75,12 +74,10 @@ def _throttled(emit: Any, ref_id: str) -> Any:
     return progress
 
 
-def _child_build(
-    ref_id: str, opts: LayerOptions, create_if_needed: bool, threads: int | None = None
-) -> BuildOutcome:
+def _child_build(ref_id: str, opts: LayerOptions, create_if_needed: bool, at_once: int = 1) -> BuildOutcome:
     global _child_busy
     assert _child_deps is not None
-    deps = _child_deps if threads is None else replace(_child_deps, threads=threads)
+    deps = _child_deps.sharing_cores(opts, at_once)
     progress = _throttled(_child_events.put, ref_id)
     _child_busy = True
     _child_events.put(RefEvent(ref_id, RUNNING))
@@ -171,8 +168,8 @@ class EmbeddedExecutor:
         with self._states_lock:
             self._states.append(state)
         # Only the refs still missing this variant build; the others are answered from the store.
-        threads = self._threads_per_build(opts, sum(r.blob_for(opts) is None for r in records))
-        builds = [self._threads.submit(self._build_one, r, opts, create_if_needed, threads) for r in chain]
+        at_once = self._builds_at_once(sum(r.blob_for(opts) is None for r in records))
+        builds = [self._threads.submit(self._build_one, r, opts, create_if_needed, at_once) for r in chain]
         outer: Future[ChainResult] = Future()
 
         def finish() -> None:
@@ -197,22 +194,19 @@ class EmbeddedExecutor:
         threading.Thread(target=finish, name=f"blobchain-chain-{ref_id}", daemon=True).start()
         return EmbeddedJob(ref_id, state, outer)
 
-    def _threads_per_build(self, opts: LayerOptions, n_refs: int) -> int | None:
-        """Up to ``jobs`` builds share the cores; the configured ``threads`` wins."""
-        if self.settings.threads is not None:
-            return None  # already in every Deps
-        at_once = max(1, min(self._jobs, n_refs))
-        return threads_for_share(opts.compression, available_cpus() // at_once)
+    def _builds_at_once(self, n_builds: int) -> int:
+        """How many of ``n_builds`` run together (at most ``jobs``): they share the cores."""
+        return max(1, min(self._jobs, n_builds))
 
     def _build_one(
-        self, ref_id: str, opts: LayerOptions, create_if_needed: bool, threads: int | None = None
+        self, ref_id: str, opts: LayerOptions, create_if_needed: bool, at_once: int = 1
     ) -> RefRecord:
         if self._pool is None:
             self._emit(RefEvent(ref_id, RUNNING))  # pool children announce themselves
         try:
             outcome = self._flight.do(
                 f"{flight_key(ref_id, opts)}-{create_if_needed}",
-                lambda: self._until_free(ref_id, opts, create_if_needed, threads),
+                lambda: self._until_free(ref_id, opts, create_if_needed, at_once),
             )
         except BaseException as e:
             self._emit(RefEvent(ref_id, FAILED, error=error_dict(e)))
@@ -222,7 +216,7 @@ class EmbeddedExecutor:
         return outcome.record
 
     def _until_free(
-        self, ref_id: str, opts: LayerOptions, create_if_needed: bool, threads: int | None
+        self, ref_id: str, opts: LayerOptions, create_if_needed: bool, at_once: int
     ) -> BuildOutcome:
         """Build; while another process (another CLI run) holds the ref, wait with jittered
         backoff, up to the wait budget (then the last InProgress is raised)."""
@@ -230,9 +224,9 @@ class EmbeddedExecutor:
         def once() -> BuildOutcome:
             if self._pool is None:
                 progress = _throttled(self._emit, ref_id)
-                deps = self.deps if threads is None else replace(self.deps, threads=threads)
+                deps = self.deps.sharing_cores(opts, at_once)
                 return build_ref(ref_id, opts, deps, create_if_needed=create_if_needed, progress=progress)
-            return self._pool.submit(_child_build, ref_id, opts, create_if_needed, threads).result()
+            return self._pool.submit(_child_build, ref_id, opts, create_if_needed, at_once).result()
 
         retrying = Retrying(
             retry=retry_if_exception_type(InProgress),

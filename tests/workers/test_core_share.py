@@ -28,7 +28,7 @@ def test_zstd_gets_its_share_and_gzip_all_cores() -> None:
     ("cpus", "jobs", "refs", "comp", "want"),
     [
         (4, 2, 5, "zstd", 2),  # two builds at once: half the cores each
-        (4, 2, 1, "zstd", 4),  # one layer: all of them
+        (4, 2, 1, "zstd", None),  # one layer: all of them (None: every core)
         (2, 4, 3, "zstd", 1),  # more builds than cores: one worker each
         (4, 2, 5, "gzip", None),  # gzip keeps every core
     ],
@@ -45,7 +45,7 @@ def test_threads_per_build(
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
     ex = EmbeddedExecutor(Settings(store=str(tmp_path / "store")), jobs=jobs, in_process=True)
     try:
-        assert ex._threads_per_build(LayerOptions(compression=comp), refs) == want
+        assert ex.deps.sharing_cores(LayerOptions(compression=comp), ex._builds_at_once(refs)).threads == want
     finally:
         ex.close()
 
@@ -53,8 +53,8 @@ def test_threads_per_build(
 def test_configured_threads_win(tmp_path: Path) -> None:
     ex = EmbeddedExecutor(Settings(store=str(tmp_path / "store"), threads=3), jobs=2, in_process=True)
     try:
-        # None: the Deps already carry threads=3 from the settings.
-        assert ex._threads_per_build(LayerOptions(compression="zstd"), 5) is None
+        # The Deps carry threads=3 from the settings, whatever the sharing.
+        assert ex.deps.sharing_cores(LayerOptions(compression="zstd"), ex._builds_at_once(5)).threads == 3
         assert ex.deps.threads == 3
     finally:
         ex.close()
@@ -112,8 +112,8 @@ def test_refs_that_already_have_the_blob_do_not_count(
     (tmp_path / "b" / "f").write_bytes(b"top")
     seen: list[int | None] = []
     ex = EmbeddedExecutor(Settings(store=str(tmp_path / "store")), jobs=2, in_process=True)
-    real = ex._threads_per_build
-    monkeypatch.setattr(ex, "_threads_per_build", lambda opts, n: seen.append(n) or real(opts, n))
+    real = ex._builds_at_once
+    monkeypatch.setattr(ex, "_builds_at_once", lambda n: seen.append(n) or real(n))
     try:
         client = Client(ex.settings, executor=ex)
         specs = client.register_chain([str(tmp_path / "a")])
