@@ -7,7 +7,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -z "${BLOBCHAIN_SKIP_APT:-}" ]; then
   need=""
   for tool in containerd:containerd ctr:containerd umoci:umoci skopeo:skopeo oci-image-tool:oci-image-tool \
-              redis-server:redis-server docker-compose:docker-compose; do
+              redis-server:redis-server docker-compose:docker-compose qemu-x86_64:qemu-user; do
     command -v "${tool%%:*}" >/dev/null || need="$need ${tool#*:}"
   done
   if [ -n "$need" ]; then
