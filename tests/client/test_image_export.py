@@ -9,21 +9,13 @@ import shutil
 import subprocess
 
 import pytest
+from services import require_tool
 
 from blobchain.client import Client, ImageOptions, Platform
 from blobchain.client.cli import main
 from blobchain.client.sample import make_sample_chain
 from blobchain.config.settings import Settings
 from blobchain.layers.records import EMPTY_LAYER_DIFF_ID
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is not installed (scripts/test.sh installs it)")
-        pytest.skip(f"{tool} is not installed")
-    return path
 
 
 @pytest.fixture
@@ -88,7 +80,7 @@ def test_export_writes_the_runnable_config(tmp_path, chain, capsys):
     assert "created" not in cfg and all("created" not in h for h in cfg["history"])
     assert manifest["annotations"] == {"org.opencontainers.image.source": "https://example.invalid/repo"}
 
-    need("umoci")
+    require_tool("umoci", "umoci")
     bundle = tmp_path / "bundle"
     subprocess.run(["umoci", "unpack", "--image", f"{out}:t", str(bundle)], check=True, capture_output=True)
     runtime = json.loads((bundle / "config.json").read_text())
@@ -146,7 +138,7 @@ def test_empty_diff_is_an_empty_layer_in_history(tmp_path, chain, capsys):
     _, manifest, cfg = _image(str(tmp_path / "oci"), "t")
     assert len(manifest["layers"]) == 3 and len(cfg["rootfs"]["diff_ids"]) == 3
     assert [h.get("empty_layer", False) for h in cfg["history"]] == [False, False, True, False]
-    need("skopeo")
+    require_tool("skopeo", "skopeo")
     subprocess.run(["skopeo", "copy", f"oci:{tmp_path / 'oci'}:t", f"oci:{tmp_path / 'copy'}:t"], check=True)
 
 
@@ -169,7 +161,7 @@ def test_index_over_two_platforms(tmp_path, chain, capsys):
     with open(os.path.join(out, "index.json")) as f:
         tops = {m["annotations"]["org.opencontainers.image.ref.name"]: m for m in json.load(f)["manifests"]}
     assert tops["multi"]["digest"] == idx["index"] and set(tops) == {"amd", "arm", "multi"}
-    need("skopeo")
+    require_tool("skopeo", "skopeo")
     raw = subprocess.run(
         ["skopeo", "inspect", "--raw", f"oci:{out}:multi"], check=True, capture_output=True
     ).stdout
