@@ -11,27 +11,17 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import services
 
 CHECK = Path(__file__).resolve().parents[2] / "bench" / "dispatch_check.py"
 LD_SO = "/lib64/ld-linux-x86-64.so.2"
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86_64 CPU models only")
-
-
-def _qemu() -> str:
-    qemu = shutil.which("qemu-x86_64")
-    if qemu is None:
-        msg = "qemu-x86_64 not installed (Debian package qemu-user; scripts/test.sh installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return qemu
 
 
 def _digests(prefix: list[str]) -> dict[str, str]:
@@ -48,7 +38,7 @@ def native() -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("cpu", ["Nehalem", "qemu64"])
 def test_same_bytes_on_an_older_cpu_model(cpu: str, native: dict[str, str]) -> None:
-    qemu = _qemu()
+    qemu = services.require_tool("qemu-x86_64", "qemu-user")
     if os.path.exists(LD_SO):
         # The emulated CPU really lacks AVX2 (glibc's ISA level), so other code paths run.
         levels = subprocess.run([qemu, "-cpu", cpu, LD_SO, "--help"], capture_output=True, text=True).stdout
