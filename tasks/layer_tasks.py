@@ -225,7 +225,8 @@ def attempts_key(prefix: str, flight: str) -> str:
 
 
 def stats_key(prefix: str, action: str, flight: str) -> str:
-    """Counter of real work per (ref, variant): ``stats:built:<ref>#<variant>``."""
+    """Counter of real work started per (ref, variant): ``stats:built:<ref>#<variant>`` (diffs)
+    and ``stats:converted:<ref>#<variant>`` (recompressions of an existing blob)."""
     return f"{prefix}stats:{action}:{flight}"
 
 
@@ -349,6 +350,15 @@ def build_ref_task(
     if n > 1:
         log.warning("ref %s: start %d of this message (the previous one died)", flight, n)
 
+    def count_work(action: str) -> None:
+        # Counted as the work starts, not after its commit: a diff that ran and then failed
+        # (a crash, a lost lease, an S3 error) shows up, so "exactly once" is checkable.
+        key = stats_key(ctx.prefix, action, flight)
+        try:
+            _redis_call(ctx, "count work", lambda: _incr(ctx, key))
+        except BlobchainError as e:
+            log.warning("could not count %s: %s", flight, e)
+
     success = False
     try:
         outcome = build_ref(
@@ -357,6 +367,7 @@ def build_ref_task(
             build_deps(ctx, options),
             create_if_needed=create_if_needed,
             progress=_progress_reporter(self),
+            on_work=count_work,
         )
         success = True
     except (InProgress, LeaseLost) as e:
@@ -387,12 +398,6 @@ def build_ref_task(
     finally:
         attempt.finish(success=success)
 
-    if outcome.action in ("built", "converted"):
-        try:
-            key = stats_key(ctx.prefix, outcome.action, flight)
-            _redis_call(ctx, "count work", lambda: _incr(ctx, key))
-        except BlobchainError as e:
-            log.warning("could not count %s: %s", flight, e)
     return {"ref": ref_id, "action": outcome.action, "record": outcome.record.to_dict()}
 
 
