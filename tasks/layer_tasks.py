@@ -257,7 +257,8 @@ def attempts_key(prefix: str, flight: str) -> str:
 
 
 def stats_key(prefix: str, action: str, flight: str) -> str:
-    """Counter of real work per (ref, variant): ``stats:built:<ref>#<variant>``."""
+    """Counter of real work started per (ref, variant): ``stats:built:<ref>#<variant>`` (diffs)
+    and ``stats:converted:<ref>#<variant>`` (recompressions of an existing blob)."""
     return f"{prefix}stats:{action}:{flight}"
 
 
@@ -391,6 +392,15 @@ def build_ref_task(
     if takeover is not None:
         log.warning("ref %s: taking over: %s", flight, takeover.get("reason"))
 
+    def count_work(action: str) -> None:
+        # Counted as the work starts, not after its commit: a diff that ran and then failed
+        # (a crash, a lost lease, an S3 error) shows up, so "exactly once" is checkable.
+        key = stats_key(ctx.prefix, action, flight)
+        try:
+            _redis_call(ctx, "count work", lambda: _incr(ctx, key))
+        except BlobchainError as e:
+            log.warning("could not count %s: %s", flight, e)
+
     kwargs: dict[str, Any] = {"wait_since": wait_since, "unavailable": unavailable}
     if takeover is not None:
         kwargs["takeover"] = takeover
@@ -405,6 +415,7 @@ def build_ref_task(
             build_deps(ctx, options, delivery_of(self, ref_id, flight, [ref_id, opts, create_if_needed], kwargs)),
             create_if_needed=create_if_needed,
             progress=progress,
+            on_work=count_work,
         )
         success = True
     except (InProgress, LeaseLost) as e:
@@ -435,12 +446,6 @@ def build_ref_task(
     finally:
         attempt.finish(success=success)
 
-    if outcome.action in ("built", "converted"):
-        try:
-            key = stats_key(ctx.prefix, outcome.action, flight)
-            _redis_call(ctx, "count work", lambda: _incr(ctx, key))
-        except BlobchainError as e:
-            log.warning("could not count %s: %s", flight, e)
     out: dict[str, Any] = {"ref": ref_id, "action": outcome.action, "record": outcome.record.to_dict()}
     if takeover is not None:
         out["takeover"] = takeover.get("reason")
