@@ -21,6 +21,7 @@ PEERS=(
   cp:coreutils
   docker-registry:docker-registry
   podman:podman
+  qemu-x86_64:qemu-user
 )
 
 missing_peers() {
