@@ -527,7 +527,10 @@ def index(
 ) -> None:
     """Write a multi-platform image index over images already in LAYOUT (platforms from their
     configs), tagged --tag."""
-    with Client() as client:
+    settings = load_settings()
+    if not settings.distributed:  # as export: the layout is the embedded store
+        settings = settings.model_copy(update={"store": layout})
+    with Client(settings) as client:
         desc = client.index(layout, tag, tags)
     data = {"index": desc.digest, "media_type": desc.media_type, "oci": f"{layout}:{tag}"}
     if as_json:

@@ -4,16 +4,11 @@ credentials of the machine's own (HOME and the auth-file variables point into th
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import regservice
-
-from blobchain.client.cli import main
-from blobchain.client.sample import make_sample_chain
 
 
 @pytest.fixture(autouse=True)
@@ -67,30 +62,6 @@ def token_registry(
         yield reg
 
 
-def export_layout(tmp: Path, *args: str, tag: str = "v1", snaps: list[str] | None = None) -> tuple[str, str]:
-    """Export the sample chain to a layout; returns (layout, manifest digest)."""
-    chain = snaps or make_sample_chain(str(tmp / "snaps"))
-    out = str(tmp / "oci")
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main(["export", *chain, "--oci", out, "--tag", tag, "--json", "--quiet", *args])
-    assert rc == 0
-    return out, json.loads(buf.getvalue())["manifest"]
-
-
 @pytest.fixture
 def layout(tmp_path: Path) -> tuple[str, str]:
-    return export_layout(tmp_path)
-
-
-def auth_file(home: Path, registry: str, user: str, password: str) -> Path:
-    import base64
-
-    path = home / "auth.json"
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    path.write_text(json.dumps({"auths": {registry: {"auth": token}}}))
-    os.chmod(path, 0o600)
-    return path
+    return regservice.export_layout(tmp_path)

@@ -415,3 +415,32 @@ class FaultProxy:
         finally:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_RDWR)
+
+
+# --- helpers for push tests ---------------------------------------------------------------------
+
+
+def export_layout(tmp: Path, *args: str, tag: str = "v1", snaps: list[str] | None = None) -> tuple[str, str]:
+    """Export the sample chain to a layout; returns (layout, manifest digest)."""
+    import io
+
+    from blobchain.client.cli import main
+    from blobchain.client.sample import make_sample_chain
+
+    chain = snaps or make_sample_chain(str(tmp / "snaps"))
+    out = str(tmp / "oci")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["export", *chain, "--oci", out, "--tag", tag, "--json", "--quiet", *args])
+    assert rc == 0
+    return out, json.loads(buf.getvalue())["manifest"]
+
+
+def auth_file(home: Path, registry: str, user: str, password: str) -> Path:
+    import base64
+
+    path = home / "auth.json"
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    path.write_text(json.dumps({"auths": {registry: {"auth": token}}}))
+    os.chmod(path, 0o600)
+    return path

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import regservice
-from conftest import auth_file, export_layout
+from regservice import auth_file, export_layout
 from services import require_tool
 
 from blobchain.client.cli import main
