@@ -24,6 +24,7 @@ from blobchain.workers.plan import ancestry
 __all__ = ["BuildOutcome", "build_ref", "flight_key", "is_windows", "layer_source"]
 
 Progress = Callable[[int, int], None]
+OnWork = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,14 @@ def build_ref(
     *,
     create_if_needed: bool = True,
     progress: Progress | None = None,
+    on_work: OnWork | None = None,
 ) -> BuildOutcome:
     """Make sure ``ref_id`` has a blob (and, with ``opts.force``, one in ``opts``' compression).
 
     Refs with a blob are not recomputed. Raises NoBlobs when there is none and
     ``create_if_needed`` is false, InProgress when another worker holds the ref's lease.
+    ``on_work("built" | "converted")`` is called under the lease just before the diff (or the
+    conversion) starts, so work that runs and then fails to commit is seen too.
     """
     rec = deps.metadata.get(ref_id)
     if rec is None:
@@ -116,10 +120,14 @@ def build_ref(
                     if progress:
                         progress(files, nbytes)
 
-                if rec.blob is not None and _have(deps, rec.blob):
-                    blob, action = _convert(deps, rec.blob, opts, ref_id, gc_lease, tick), "converted"
+                action = "converted" if rec.blob is not None and _have(deps, rec.blob) else "built"
+                if on_work is not None:
+                    on_work(action)
+                if action == "converted":
+                    assert rec.blob is not None
+                    blob = _convert(deps, rec.blob, opts, ref_id, gc_lease, tick)
                 else:
-                    blob, action = _build(deps, rec.spec, opts, ref_id, gc_lease, tick), "built"
+                    blob = _build(deps, rec.spec, opts, ref_id, gc_lease, tick)
                 hb.check()
                 rec = _commit(deps, ref_id, blob, lease)
         finally:
