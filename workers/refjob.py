@@ -24,6 +24,7 @@ from blobchain.workers.plan import ancestry
 __all__ = ["BuildOutcome", "build_ref", "flight_key", "is_windows", "layer_source"]
 
 Progress = Callable[[int, int], None]
+OnWork = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,26 @@ def _spec(deps: Deps, ref_id: str) -> RefSpec | None:
     return rec.spec if rec else None
 
 
+def _lookup(deps: Deps, ref_id: str) -> Callable[[str], RefSpec | None]:
+    """Spec lookup over ``ref_id``'s ancestry: one read of the whole chain where the store can
+    (Redis: a server-side walk, so a ref's round trips do not grow with the chain's depth)."""
+    many = getattr(deps.metadata, "chain_specs", None)
+    if many is None:
+        return lambda r: _spec(deps, r)
+    specs: dict[str, RefSpec] = many(ref_id)
+    return lambda r: specs[r] if r in specs else _spec(deps, r)
+
+
 def is_windows(deps: Deps, ref_id: str) -> bool:
     """Windows layer mode applies when the ref or any ancestor is a windows layer."""
-    return any(_spec(deps, r).layer_type == "windows" for r in ancestry(ref_id, lambda r: _spec(deps, r)))  # type: ignore[union-attr]
+    lookup = _lookup(deps, ref_id)
+    return any(lookup(r).layer_type == "windows" for r in ancestry(ref_id, lookup))  # type: ignore[union-attr]
 
 
 def layer_source(deps: Deps, spec: RefSpec) -> LayerSource:
     """Open the ref's snapshot and its lower side, confined to the configured roots."""
-    chain = [_spec(deps, r) for r in ancestry(spec.ref_id, lambda r: _spec(deps, r))]
+    lookup = _lookup(deps, spec.ref_id)
+    chain = [lookup(r) for r in ancestry(spec.ref_id, lookup)]
     windows = any(s.layer_type == "windows" for s in chain if s)
     upper = open_snapshot(spec.snapshot, deps.roots)
     parents = [s for s in chain[:-1] if s]
@@ -82,11 +95,14 @@ def build_ref(
     *,
     create_if_needed: bool = True,
     progress: Progress | None = None,
+    on_work: OnWork | None = None,
 ) -> BuildOutcome:
     """Make sure ``ref_id`` has a blob (and, with ``opts.force``, one in ``opts``' compression).
 
     Refs with a blob are not recomputed. Raises NoBlobs when there is none and
     ``create_if_needed`` is false, InProgress when another worker holds the ref's lease.
+    ``on_work("built" | "converted")`` is called under the lease just before the diff (or the
+    conversion) starts, so work that runs and then fails to commit is seen too.
     """
     rec = deps.metadata.get(ref_id)
     if rec is None:
@@ -116,10 +132,14 @@ def build_ref(
                     if progress:
                         progress(files, nbytes)
 
-                if rec.blob is not None and _have(deps, rec.blob):
-                    blob, action = _convert(deps, rec.blob, opts, ref_id, gc_lease, tick), "converted"
+                action = "converted" if rec.blob is not None and _have(deps, rec.blob) else "built"
+                if on_work is not None:
+                    on_work(action)
+                if action == "converted":
+                    assert rec.blob is not None
+                    blob = _convert(deps, rec.blob, opts, ref_id, gc_lease, tick)
                 else:
-                    blob, action = _build(deps, rec.spec, opts, ref_id, gc_lease, tick), "built"
+                    blob = _build(deps, rec.spec, opts, ref_id, gc_lease, tick)
                 hb.check()
                 rec = _commit(deps, ref_id, blob, lease)
         finally:

@@ -57,8 +57,8 @@ class BlobReader(Protocol):
         """The blob's info, or None if absent."""
         ...
 
-    def open(self, digest: str) -> BinaryIO:
-        """A reader over the blob's bytes; raises NotFound if absent."""
+    def open(self, digest: str, offset: int = 0) -> BinaryIO:
+        """A reader over the blob's bytes from ``offset`` on; raises NotFound if absent."""
         ...
 
 

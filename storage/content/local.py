@@ -297,11 +297,14 @@ class LocalContentStore:
             return None
         return BlobInfo(digest, st.st_size, self._labels.get(digest))
 
-    def open(self, digest: str) -> BinaryIO:
+    def open(self, digest: str, offset: int = 0) -> BinaryIO:
         try:
-            return self.blob_path(digest).open("rb")
+            f = self.blob_path(digest).open("rb")
         except FileNotFoundError:
             raise NotFound(f"blob {digest} not found", digest=digest) from None
+        if offset:
+            f.seek(offset)
+        return f
 
     def delete(self, digest: str) -> bool:
         try:

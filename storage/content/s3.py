@@ -217,9 +217,11 @@ class S3ContentStore:
             return None
         return BlobInfo(digest, int(head["ContentLength"]), decode_labels(head.get("Metadata") or {}))
 
-    def open(self, digest: str) -> BinaryIO:
+    def open(self, digest: str, offset: int = 0) -> BinaryIO:
         key = self.blob_key(digest)
-        resp = self._call("get_object", absent_ok=True, Bucket=self.bucket, Key=key)
+        # A ranged GET from ``offset`` (a resumed registry upload reads only what is left).
+        ranged = {"Range": f"bytes={offset}-"} if offset > 0 else {}
+        resp = self._call("get_object", absent_ok=True, Bucket=self.bucket, Key=key, **ranged)
         if resp is _ABSENT:
             raise NotFound(f"blob {digest} not found in s3://{self.bucket}/{key}", digest=digest)
         raw = _BodyReader(resp["Body"], self, key)
