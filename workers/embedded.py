@@ -26,7 +26,7 @@ from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
 from blobchain.layers.compress import available_cpus
 from blobchain.layers.errors import InProgress
-from blobchain.layers.records import LayerOptions, RefRecord
+from blobchain.layers.records import Compression, LayerOptions, RefRecord
 from blobchain.workers.chainjob import chain_records, finalize_chain
 from blobchain.workers.deps import Deps
 from blobchain.workers.executor import (
@@ -92,6 +92,14 @@ def _child_build(ref_id: str, opts: LayerOptions, create_if_needed: bool, at_onc
         return build_ref(ref_id, opts, deps, create_if_needed=create_if_needed, progress=progress)
     finally:
         _child_busy = False
+
+
+def _stops_quickly(opts: LayerOptions) -> bool:
+    """True when a build returns to Python (and so sees a cancel) at least every few hundred
+    milliseconds: gzip and tar work in 1 MiB pieces; zstd from level 10 up has jobs of 16 MiB and
+    more that one call may wait for."""
+    level = opts.effective_level
+    return opts.compression != Compression.ZSTD or level is None or level < 10
 
 
 # --- the main side ------------------------------------------------------------------------
@@ -188,9 +196,12 @@ class EmbeddedExecutor:
         missing = {r.ref_id for r in records if r.blob_for(opts) is None}
         at_once = self._builds_at_once(len(missing))
         # Refs already built, and a lone build, run here: no build process is started for them.
+        # Not a lone build at a high zstd level: one libzstd call can then run for seconds, and
+        # only a pool child can be killed when Ctrl-C must not wait for it.
+        lone = len(missing) <= 1 and _stops_quickly(opts)
         builds = [
             self._threads.submit(
-                self._build_one, r, opts, create_if_needed, at_once, self._in_process or r not in missing or len(missing) <= 1
+                self._build_one, r, opts, create_if_needed, at_once, self._in_process or r not in missing or lone
             )
             for r in chain
         ]

@@ -48,3 +48,13 @@ def test_two_builds_use_the_pool_and_give_the_same_blobs(tmp_path: Path) -> None
         assert c.executor._pool is not None  # type: ignore[attr-defined]
     with Client(Settings(store=str(tmp_path / "b")), jobs=2, in_process=True) as c:
         assert _build(c, snaps) == pooled
+
+
+def test_a_lone_build_at_a_high_zstd_level_uses_the_pool(tmp_path: Path) -> None:
+    # One libzstd call can run for seconds there; only a pool child can be killed on Ctrl-C.
+    snaps = _snapshots(tmp_path, 1)
+    with Client(Settings(store=str(tmp_path / "store")), jobs=2) as c:
+        specs = c.register_chain(snaps)
+        with c.lease() as lease:
+            c.compute_blob_chain(specs[-1].ref_id, compression="zstd", level=12, lease=lease).wait(120)
+        assert c.executor._pool is not None  # type: ignore[attr-defined]
