@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from blobchain.client.api import Client
@@ -23,6 +24,14 @@ from blobchain.layers.errors import (
     NotFound,
     Unavailable,
 )
+from blobchain.layers.imageconfig import (
+    ImageOptions,
+    InvalidImageOption,
+    Platform,
+    parse_command,
+    parse_kv,
+)
+from blobchain.layers.records import RefSpec
 from blobchain.workers.executor import FINISHED, ChainResult, Job
 
 __all__ = ["app", "main"]
@@ -48,6 +57,29 @@ SourceDateEpoch = Annotated[
     typer.Option("--source-date-epoch", envvar="SOURCE_DATE_EPOCH", help="clamp mtimes to this"),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")]
+# The image config (what the image runs and how it presents itself; never the layer bytes).
+PlatformOpt = Annotated[
+    str | None, typer.Option("--platform", help="os/arch[/variant] (default: this host's)")
+]
+Entrypoint = Annotated[str | None, typer.Option("--entrypoint", help="JSON array or shell form")]
+Cmd = Annotated[str | None, typer.Option("--cmd", help="JSON array or shell form")]
+Env = Annotated[list[str] | None, typer.Option("--env", "-e", help="K=V (repeatable)")]
+Workdir = Annotated[str | None, typer.Option("--workdir", help="working directory")]
+User = Annotated[str | None, typer.Option("--user", help="user[:group]")]
+Label = Annotated[list[str] | None, typer.Option("--label", help="K=V (repeatable)")]
+Expose = Annotated[list[str] | None, typer.Option("--expose", help="PORT[/proto] (repeatable)")]
+StopSignal = Annotated[str | None, typer.Option("--stop-signal", help="e.g. SIGTERM")]
+ConfigFile = Annotated[
+    str | None, typer.Option("--config", help="image config fragment (JSON); flags override it")
+]
+Comment = Annotated[
+    list[str] | None,
+    typer.Option("--comment", help="history created_by, one per snapshot in order (default: its path)"),
+]
+Created = Annotated[
+    str | None, typer.Option("--created", help="now, RFC 3339 or @EPOCH (default: unset, reproducible)")
+]
+Annotation = Annotated[list[str] | None, typer.Option("--annotation", help="manifest K=V (repeatable)")]
 
 
 @dataclass(frozen=True)
@@ -61,6 +93,57 @@ class _ChainArgs:
     docker: bool = False
     source_date_epoch: int | None = None
     quiet: bool = False
+
+
+@dataclass(frozen=True)
+class _ImageArgs:
+    """The image-config options ``export`` and ``submit`` share, as typed on the command line."""
+
+    platform: str | None = None
+    entrypoint: str | None = None
+    cmd: str | None = None
+    env: list[str] | None = None
+    workdir: str | None = None
+    user: str | None = None
+    label: list[str] | None = None
+    expose: list[str] | None = None
+    stop_signal: str | None = None
+    config: str | None = None
+    comment: list[str] | None = None
+    created: str | None = None
+    annotation: list[str] | None = None
+
+    def options(self, snapshots: int) -> ImageOptions:
+        """Parsed and checked before any work starts: bad input changes nothing."""
+        fragment: dict[str, Any] = {}
+        if self.config:
+            try:
+                with open(self.config, "rb") as f:
+                    fragment = json.load(f)
+            except OSError as e:
+                raise InvalidImageOption(f"cannot read --config {self.config}: {e.strerror}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InvalidImageOption(f"--config {self.config} is not JSON: {e}") from None
+        if len(self.comment or ()) > snapshots:
+            raise InvalidImageOption(f"{len(self.comment or ())} --comment for {snapshots} snapshots")
+        return ImageOptions(
+            platform=Platform.parse(self.platform) if self.platform else None,
+            entrypoint=parse_command(self.entrypoint) if self.entrypoint is not None else None,
+            cmd=parse_command(self.cmd) if self.cmd is not None else None,
+            env=tuple(self.env or ()),
+            workdir=self.workdir,
+            user=self.user,
+            labels=tuple(parse_kv(v, what="label") for v in self.label or ()),
+            exposed_ports=tuple(self.expose or ()),
+            stop_signal=self.stop_signal,
+            created=self.created,
+            annotations=tuple(parse_kv(v, what="annotation") for v in self.annotation or ()),
+            fragment=fragment,
+        )
+
+
+def _with_comments(opts: ImageOptions, specs: list[RefSpec], comments: list[str] | None) -> ImageOptions:
+    return replace(opts, comments=tuple((s.ref_id, c) for s, c in zip(specs, comments or (), strict=False)))
 
 
 def _exit_code(e: BlobchainError) -> int:
@@ -133,7 +216,7 @@ def _print_result(result: ChainResult, as_json: bool, extra: dict[str, Any] | No
             out.print(f"{k}: {v}", highlight=False, soft_wrap=True)
 
 
-def _run_chain(client: Client, snapshots: list[str], args: _ChainArgs) -> ChainResult:
+def _run_chain(client: Client, snapshots: list[str], args: _ChainArgs) -> tuple[ChainResult, list[RefSpec]]:
     specs = client.register_chain(
         snapshots,
         kind="upper" if args.upper else "rootfs",
@@ -152,7 +235,7 @@ def _run_chain(client: Client, snapshots: list[str], args: _ChainArgs) -> ChainR
         )
         result = _follow(job, labels, args.quiet)
         client.hold(lease, result)
-    return result
+    return result, specs
 
 
 @app.command()
@@ -174,15 +257,33 @@ def export(
     ] = None,
     as_json: AsJson = False,
     quiet: Quiet = False,
+    platform: PlatformOpt = None,
+    entrypoint: Entrypoint = None,
+    cmd: Cmd = None,
+    env: Env = None,
+    workdir: Workdir = None,
+    user: User = None,
+    label: Label = None,
+    expose: Expose = None,
+    stop_signal: StopSignal = None,
+    config: ConfigFile = None,
+    comment: Comment = None,
+    created: Created = None,
+    annotation: Annotation = None,
 ) -> None:
     """Diff each snapshot against the previous one, store the layers and write an OCI image."""
+    image_args = _ImageArgs(
+        platform, entrypoint, cmd, env, workdir, user, label, expose, stop_signal, config, comment, created,
+        annotation,
+    )  # fmt: skip
+    image = image_args.options(len(snapshots))
     settings = load_settings()
     if not settings.distributed:
         settings = settings.model_copy(update={"store": store or oci})
     args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
     with Client(settings, jobs=jobs) as client:
-        result = _run_chain(client, snapshots, args)
-        manifest = client.export(result, oci, tag=tag)
+        result, specs = _run_chain(client, snapshots, args)
+        manifest = client.export(result, oci, tag=tag, image=_with_comments(image, specs, comment))
     _print_result(result, as_json, {"manifest": manifest.digest, "oci": f"{oci}:{tag}"})
 
 
@@ -217,15 +318,52 @@ def submit(
     tag: Tag = "latest",
     as_json: AsJson = False,
     quiet: Quiet = False,
+    platform: PlatformOpt = None,
+    entrypoint: Entrypoint = None,
+    cmd: Cmd = None,
+    env: Env = None,
+    workdir: Workdir = None,
+    user: User = None,
+    label: Label = None,
+    expose: Expose = None,
+    stop_signal: StopSignal = None,
+    config: ConfigFile = None,
+    comment: Comment = None,
+    created: Created = None,
+    annotation: Annotation = None,
 ) -> None:
     """Submit a chain to the workers (or run it embedded) and follow its progress."""
+    image_args = _ImageArgs(
+        platform, entrypoint, cmd, env, workdir, user, label, expose, stop_signal, config, comment, created,
+        annotation,
+    )  # fmt: skip
+    image = image_args.options(len(snapshots))
     args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
     with Client() as client:
-        result = _run_chain(client, snapshots, args)
+        result, specs = _run_chain(client, snapshots, args)
+        image = _with_comments(image, specs, comment)
         extra = None
         if oci:
-            extra = {"manifest": client.export(result, oci, tag=tag).digest}
+            extra = {"manifest": client.export(result, oci, tag=tag, image=image).digest}
     _print_result(result, as_json, extra)
+
+
+@app.command()
+def index(
+    layout: Annotated[str, typer.Argument(help="the OCI layout holding the images")],
+    tags: Annotated[list[str], typer.Argument(help="TAG_A TAG_B ...: one image per platform")],
+    tag: Annotated[str, typer.Option("--tag", "-t", help="the index's tag in index.json")],
+    as_json: AsJson = False,
+) -> None:
+    """Write a multi-platform image index over images already in LAYOUT (platforms from their
+    configs), tagged --tag."""
+    with Client() as client:
+        desc = client.index(layout, tag, tags)
+    data = {"index": desc.digest, "media_type": desc.media_type, "oci": f"{layout}:{tag}"}
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        out.print(f"index {desc.digest}  {layout}:{tag}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -273,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             err.print("interrupted: no partial blob was kept; rerun to continue")
         return rv if isinstance(rv, int) else 0
     except BlobchainError as e:
-        err.print(f"[red]error[/red] ({e.code}): {e.message}", highlight=False)
+        # escape: a message quoting user input ("os/arch[/variant]") is not rich markup
+        err.print(f"[red]error[/red] ({e.code}): {escape(e.message)}", highlight=False)
         return _exit_code(e)
     except KeyboardInterrupt:
         err.print("interrupted: no partial blob was kept; rerun to continue")
