@@ -54,7 +54,7 @@ def test_kill_9_of_the_parent_takes_its_pool_children(tmp_path: Path) -> None:
         assert children, "the export has no pool children"
         os.kill(proc.pid, signal.SIGKILL)  # only the parent
         proc.wait(10)
-        gone, alive = psutil.wait_procs(children, timeout=_BOUND_S)
+        _gone, alive = psutil.wait_procs(children, timeout=_BOUND_S)
         assert not alive, f"children outlived their parent: {[p.pid for p in alive]}"
         assert _holders(out / ".blobchain" / "content.db") == []
     finally:
