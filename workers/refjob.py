@@ -42,6 +42,7 @@ __all__ = ["BuildOutcome", "build_ref", "flight_key", "intact", "is_windows", "l
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+OnWork = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,14 @@ def build_ref(
     *,
     create_if_needed: bool = True,
     progress: Progress | None = None,
+    on_work: OnWork | None = None,
 ) -> BuildOutcome:
     """Make sure ``ref_id`` has a blob (and, with ``opts.force``, one in ``opts``' compression).
 
     Refs with a blob are not recomputed. Raises NoBlobs when there is none and
     ``create_if_needed`` is false, InProgress when another worker holds the ref's lease.
+    ``on_work("built" | "converted")`` is called under the lease just before the diff (or the
+    conversion) starts, so work that runs and then fails to commit is seen too.
     """
     rec = deps.metadata.get(ref_id)
     if rec is None:
@@ -156,7 +160,7 @@ def build_ref(
                         progress(files, nbytes)
 
                 try:
-                    blob, action = _make(deps, rec, opts, key, gc_lease, tick)
+                    blob, action = _make(deps, rec, opts, key, gc_lease, tick, on_work)
                 except NotFound:
                     # Our upload was swept by a new holder of the lease we lost: say so.
                     hb.check()
@@ -212,11 +216,20 @@ def _sweep_dead_holder(deps: Deps, key: str) -> None:
 
 
 def _make(
-    deps: Deps, rec: RefRecord, opts: LayerOptions, key: str, gc_lease: str, tick: Progress
+    deps: Deps,
+    rec: RefRecord,
+    opts: LayerOptions,
+    key: str,
+    gc_lease: str,
+    tick: Progress,
+    on_work: OnWork | None,
 ) -> tuple[LayerBlob, str]:
-    """Convert an intact existing blob (no walk), else diff the snapshot."""
+    """Convert an intact existing blob (no walk), else diff the snapshot. ``on_work(action)``
+    before each piece of work starts."""
     source = rec.blob
     if source is not None and intact(deps, rec, source):
+        if on_work is not None:
+            on_work("converted")
         try:
             return _convert(deps, rec.ref_id, source, opts, key, gc_lease, tick), "converted"
         except DigestMismatch as e:
@@ -224,6 +237,8 @@ def _make(
                 raise
             # The source turned out corrupt while converting (it is quarantined and marked
             # now): build from the snapshot instead.
+    if on_work is not None:
+        on_work("built")
     return _build(deps, rec.spec, opts, key, gc_lease, tick), "built"
 
 
