@@ -165,7 +165,7 @@ def test_verify_reports_and_repair_marks_for_rebuild(tmp_path, capsys):
 
 def test_verify_of_a_missing_layout_is_not_found(tmp_path, capsys):
     assert main(["verify", "--oci", str(tmp_path / "nope")]) == 3
-    assert "is not an OCI" in capsys.readouterr().err.replace("\n", " ")
+    assert "is not an OCI layout" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "nope").exists()
 
 
