@@ -80,11 +80,12 @@ class BlobReader(Protocol):
         """The blob's info, or None if absent."""
         ...
 
-    def open(self, digest: str, *, quarantine: bool = True) -> BinaryIO:
-        """A verifying reader over the blob's bytes; raises NotFound if absent.
+    def open(self, digest: str, offset: int = 0, *, quarantine: bool = True) -> BinaryIO:
+        """A verifying reader over the blob's bytes from ``offset`` on; raises NotFound if absent.
 
         The reader raises DigestMismatch before handing over the last bytes of a blob that does
-        not hash to ``digest``; with ``quarantine`` the store first moves the bad copy aside.
+        not hash to ``digest``; with ``quarantine`` the store first moves the bad copy aside. A
+        reader from ``offset`` still hashes the bytes before it (read, not returned).
         """
         ...
 

@@ -332,7 +332,7 @@ class LocalContentStore:
             return None
         return BlobInfo(digest, st.st_size, self._labels.get(digest), created=st.st_mtime)
 
-    def open(self, digest: str, *, quarantine: bool = True) -> BinaryIO:
+    def open(self, digest: str, offset: int = 0, *, quarantine: bool = True) -> BinaryIO:
         path = self.blob_path(digest)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -345,7 +345,12 @@ class LocalContentStore:
             return self._quarantine_if(digest, st, err.message)
 
         reader = VerifyingReader(
-            raw, digest, size=st.st_size, where=f"blob {path}", on_mismatch=bad_copy if quarantine else None
+            raw,
+            digest,
+            size=st.st_size,
+            where=f"blob {path}",
+            on_mismatch=bad_copy if quarantine else None,
+            skip=offset,
         )
         return io.BufferedReader(reader, buffer_size=_WRITE_BUFFER)  # type: ignore[return-value]
 

@@ -232,8 +232,10 @@ class S3ContentStore:
             return None
         return _info(digest, head)
 
-    def open(self, digest: str, *, quarantine: bool = True) -> BinaryIO:
+    def open(self, digest: str, offset: int = 0, *, quarantine: bool = True) -> BinaryIO:
         key = self.blob_key(digest)
+        # From ``offset`` (a resumed registry upload sends only what is left), the bytes before
+        # it are still fetched and hashed, not returned: a ranged GET could not be verified.
         resp = self._call("get_object", absent_ok=True, Bucket=self.bucket, Key=key)
         if resp is _ABSENT:
             raise NotFound(f"blob {digest} not found in s3://{self.bucket}/{key}", digest=digest)
@@ -248,6 +250,7 @@ class S3ContentStore:
             size=int(resp["ContentLength"]) if "ContentLength" in resp else None,
             where=f"object s3://{self.bucket}/{key}",
             on_mismatch=bad_copy if quarantine else None,
+            skip=offset,
         )
         return cast(BinaryIO, io.BufferedReader(raw, buffer_size=MiB))
 

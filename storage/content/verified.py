@@ -34,6 +34,7 @@ class VerifyingReader(io.RawIOBase):
         size: int | None,
         where: str,
         on_mismatch: Callable[[DigestMismatch], str | None] | None = None,
+        skip: int = 0,
     ) -> None:
         super().__init__()
         self._raw = raw
@@ -45,6 +46,7 @@ class VerifyingReader(io.RawIOBase):
         self._size = 0
         self._verified = False
         self._error: DigestMismatch | None = None
+        self._skip = max(0, skip)  # leading bytes hashed but not returned (a read from an offset)
 
     def readable(self) -> bool:
         return True
@@ -58,6 +60,14 @@ class VerifyingReader(io.RawIOBase):
         if self._error is not None:
             raise self._error
         mv = memoryview(buffer).cast("B")
+        while self._skip:
+            n = self._take(mv[: min(len(mv), self._skip)])
+            if n == 0:
+                return 0
+            self._skip -= n
+        return self._take(mv)
+
+    def _take(self, mv: memoryview) -> int:
         n = self._raw.readinto(mv)
         if n is None:  # pragma: no cover - only non-blocking streams
             return None  # type: ignore[return-value]
