@@ -378,6 +378,17 @@ class ContentStoreContract:
         assert content_store.info(bad) is None
         assert content_store.verify(good) is not None
 
+    def test_read_from_offset_is_verified(self, content_store: ContentStore, damage_blob: DamageBlob) -> None:
+        data = payload(14, 300_000)
+        digest = _commit(content_store, data).digest
+        with content_store.open(digest, offset=123_456) as f:
+            assert f.read() == data[123_456:]
+        # Damage before the offset is still found (the prefix is hashed, not returned).
+        damage_blob(content_store, digest, flip_byte(data, 10))
+        with pytest.raises(DigestMismatch), content_store.open(digest, offset=200_000) as f:
+            f.read()
+        assert content_store.info(digest) is None
+
     def test_quarantine(self, content_store: ContentStore) -> None:
         digest = _commit(content_store, b"suspect").digest
         where = content_store.quarantine(digest, reason="test")
