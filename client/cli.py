@@ -28,6 +28,7 @@ from blobchain.config.settings import load_settings
 from blobchain.layers.errors import (
     BlobchainError,
     Conflict,
+    DigestMismatch,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -51,7 +52,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
 out = Console()
 
-_EXIT = [(InvalidArgument, 2), (NotFound, 3), (FailedPrecondition, 4), (Unavailable, 5), (Conflict, 6)]
+# 7: stored content does not match its digest (a read or `blobchain verify` found a corrupt blob).
+_EXIT_CORRUPT = 7
+_EXIT = [
+    (InvalidArgument, 2),
+    (NotFound, 3),
+    (FailedPrecondition, 4),
+    (Unavailable, 5),
+    (Conflict, 6),
+    (DigestMismatch, _EXIT_CORRUPT),
+]
 
 Compression = Annotated[str, typer.Option("--compression", "-c", help="gzip, zstd or uncompressed")]
 Level = Annotated[int | None, typer.Option("--level", "-l", help="compression level")]
@@ -585,6 +595,57 @@ def gc(dry_run: Annotated[bool, typer.Option("--dry-run")] = False, as_json: AsJ
         out.print(
             f"{'would delete' if dry_run else 'deleted'} {len(report.deleted)} blobs, {_human(report.freed_bytes)}"
         )
+
+
+@app.command()
+def verify(
+    repair: Annotated[
+        bool, typer.Option("--repair", help="quarantine corrupt blobs and mark their refs for rebuild")
+    ] = False,
+    store: Annotated[
+        str | None,
+        typer.Option("--store", "--oci", help="a local layout/store (default: the configured store)"),
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Re-read every blob of a store (local layout or S3) and check it against its digest.
+
+    Exit status 0 if every blob is intact, 7 if any is corrupt or a record names a missing blob.
+    """
+    from blobchain.workers.verify import verify_store
+
+    settings = load_settings()
+    if store is not None:
+        if not os.path.isfile(os.path.join(store, "oci-layout")):
+            raise NotFound(f"{store} is not an OCI layout or blobchain store (no oci-layout)", path=store)
+        settings = settings.model_copy(update={"store": store, "broker_url": None})
+    show = None
+    if not as_json:
+
+        def show(check: Any) -> None:
+            size = "" if check.size is None else _human(check.size)
+            line = f"{check.status:<8} {check.digest}  {size}"
+            if check.refs:
+                line += f"  refs {', '.join(check.refs)}"
+            if check.status != "ok":
+                line += f"\n         {check.message}"
+            (out if check.status == "ok" else err).print(escape(line), highlight=False, soft_wrap=True)
+
+    with Client(settings) as client:
+        report = verify_store(client.deps.content, client.deps.metadata, repair=repair, progress=show)
+    data = report.to_dict()
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        bad = data["corrupt"] + data["missing"]
+        verdict = "all intact" if not bad else f"{data['corrupt']} corrupt, {data['missing']} missing"
+        out.print(f"{report.store}: {data['checked']} blobs checked, {verdict}", highlight=False, soft_wrap=True)
+        if bad and repair and data["corrupt"]:
+            out.print("corrupt copies quarantined; their refs rebuild on the next export/submit")
+        elif data["corrupt"]:
+            out.print("rerun with --repair to quarantine them and rebuild their refs")
+    if report.bad:
+        raise typer.Exit(_EXIT_CORRUPT)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

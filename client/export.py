@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from blobchain.layers.errors import NotFound
+from blobchain.layers.errors import DigestMismatch, NotFound
 from blobchain.layers.imageconfig import (
     ConfigLayer,
     ImageOptions,
@@ -54,14 +54,25 @@ def _same_store(reader: BlobReader, dest: str) -> bool:
 
 
 def _put_bytes(store: LocalContentStore, data: bytes, name: str) -> None:
+    # A damaged copy already under this digest would be kept by the commit: move it aside first.
+    with contextlib.suppress(DigestMismatch):
+        store.verify("sha256:" + hashlib.sha256(data).hexdigest(), quick=True)
     with store.ingest(name) as ing:
         ing.write(data)
         ing.commit(size=len(data))
 
 
 def _copy_blob(reader: BlobReader, store: LocalContentStore, digest: str, size: int) -> None:
-    if store.info(digest) is not None:
-        return
+    """Make sure the layout holds an intact ``digest``: a reused copy is re-verified (quick:
+    in full if it may have changed since it was written), a copy comes through the source's
+    verifying reader and is published only once its digest matched."""
+    try:
+        if store.verify(digest, quick=True) is not None:
+            return
+    except DigestMismatch:
+        if store is reader:
+            raise  # the store's own copy is bad (now quarantined): nothing to copy from
+        # A bad copy in the destination layout, now quarantined: copy a good one below.
     if reader.info(digest) is None:
         raise NotFound(f"blob {digest} is missing from the content store", digest=digest)
     with reader.open(digest) as src, store.ingest(f"export-{digest[7:19]}") as ing:
@@ -143,7 +154,14 @@ def export_layout(
     store = deps.content if _same_store(deps.content, dest) else LocalContentStore(dest)
     assert isinstance(store, LocalContentStore) or _same_store(deps.content, dest)
     for desc in img.layers:
-        _copy_blob(deps.content, store, desc.digest, desc.size)  # type: ignore[arg-type]
+        try:
+            _copy_blob(deps.content, store, desc.digest, desc.size)  # type: ignore[arg-type]
+        except DigestMismatch as e:
+            if e.expected == desc.digest:  # the stored layer is corrupt: the next run rebuilds it
+                from blobchain.workers.verify import mark_damaged
+
+                mark_damaged(deps.metadata, desc.digest, result.records)
+            raise
     _put_bytes(store, img.config, "export-config")  # type: ignore[arg-type]
     _put_bytes(store, img.manifest, "export-manifest")  # type: ignore[arg-type]
     _write_index(dest, img.manifest_descriptor, tag)
