@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from blobchain.client.api import Client
-from blobchain.client.layout import check_destination, check_disjoint, remove_if_empty
+from blobchain.client.layout import check_destination, check_disjoint, is_fresh, remove_if_empty
 from blobchain.config.settings import MAX_JOBS, load_settings
 from blobchain.layers.errors import (
     BlobchainError,
@@ -227,17 +227,16 @@ def export(
     check_destination(oci, tag, paths)
     if not settings.distributed:
         check_disjoint(settings.store, paths)
-    created = [
-        p for p in {oci, settings.store if not settings.distributed else oci} if not os.path.lexists(p)
-    ]
+    targets = {oci} if settings.distributed else {oci, settings.store}
+    fresh = {p: os.path.lexists(p) for p in targets if is_fresh(p)}
     try:
         with Client(settings, jobs=jobs) as client:
             result = _run_chain(client, snapshots, args)
             manifest = client.export(result, oci, tag=tag)
     except BaseException:
-        # A layout or store this run created and left empty is removed: no skeleton remains.
-        for p in created:
-            remove_if_empty(p)
+        # A layout or store this run created (or found empty) and left empty is cleaned up.
+        for p, existed in fresh.items():
+            remove_if_empty(p, keep_dir=existed)
         raise
     _print_result(result, as_json, {"manifest": manifest.digest, "oci": f"{oci}:{tag}"}, exported=True)
 
@@ -365,7 +364,9 @@ def _usage_error(e: Exception) -> int:
     ctx = getattr(e, "ctx", None)
     hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
     err.print(
-        f"[red]error[/red] ({UsageError.code}): {' '.join(message.split())}{hint}", highlight=False, soft_wrap=True
+        f"[red]error[/red] ({UsageError.code}): {' '.join(message.split())}{hint}",
+        highlight=False,
+        soft_wrap=True,
     )
     return 2
 

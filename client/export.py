@@ -12,7 +12,7 @@ import hashlib
 import os
 import uuid
 
-from blobchain.client.layout import check_destination, read_index, remove_if_empty
+from blobchain.client.layout import check_destination, is_fresh, read_index, remove_if_empty
 from blobchain.layers.errors import NotFound, from_os_error
 from blobchain.layers.oci import (
     CONFIG_MEDIA_TYPE,
@@ -90,14 +90,14 @@ def export_layout(
     Checked first (tag, overlap with the snapshots, the layout's shape and writability);
     a layout this call created is removed again if the export fails before writing anything."""
     check_destination(dest, tag, [r.spec.snapshot for r in result.records])
-    created = not os.path.lexists(dest)
+    existed, fresh = os.path.lexists(dest), is_fresh(dest)
     try:
         return _export(result, deps, dest, tag=tag, architecture=architecture)
     except OSError as e:
         raise from_os_error(e, f"writing the image to {dest}") from e
     finally:
-        if created and not os.path.exists(os.path.join(dest, "index.json")):
-            remove_if_empty(dest)
+        if fresh and not os.path.exists(os.path.join(dest, "index.json")):
+            remove_if_empty(dest, keep_dir=existed)
 
 
 def _export(

@@ -18,7 +18,7 @@ from typing import Any
 from blobchain.layers.errors import InvalidLayout, NotWritable, StoreOverlapsSnapshot, from_os_error
 from blobchain.layers.oci import check_index, check_tag
 
-__all__ = ["check_destination", "check_disjoint", "check_layout", "read_index", "remove_if_empty"]
+__all__ = ["check_destination", "check_disjoint", "check_layout", "is_fresh", "read_index", "remove_if_empty"]
 
 
 def _real(path: str) -> str:
@@ -71,7 +71,9 @@ def _check_writable(path: str, what: str) -> None:
         raise NotWritable(f"the {what} {path} is on a read-only filesystem", path=path)
     # access() also refuses an immutable directory, even to root.
     if not os.access(base, os.W_OK | os.X_OK):
-        raise NotWritable(f"the {what} {path} is not writable ({base}: permission denied)", path=path)
+        raise NotWritable(
+            f"the {what} {path} is not writable ({base}: permission denied, or immutable)", path=path
+        )
     if base == os.path.abspath(path):
         for sub in ("blobs", os.path.join("blobs", "sha256")):
             d = os.path.join(base, sub)
@@ -119,9 +121,20 @@ def check_destination(dest: str, tag: str | None, snapshots: Iterable[str]) -> d
     return check_layout(dest)
 
 
-def remove_if_empty(dest: str) -> bool:
-    """Remove a layout this run created when it holds nothing worth keeping: no blob, no
-    ``index.json``, no ingest in progress. True if removed."""
+def is_fresh(path: str) -> bool:
+    """``path`` does not exist or is an empty directory: a failed run may clean it up."""
+    if not os.path.lexists(path):
+        return True
+    try:
+        return os.path.isdir(path) and not os.path.islink(path) and not any(os.scandir(path))
+    except OSError:
+        return False
+
+
+def remove_if_empty(dest: str, *, keep_dir: bool = False) -> bool:
+    """Remove the layout skeleton a failed run made at ``dest`` when it holds nothing worth
+    keeping: no blob, no ``index.json``, no ingest in progress. ``keep_dir`` keeps ``dest``
+    itself (it existed, empty, before the run). True if removed."""
     if not os.path.isdir(dest) or os.path.lexists(os.path.join(dest, "index.json")):
         return False
     for sub in (os.path.join("blobs", "sha256"), os.path.join(".blobchain", "ingest")):
@@ -131,5 +144,14 @@ def remove_if_empty(dest: str) -> bool:
     known = {"blobs", ".blobchain", "oci-layout"}
     if any(e.name not in known for e in os.scandir(dest)):
         return False
-    shutil.rmtree(dest, ignore_errors=True)
-    return not os.path.lexists(dest)
+    if not keep_dir:
+        shutil.rmtree(dest, ignore_errors=True)
+        return not os.path.lexists(dest)
+    for name in known:
+        p = os.path.join(dest, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+    return True
