@@ -58,12 +58,7 @@ def test_register_rejects_bad_chains_and_writes_nothing(client, tmp_path):
         client.register([RefSpec("a", snaps[0], parent="b"), RefSpec("b", snaps[1], parent="a")])
     with pytest.raises(ConflictingParent):
         client.register(
-            [
-                RefSpec("p", snaps[0]),
-                RefSpec("q", snaps[1]),
-                RefSpec("c", snaps[2], "p"),
-                RefSpec("c", snaps[2], "q"),
-            ]
+            [RefSpec("p", snaps[0]), RefSpec("q", snaps[1]), RefSpec("c", snaps[2], "p"), RefSpec("c", snaps[2], "q")]
         )
     assert list(client.deps.metadata.list_refs()) == []
 
