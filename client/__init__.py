@@ -17,6 +17,7 @@ from blobchain.layers.errors import (
     NotFound,
     Unavailable,
 )
+from blobchain.layers.imageconfig import ImageOptions, Platform
 from blobchain.layers.records import Descriptor, LayerBlob, LayerOptions, RefRecord, RefSpec
 from blobchain.workers.executor import ChainResult, Job, RefEvent
 
@@ -28,9 +29,11 @@ __all__ = [
     # records
     "ChainResult",
     "Descriptor",
+    "ImageOptions",
     "Job",
     "LayerBlob",
     "LayerOptions",
+    "Platform",
     "RefEvent",
     "RefRecord",
     "RefSpec",

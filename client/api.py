@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings, check_jobs, load_settings
 from blobchain.layers.errors import MissingLease, RefNotFound, SnapshotOutsideRoots
+from blobchain.layers.imageconfig import ImageOptions
 from blobchain.layers.records import Descriptor, LayerOptions, RefRecord, RefSpec
 from blobchain.layers.snapshot import open_snapshot
 from blobchain.workers.deps import Deps
@@ -196,13 +197,22 @@ class Client:
         dest: str | os.PathLike[str],
         *,
         tag: str | None = None,
-        architecture: str | None = None,
+        image: ImageOptions | None = None,
     ) -> Descriptor:
         """Write ``result`` as an image in the OCI layout at ``dest``; returns the manifest's
-        descriptor."""
+        descriptor. ``image`` sets the platform, what the image runs, its history comments,
+        created time and manifest annotations (default: host platform, no command, unset
+        created, so the same chain always gives the same manifest digest)."""
         from blobchain.client.export import export_layout
 
-        return export_layout(result, self.deps, os.fspath(dest), tag=tag, architecture=architecture)
+        return export_layout(result, self.deps, os.fspath(dest), tag=tag, image=image)
+
+    def index(self, layout: str | os.PathLike[str], tag: str, tags: Sequence[str]) -> Descriptor:
+        """Write an image index over the images tagged ``tags`` in ``layout`` (platforms from
+        their configs) and tag it ``tag``; returns the index's descriptor."""
+        from blobchain.client.export import write_image_index
+
+        return write_image_index(os.fspath(layout), tag, list(tags), self.deps)
 
     def gc(self, *, dry_run: bool = False):  # type: ignore[no-untyped-def]
         from blobchain.storage.gc import collect_garbage

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from blobchain.client.api import Client
@@ -27,8 +28,15 @@ from blobchain.layers.errors import (
     UsageError,
     from_os_error,
 )
+from blobchain.layers.imageconfig import (
+    ImageOptions,
+    InvalidImageOption,
+    Platform,
+    parse_command,
+    parse_kv,
+)
 from blobchain.layers.oci import layer_media_type
-from blobchain.layers.records import MAX_SOURCE_DATE_EPOCH, LayerOptions
+from blobchain.layers.records import MAX_SOURCE_DATE_EPOCH, LayerOptions, RefSpec
 from blobchain.workers.executor import FINISHED, ChainResult, Job
 
 __all__ = ["app", "main"]
@@ -73,6 +81,29 @@ Store = Annotated[
     str | None,
     typer.Option("--store", "--oci", help="the embedded store (an OCI layout; default: BLOBCHAIN_STORE)"),
 ]
+# The image config (what the image runs and how it presents itself; never the layer bytes).
+PlatformOpt = Annotated[
+    str | None, typer.Option("--platform", help="os/arch[/variant] (default: this host's)")
+]
+Entrypoint = Annotated[str | None, typer.Option("--entrypoint", help="JSON array or shell form")]
+Cmd = Annotated[str | None, typer.Option("--cmd", help="JSON array or shell form")]
+Env = Annotated[list[str] | None, typer.Option("--env", "-e", help="K=V (repeatable)")]
+Workdir = Annotated[str | None, typer.Option("--workdir", help="working directory")]
+User = Annotated[str | None, typer.Option("--user", help="user[:group]")]
+Label = Annotated[list[str] | None, typer.Option("--label", help="K=V (repeatable)")]
+Expose = Annotated[list[str] | None, typer.Option("--expose", help="PORT[/proto] (repeatable)")]
+StopSignal = Annotated[str | None, typer.Option("--stop-signal", help="e.g. SIGTERM")]
+ConfigFile = Annotated[
+    str | None, typer.Option("--config", help="image config fragment (JSON); flags override it")
+]
+Comment = Annotated[
+    list[str] | None,
+    typer.Option("--comment", help="history created_by, one per snapshot in order (default: its path)"),
+]
+Created = Annotated[
+    str | None, typer.Option("--created", help="now, RFC 3339 or @EPOCH (default: unset, reproducible)")
+]
+Annotation = Annotated[list[str] | None, typer.Option("--annotation", help="manifest K=V (repeatable)")]
 
 
 @dataclass(frozen=True)
@@ -95,6 +126,57 @@ class _ChainArgs:
             docker_media_types=self.docker,
             source_date_epoch=self.source_date_epoch,
         )
+
+
+@dataclass(frozen=True)
+class _ImageArgs:
+    """The image-config options ``export`` and ``submit`` share, as typed on the command line."""
+
+    platform: str | None = None
+    entrypoint: str | None = None
+    cmd: str | None = None
+    env: list[str] | None = None
+    workdir: str | None = None
+    user: str | None = None
+    label: list[str] | None = None
+    expose: list[str] | None = None
+    stop_signal: str | None = None
+    config: str | None = None
+    comment: list[str] | None = None
+    created: str | None = None
+    annotation: list[str] | None = None
+
+    def options(self, snapshots: int) -> ImageOptions:
+        """Parsed and checked before any work starts: bad input changes nothing."""
+        fragment: dict[str, Any] = {}
+        if self.config:
+            try:
+                with open(self.config, "rb") as f:
+                    fragment = json.load(f)
+            except OSError as e:
+                raise InvalidImageOption(f"cannot read --config {self.config}: {e.strerror}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InvalidImageOption(f"--config {self.config} is not JSON: {e}") from None
+        if len(self.comment or ()) > snapshots:
+            raise InvalidImageOption(f"{len(self.comment or ())} --comment for {snapshots} snapshots")
+        return ImageOptions(
+            platform=Platform.parse(self.platform) if self.platform else None,
+            entrypoint=parse_command(self.entrypoint) if self.entrypoint is not None else None,
+            cmd=parse_command(self.cmd) if self.cmd is not None else None,
+            env=tuple(self.env or ()),
+            workdir=self.workdir,
+            user=self.user,
+            labels=tuple(parse_kv(v, what="label") for v in self.label or ()),
+            exposed_ports=tuple(self.expose or ()),
+            stop_signal=self.stop_signal,
+            created=self.created,
+            annotations=tuple(parse_kv(v, what="annotation") for v in self.annotation or ()),
+            fragment=fragment,
+        )
+
+
+def _with_comments(opts: ImageOptions, specs: list[RefSpec], comments: list[str] | None) -> ImageOptions:
+    return replace(opts, comments=tuple((s.ref_id, c) for s, c in zip(specs, comments or (), strict=False)))
 
 
 def _exit_code(e: BlobchainError) -> int:
@@ -174,7 +256,7 @@ def _print_result(
             out.print(f"{k}: {v}", highlight=False, soft_wrap=True)
 
 
-def _run_chain(client: Client, snapshots: list[str], args: _ChainArgs) -> ChainResult:
+def _run_chain(client: Client, snapshots: list[str], args: _ChainArgs) -> tuple[ChainResult, list[RefSpec]]:
     specs = client.register_chain(
         snapshots,
         kind="upper" if args.upper else "rootfs",
@@ -193,7 +275,7 @@ def _run_chain(client: Client, snapshots: list[str], args: _ChainArgs) -> ChainR
         )
         result = _follow(job, labels, args.quiet)
         client.hold(lease, result)
-    return result
+    return result, specs
 
 
 @app.command()
@@ -215,8 +297,26 @@ def export(
     ] = None,
     as_json: AsJson = False,
     quiet: Quiet = False,
+    platform: PlatformOpt = None,
+    entrypoint: Entrypoint = None,
+    cmd: Cmd = None,
+    env: Env = None,
+    workdir: Workdir = None,
+    user: User = None,
+    label: Label = None,
+    expose: Expose = None,
+    stop_signal: StopSignal = None,
+    config: ConfigFile = None,
+    comment: Comment = None,
+    created: Created = None,
+    annotation: Annotation = None,
 ) -> None:
     """Diff each snapshot against the previous one, store the layers and write an OCI image."""
+    image_args = _ImageArgs(
+        platform, entrypoint, cmd, env, workdir, user, label, expose, stop_signal, config, comment, created,
+        annotation,
+    )  # fmt: skip
+    image = image_args.options(len(snapshots))
     args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
     args.check()
     settings = load_settings(**({} if store is None else {"store": store}))
@@ -231,8 +331,8 @@ def export(
     fresh = {p: os.path.lexists(p) for p in targets if is_fresh(p)}
     try:
         with Client(settings, jobs=jobs) as client:
-            result = _run_chain(client, snapshots, args)
-            manifest = client.export(result, oci, tag=tag)
+            result, specs = _run_chain(client, snapshots, args)
+            manifest = client.export(result, oci, tag=tag, image=_with_comments(image, specs, comment))
     except BaseException:
         # A layout or store this run created (or found empty) and left empty is cleaned up.
         for p, existed in fresh.items():
@@ -272,18 +372,55 @@ def submit(
     tag: Tag = "latest",
     as_json: AsJson = False,
     quiet: Quiet = False,
+    platform: PlatformOpt = None,
+    entrypoint: Entrypoint = None,
+    cmd: Cmd = None,
+    env: Env = None,
+    workdir: Workdir = None,
+    user: User = None,
+    label: Label = None,
+    expose: Expose = None,
+    stop_signal: StopSignal = None,
+    config: ConfigFile = None,
+    comment: Comment = None,
+    created: Created = None,
+    annotation: Annotation = None,
 ) -> None:
     """Submit a chain to the workers (or run it embedded) and follow its progress."""
+    image_args = _ImageArgs(
+        platform, entrypoint, cmd, env, workdir, user, label, expose, stop_signal, config, comment, created,
+        annotation,
+    )  # fmt: skip
+    image = image_args.options(len(snapshots))
     args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
     args.check()
     if oci:
         check_destination(oci, tag, [os.path.abspath(s) for s in snapshots])
     with Client() as client:
-        result = _run_chain(client, snapshots, args)
+        result, specs = _run_chain(client, snapshots, args)
+        image = _with_comments(image, specs, comment)
         extra = None
         if oci:
-            extra = {"manifest": client.export(result, oci, tag=tag).digest}
+            extra = {"manifest": client.export(result, oci, tag=tag, image=image).digest}
     _print_result(result, as_json, extra, exported=bool(oci))
+
+
+@app.command()
+def index(
+    layout: Annotated[str, typer.Argument(help="the OCI layout holding the images")],
+    tags: Annotated[list[str], typer.Argument(help="TAG_A TAG_B ...: one image per platform")],
+    tag: Annotated[str, typer.Option("--tag", "-t", help="the index's tag in index.json")],
+    as_json: AsJson = False,
+) -> None:
+    """Write a multi-platform image index over images already in LAYOUT (platforms from their
+    configs), tagged --tag."""
+    with Client() as client:
+        desc = client.index(layout, tag, tags)
+    data = {"index": desc.digest, "media_type": desc.media_type, "oci": f"{layout}:{tag}"}
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        out.print(f"index {desc.digest}  {layout}:{tag}", highlight=False, soft_wrap=True)
 
 
 def _reading_client(store: str | None) -> Client:
@@ -364,7 +501,7 @@ def _usage_error(e: Exception) -> int:
     ctx = getattr(e, "ctx", None)
     hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
     err.print(
-        f"[red]error[/red] ({UsageError.code}): {' '.join(message.split())}{hint}",
+        f"[red]error[/red] ({UsageError.code}): {escape(' '.join(message.split()))}{escape(hint)}",
         highlight=False,
         soft_wrap=True,
     )
@@ -372,7 +509,8 @@ def _usage_error(e: Exception) -> int:
 
 
 def _error(e: BlobchainError) -> int:
-    message = " ".join(e.message.split())  # one line, whatever the message holds
+    # One line whatever the message holds; escaped: user input ("os/arch[/variant]") is not markup.
+    message = escape(" ".join(e.message.split()))
     err.print(f"[red]error[/red] ({e.code}): {message}", highlight=False, soft_wrap=True)
     return _exit_code(e)
 

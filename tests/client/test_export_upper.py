@@ -8,12 +8,12 @@ import json
 import os
 import tarfile
 
-import pytest
+import services
 from fsgen import build, overlay_opaque
 
 from blobchain.client.cli import main
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="whiteout devices and trusted.* xattrs need root")
+pytestmark = services.needs_root("whiteout devices and trusted.* xattrs")
 
 
 def _export(capsys, *args) -> dict:

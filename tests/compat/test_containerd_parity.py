@@ -14,6 +14,7 @@ from pathlib import Path
 
 import fsgen
 import pytest
+import services
 
 from blobchain.layers.changes import diff
 from blobchain.layers.entries import tar_entries
@@ -28,9 +29,7 @@ pytestmark = pytest.mark.compat
 
 @pytest.fixture(scope="session")
 def ctrd() -> Iterator[Containerd]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    services.require(unavailable_reason() is None, str(unavailable_reason()))
     with Containerd() as c:
         yield c
 

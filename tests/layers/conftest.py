@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import services
 
 # tests/ holds shared helpers (fsgen); pytest's rootdir-relative imports do not put it on the path
 # for this package-less folder.
@@ -19,9 +19,7 @@ import fsgen  # noqa: E402
 
 from blobchain.layers.snapshot import Snapshot, open_snapshot  # noqa: E402
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root (chown, mknod, security.capability, trusted.* xattrs)"
-)
+needs_root = services.needs_root("chown, mknod, security.capability, trusted.* xattrs")
 
 
 @pytest.fixture

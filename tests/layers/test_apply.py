@@ -10,11 +10,12 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+import services
 
 from blobchain.layers.apply import ApplyStats, InvalidLayer, apply_layer
 from blobchain.layers.errors import InvalidArgument, PathEscapes
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown, mknod and security.* xattrs need root")
+needs_root = services.needs_root("chown, mknod and security.* xattrs")
 
 # A valid VFS_CAP_REVISION_2 blob (20 bytes): cap_net_bind_service permitted+effective.
 CAP = b"\x01\x00\x00\x02" + b"\x00\x04\x00\x00" + b"\x00" * 12

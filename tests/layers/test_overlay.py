@@ -11,6 +11,7 @@ from pathlib import Path
 
 import fsgen
 import pytest
+import services
 from conftest import needs_root
 from fsgen import Dir, File, Hardlink, Symlink, Whiteout, t
 
@@ -192,7 +193,7 @@ def overlay(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
         ["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)], capture_output=True, check=False
     )
     if r.returncode != 0:
-        pytest.skip(f"cannot mount overlayfs here: {r.stderr.decode().strip()}")
+        services.missing(f"cannot mount overlayfs here: {r.stderr.decode().strip()}")
     try:
         yield lower, upper, merged
     finally:

@@ -56,7 +56,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import fsgen
-import pytest
+import services
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -67,7 +67,7 @@ from blobchain.layers.overlay import ROOTFS, UPPER, LowerView, upper_changes
 from blobchain.layers.snapshot import open_snapshot
 from blobchain.layers.tarwriter import write_tar
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown, mknod and capabilities need root")
+pytestmark = services.needs_root("chown, mknod and capabilities")
 
 NS = 1_000_000_000
 CAP_XATTR = b"security.capability"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import fsgen
 import pytest
+import services
 from conftest import needs_root
 from fsgen import Dir, Fifo, File, Symlink
 
@@ -30,7 +31,7 @@ def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     """Run a test with openat2 and again with the component-by-component fallback."""
     if request.param == "openat2":
         if not snapmod.use_openat2:
-            pytest.skip("openat2 is not available on this kernel")
+            services.missing("openat2 is not available on this kernel")
     else:
         monkeypatch.setattr(snapmod, "use_openat2", False)
     return str(request.param)
@@ -234,7 +235,7 @@ def _user_xattr(path: Path, value: bytes) -> None:
     try:
         os.setxattr(path, "user.blobchain", value)
     except OSError as e:  # e.g. a tmpfs without user xattrs
-        pytest.skip(f"no user xattrs here: {e}")
+        services.missing(f"no user xattrs here: {e}")
 
 
 def test_xattrs_read_under_a_pinned_parent(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import services
 
 
 def spawn_python(code: str, *args: str) -> subprocess.Popen[str]:
@@ -38,14 +38,13 @@ def expect_line(proc: subprocess.Popen[str], prefix: str) -> str:
 @contextmanager
 def tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A real tiny filesystem (tmpfs of ``size``) at ``path``; skips if mounting is not permitted."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+    services.require_root("mounting a tmpfs")
     path.mkdir(parents=True, exist_ok=True)
     res = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
     )
     if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        services.missing(f"cannot mount a tmpfs here: {res.stderr.strip()}")
     try:
         yield path
     finally:

@@ -20,6 +20,7 @@ from typing import Any
 
 import fsgen
 import pytest
+import services
 
 from blobchain.client.api import Client, chain_specs
 from blobchain.config.settings import Settings
@@ -227,10 +228,9 @@ def test_no_blobs_without_create(client: Client, embedded: Client, snaps: Path) 
     assert type(got) is type(want) is NoBlobs
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux) to drop DAC override")
+@services.needs_tool("setpriv", "util-linux")
+@services.needs_root("to start a worker without DAC override")
 def test_unreadable_file(redis_service: Any, s3_service: Any, snaps: Path, tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to start a worker without DAC override")
     snap = fsgen.build(
         snaps / "unreadable", {b"ok": fsgen.File(b"ok"), b"secret": fsgen.File(b"s", mode=0o000)}
     )

@@ -58,7 +58,6 @@ def _until(fn: Any, timeout: float, what: str) -> Any:
 def test_flower_lists_workers_and_tasks(
     settings: Settings, snapdir: Path, workers: Any, tmp_path: Path
 ) -> None:
-    pytest.importorskip("flower")
     port = services.free_port()
     log = open(tmp_path / "flower.log", "wb")
     argv = [sys.executable, "-m", "celery", "-A", "blobchain.tasks.app", "flower"]
