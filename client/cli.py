@@ -18,7 +18,9 @@ from blobchain.client.api import Client
 from blobchain.client.layout import check_destination, check_disjoint, is_fresh, remove_if_empty
 from blobchain.config.settings import MAX_JOBS, load_settings
 from blobchain.layers.errors import (
+    AlreadyExists,
     BlobchainError,
+    Cancelled,
     Conflict,
     DigestMismatch,
     FailedPrecondition,
@@ -52,7 +54,9 @@ _EXIT = [
     (FailedPrecondition, 4),
     (Unavailable, 5),
     (Conflict, 6),
+    (AlreadyExists, 6),
     (DigestMismatch, 7),
+    (Cancelled, 130),
 ]
 
 Compression = Annotated[str, typer.Option("--compression", "-c", help="gzip, zstd or uncompressed")]

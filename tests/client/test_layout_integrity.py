@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import services
 
 from blobchain.client import Client
 from blobchain.client.cli import main
@@ -119,9 +120,9 @@ def test_a_second_tag_keeps_the_first_and_retagging_moves_only_that_tag(tmp_path
     assert set(moved) == {"v1", "v2"}
     assert moved["v2"] == tags["v2"] and moved["v1"] != tags["v1"]
     assert [m["annotations"][REF_NAME] for m in _index(out)["manifests"]] == ["v1", "v2"]  # order kept
-    if shutil.which("skopeo"):
-        for t in ("v1", "v2"):
-            subprocess.run(["skopeo", "inspect", f"oci:{out}:{t}"], check=True, capture_output=True)
+    skopeo = services.require_tool("skopeo", "skopeo")
+    for t in ("v1", "v2"):
+        subprocess.run([skopeo, "inspect", f"oci:{out}:{t}"], check=True, capture_output=True)
 
 
 def test_index_with_keeps_other_entries_and_foreign_fields() -> None:
@@ -193,8 +194,8 @@ def _run_as_nobody(cmd: list[str]) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.compat
 def test_a_non_root_reader_can_read_the_layout(chain, capsys) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to the nobody user")
+    services.require_root("switching to the nobody user")
+    skopeo = services.require_tool("skopeo", "skopeo")
     # tmp_path's parents are 0700; a world-traversable directory of our own instead.
     base = Path(tempfile.mkdtemp(prefix="blobchain-nobody-"))
     try:
@@ -207,11 +208,8 @@ def test_a_non_root_reader_can_read_the_layout(chain, capsys) -> None:
             ["/bin/sh", "-c", f"cd {out} && cat index.json oci-layout blobs/sha256/* >/dev/null"]
         )
         assert cat.returncode == 0, cat.stderr
-        if shutil.which("skopeo"):
-            res = _run_as_nobody(["skopeo", "inspect", f"oci:{out}:demo"])
-            assert res.returncode == 0, res.stderr
-        elif os.environ.get("CI"):
-            pytest.fail("skopeo is missing")
+        res = _run_as_nobody([skopeo, "inspect", f"oci:{out}:demo"])
+        assert res.returncode == 0, res.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -248,16 +246,14 @@ def test_built_docker_exported_oci(tmp_path, chain, capsys) -> None:
     # Same blobs in both images: only the descriptors' types differ.
     layers = lambda t: [m["digest"] for m in _manifest(out, _tags(out)[t])["layers"]]  # noqa: E731
     assert layers("oci") == layers("docker")
-    if shutil.which("skopeo"):
-        # skopeo 1.9 reads only OCI manifests from a layout: the OCI export must be whole OCI.
-        res = subprocess.run(
-            ["skopeo", "copy", f"oci:{out}:oci", f"dir:{tmp_path / 'copy'}"], capture_output=True, text=True
-        )
-        assert res.returncode == 0, res.stderr
-        copied = json.loads((tmp_path / "copy" / "manifest.json").read_bytes())
-        assert {layer["mediaType"] for layer in copied["layers"]} == {OCI_GZ}
-    elif os.environ.get("CI"):
-        pytest.fail("skopeo is missing")
+    # skopeo 1.9 reads only OCI manifests from a layout: the OCI export must be whole OCI.
+    skopeo = services.require_tool("skopeo", "skopeo")
+    res = subprocess.run(
+        [skopeo, "copy", f"oci:{out}:oci", f"dir:{tmp_path / 'copy'}"], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    copied = json.loads((tmp_path / "copy" / "manifest.json").read_bytes())
+    assert {layer["mediaType"] for layer in copied["layers"]} == {OCI_GZ}
 
 
 # --- defect 5: a store or layout overlapping a snapshot ------------------------------------------
@@ -337,34 +333,32 @@ def test_corrupt_index_is_refused_before_any_layer_is_built(tmp_path, chain, cap
 
 
 def test_immutable_out(tmp_path, chain, capsys) -> None:
-    if os.geteuid() != 0 or not shutil.which("chattr"):
-        pytest.skip("needs root and chattr")
+    services.require_root("setting the immutable flag")
+    chattr = services.require_tool("chattr", "e2fsprogs")
     out = tmp_path / "oci"
     out.mkdir()
-    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
-        pytest.skip("this filesystem has no immutable flag")
+    res = subprocess.run([chattr, "+i", str(out)], capture_output=True, text=True)
+    services.require(res.returncode == 0, f"no immutable flag on this filesystem: {res.stderr.strip()}")
     try:
         for dest in (out, out / "sub"):
             rc, _, err = _cli(capsys, "export", *chain, "--oci", str(dest), "-q")
             assert rc == 4, err
             _one_line_error(err, "not_writable")
     finally:
-        subprocess.run(["chattr", "-i", str(out)], check=True)
+        subprocess.run([chattr, "-i", str(out)], check=True)
     assert list(out.iterdir()) == []
 
 
 @contextlib.contextmanager
-def _mount_tmpfs(path: Path, options: str) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+def _tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A real tiny filesystem at ``path``; skips (fails under CI) where mounting is not allowed."""
+    services.require_root("mounting a tmpfs")
     path.mkdir(parents=True, exist_ok=True)
     res = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
     )
     if res.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a tmpfs: {res.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        services.missing(f"cannot mount a tmpfs here: {res.stderr.strip()}")
     try:
         yield path
     finally:
@@ -372,7 +366,7 @@ def _mount_tmpfs(path: Path, options: str) -> Iterator[Path]:
 
 
 def test_read_only_filesystem(tmp_path, chain, capsys) -> None:
-    with _mount_tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+    with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         for dest in (ro, ro / "out"):
             rc, _, err = _cli(capsys, "export", *chain, "--oci", str(dest), "-q")
             assert rc == 4, err
@@ -392,7 +386,7 @@ def _fill(mnt: Path, leave: int) -> None:
 
 
 def test_a_full_disk_while_the_store_is_created(tmp_path, chain, capsys) -> None:
-    with _mount_tmpfs(tmp_path / "mnt", "size=256k") as mnt:
+    with _tmpfs(tmp_path / "mnt", "size=256k") as mnt:
         _fill(mnt, 0)
         out = mnt / "oci"
         rc, _, err = _cli(capsys, "export", *chain, "--oci", str(out), "-q", "--jobs", "1")
@@ -410,7 +404,7 @@ def test_a_full_disk_is_always_store_full(tmp_path, chain, capsys) -> None:
     journal, an ingest, index.json), the error is store_full, never 'unavailable: disk I/O'."""
     seen = set()
     for pages in range(0, 40, 3):
-        with _mount_tmpfs(tmp_path / f"mnt{pages}", "size=512k") as mnt:
+        with _tmpfs(tmp_path / f"mnt{pages}", "size=512k") as mnt:
             _fill(mnt, pages * 4096)
             out = mnt / "oci"
             rc, _, err = _cli(capsys, "export", *chain, "--oci", str(out), "-q", "--jobs", "1")
