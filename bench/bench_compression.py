@@ -14,7 +14,8 @@ in 1 MiB reads into the compressor, whose output is counted and sha256-hashed, n
 
 Cases (``name:level[:tN]``):
   zlib:L     Python's zlib (single thread), gzip wrapper: the classic zlib baseline
-  gzip:L:tN  blobchain's gzip (zlib-ng, 1 MiB blocks) with N threads
+  gzip:L:tN  blobchain's gzip (zlib-ng, 1 MiB blocks, the default "deflate+stored" strategy)
+  gzipd:L:tN the same with the earlier "deflate" strategy (every block through zlib-ng)
   isal:L     python-isal (ISA-L igzip), single thread, for reference (levels 0-3)
   zstd:L:tN  blobchain's zstd (libzstd MT mode) with N threads
   go:L       Go's stdlib compress/gzip (what containerd 1.6 uses), if ``go`` is on PATH
@@ -28,6 +29,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import resource
 import shutil
 import subprocess
@@ -153,12 +155,16 @@ def _run_case(case: str, corpus: str) -> dict[str, object]:
         from isal import isal_zlib
 
         run = _stdlib_like(lambda: isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31))
-    elif name in ("gzip", "zstd"):
-        from blobchain.layers.compress import open_compressor
+    elif name in ("gzip", "gzipd", "zstd"):
+        from blobchain.layers.compress import GZIP_STRATEGY, open_compressor
         from blobchain.layers.records import LayerOptions
 
+        strategy = "deflate" if name == "gzipd" else GZIP_STRATEGY
+        comp = "gzip" if name == "gzipd" else name
+
         def run(corpus: str, sink: Callable[[bytes], None]) -> None:
-            with open_compressor(LayerOptions(name, level), sink, threads=threads) as c:
+            opts = LayerOptions(comp, level)  # type: ignore[arg-type]
+            with open_compressor(opts, sink, threads=threads, gzip_strategy=strategy) as c:
                 for chunk in _chunks(corpus):
                     c.write(chunk)
 
@@ -293,6 +299,9 @@ def _table(results: list[dict[str, object]], insize: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", help="use this file as the corpus instead of building a tar")
+    ap.add_argument(
+        "--random", type=int, metavar="MIB", help="use MIB MiB of seeded random bytes (incompressible) as the corpus"
+    )
     ap.add_argument("--roots", default=",".join(DEFAULT_ROOTS), help="comma-separated trees to tar")
     ap.add_argument("--size", type=int, default=256, help="corpus size in MiB when building (default 256)")
     ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated cases")
@@ -307,7 +316,14 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-compression-") as tmp:
         workdir = Path(tmp)
-        if args.corpus:
+        if args.random:
+            corpus = str(workdir / "random.bin")
+            rng = random.Random(1)
+            with open(corpus, "wb") as f:
+                for _ in range(args.random):
+                    f.write(rng.randbytes(1 << 20))
+            insize, desc = os.path.getsize(corpus), f"{args.random} MiB of seeded random bytes"
+        elif args.corpus:
             corpus = args.corpus
             insize, desc = os.path.getsize(corpus), f"file `{corpus}`"
         else:

@@ -440,10 +440,33 @@ def status(
     """Show a ref's record: blob, diffID, chain IDs, variants."""
     with _reading_client(store) as client:
         rec = client.status(ref)
+        chain = _chain_status(client, ref)
+    data = rec.to_dict()
+    if chain is not None:
+        data["chain"] = [row.to_dict() for row in chain]
     if as_json:
-        out.print_json(json.dumps(rec.to_dict()))
-    else:
-        out.print(rec.to_dict())
+        out.print_json(json.dumps(data))
+        return
+    out.print(rec.to_dict())
+    for row in chain or ():
+        # One line per ref of the chain: state, lease holder (worker, pid), lease left, attempts.
+        who = f"{row.holder or '?'} pid {row.pid if row.pid is not None else '?'}" if row.state != "done" else "-"
+        left = f"{row.lease_left_s:.1f}s" if row.lease_left_s is not None else "-"
+        out.print(
+            f"{row.ref_id}  {row.state:<11} holder {who}  lease {left}  attempts {row.attempts}"
+            f"  takeovers {row.takeovers}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _chain_status(client: Client, ref: str) -> list[Any] | None:
+    """Distributed mode: each ref of the chain's state, holder, lease and attempts."""
+    if not client.settings.distributed:
+        return None
+    from blobchain.tasks.inspect import chain_status
+
+    return chain_status(client.deps, ref, client.settings.key_prefix)
 
 
 @app.command()

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     wait_budget_s: float = Field(
         default=3600.0, gt=0, description="how long a duplicate waits for the holder"
     )
+    takeover_poll_s: float = Field(
+        default=10.0, ge=0, description="how often each worker's janitor looks for expired leases (0 = off)"
+    )
 
     @field_validator("roots", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ PEERS=(
   setpriv:util-linux
   mount:mount
   cp:coreutils
+  qemu-x86_64:qemu-user
 )
 
 missing_peers() {

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 QUEUE = "blobchain"
-TASK_MODULES = ("blobchain.tasks.layer_tasks",)
+TASK_MODULES = ("blobchain.tasks.layer_tasks", "blobchain.tasks.janitor")
 # A stopping worker lets running layers finish this long before it requeues them (cold shutdown);
 # orchestrators must allow a bit more (compose: stop_grace_period 40s).
 SOFT_SHUTDOWN_S = 30.0
@@ -121,6 +121,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # counter turns a ref that keeps killing workers into PoisonRef instead of a loop).
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A message the broker restores after a takeover finished its task is acked unrun.
+        "worker_deduplicate_successful_tasks": True,
         "worker_prefetch_multiplier": 1,
         "task_soft_time_limit": t.soft_time_limit_s,
         "task_time_limit": t.time_limit_s,
@@ -149,7 +151,9 @@ def make_app(settings: Settings, *, main: str = "blobchain", **overrides: Any) -
     if overrides:
         app.conf.update(overrides)
     app.blobchain_settings = settings  # type: ignore[attr-defined]
-    # Importing the task module registers its shared tasks on every app, this one included.
+    # Importing the task module registers its shared tasks on every app, this one included;
+    # the janitor module connects the takeover thread to worker start and stop.
+    import blobchain.tasks.janitor
     import blobchain.tasks.layer_tasks  # noqa: F401
 
     app.conf.include = list(TASK_MODULES)

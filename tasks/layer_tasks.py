@@ -16,6 +16,13 @@ Each task maps the engine's errors to what a queue should do with them:
 - the soft time limit: fail with ``RefTimedOut`` (the hard limit's ``TimeLimitExceeded`` is
   mapped to it by the client).
 
+Takeover: the build's lease carries this task's message (``storage.locks.redis``: a tracked
+lease). If the worker dies (or is cut off) its lease expires without a release, and a worker's
+janitor (``tasks.janitor``) sends the same task (same id, same chord) again at once, with
+``takeover={"reason", ...}``: the broker's own redelivery, after the visibility timeout, is not
+waited for. The message it finally restores finds the task done and is skipped
+(``worker_deduplicate_successful_tasks``); the chord counts each header task once.
+
 Failures cross the result backend as :class:`RefFailed` (JSON-friendly: code, message,
 details), so the client rebuilds the same ``BlobchainError`` subclass. Tasks never wait on other
 tasks; each process opens its stores once (``worker_process_init``, or lazily on first use).
@@ -23,11 +30,12 @@ tasks; each process opens its stores once (``worker_process_init``, or lazily on
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from celery import Celery, shared_task
@@ -170,9 +178,33 @@ def _note_pool_size(sender: Any = None, **_: Any) -> None:
     _pool_size = size if isinstance(size, int) and size > 0 else None  # "auto": not known yet
 
 
-def build_deps(ctx: WorkerContext, options: LayerOptions) -> Deps:
-    """``ctx.deps`` for one of the pool's builds (they share the cores)."""
-    return ctx.deps.sharing_cores(options, _pool_size or 1)
+def build_deps(ctx: WorkerContext, options: LayerOptions, delivery: dict[str, Any] | None = None) -> Deps:
+    """``ctx.deps`` for one of the pool's builds (they share the cores); with ``delivery``, the
+    build's lease carries it (what to send again if this worker dies)."""
+    deps = ctx.deps.sharing_cores(options, _pool_size or 1)
+    tracking = getattr(deps.locks, "tracking", None)
+    if delivery is not None and tracking is not None:
+        deps = replace(deps, locks=tracking(delivery))
+    return deps
+
+
+def delivery_of(task: Any, ref_id: str, flight: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a janitor needs to send this execution's task again: its message (as Celery's own
+    retry rebuilds it: same id, same chord) and who runs it (for ``blobchain status``)."""
+    sig = task.signature_from_request(task.request, args=args, kwargs=kwargs)
+    message = json.loads(json.dumps(dict(sig), default=str))
+    opts = message.get("options") or {}
+    for k in ("redelivered", "is_eager", "delivery_tag"):
+        opts.pop(k, None)
+    return {
+        "task_id": task.request.id or "",
+        "ref": ref_id,
+        "flight": flight,
+        "host": task.request.hostname or "",
+        "pid": os.getpid(),
+        "since": time.time(),
+        "message": message,
+    }
 
 
 @worker_process_init.connect(weak=False)
@@ -272,8 +304,11 @@ def _cap(task: Any) -> float:
     return timing(settings_of(task.app)).max_countdown_s
 
 
-def _progress_reporter(task: Any) -> Any:
+def _progress_reporter(task: Any, takeover: dict[str, Any] | None = None) -> Any:
     last = [0.0]
+    extra: dict[str, Any] = {"host": task.request.hostname or ""}
+    if takeover is not None:
+        extra["takeover"] = takeover.get("reason")
 
     def progress(files: int, nbytes: int) -> None:
         now = time.monotonic()
@@ -281,7 +316,8 @@ def _progress_reporter(task: Any) -> Any:
             return
         last[0] = now
         try:
-            task.update_state(state=PROGRESS, meta={"files": files, "bytes": nbytes, "pid": os.getpid()})
+            meta = {"files": files, "bytes": nbytes, "pid": os.getpid(), **extra}
+            task.update_state(state=PROGRESS, meta=meta)
         except Exception as e:  # progress is best effort; the build goes on
             log.debug("progress update failed: %s", e)
 
@@ -299,9 +335,11 @@ def build_ref_task(
     create_if_needed: bool = True,
     wait_since: float | None = None,
     unavailable: int = 0,
+    takeover: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Make sure ``ref_id`` has its blob (``opts``: ``LayerOptions.to_dict()``). Returns
-    ``{"ref", "action", "record"}`` (the record as ``RefRecord.to_dict()``)."""
+    ``{"ref", "action", "record"}`` (the record as ``RefRecord.to_dict()``), plus ``takeover``
+    (the reason) when this delivery was sent again after its holder died."""
     try:
         options = LayerOptions.from_dict(opts)
         ctx = worker_context(self.app)
@@ -313,7 +351,9 @@ def build_ref_task(
     settings = ctx.settings
 
     def again(e: BlobchainError, *, waiting: bool) -> Retry:
-        kwargs = {"wait_since": wait_since, "unavailable": unavailable}
+        kwargs: dict[str, Any] = {"wait_since": wait_since, "unavailable": unavailable}
+        if takeover is not None:
+            kwargs["takeover"] = takeover
         if waiting:
             kwargs["wait_since"] = wait_since if wait_since is not None else time.time()
             n = self.request.retries
@@ -348,15 +388,23 @@ def build_ref_task(
         )
     if n > 1:
         log.warning("ref %s: start %d of this message (the previous one died)", flight, n)
+    if takeover is not None:
+        log.warning("ref %s: taking over: %s", flight, takeover.get("reason"))
 
+    kwargs: dict[str, Any] = {"wait_since": wait_since, "unavailable": unavailable}
+    if takeover is not None:
+        kwargs["takeover"] = takeover
     success = False
     try:
+        progress = _progress_reporter(self, takeover)
+        if takeover is not None:
+            progress(0, 0)
         outcome = build_ref(
             ref_id,
             options,
-            build_deps(ctx, options),
+            build_deps(ctx, options, delivery_of(self, ref_id, flight, [ref_id, opts, create_if_needed], kwargs)),
             create_if_needed=create_if_needed,
-            progress=_progress_reporter(self),
+            progress=progress,
         )
         success = True
     except (InProgress, LeaseLost) as e:
@@ -393,7 +441,11 @@ def build_ref_task(
             _redis_call(ctx, "count work", lambda: _incr(ctx, key))
         except BlobchainError as e:
             log.warning("could not count %s: %s", flight, e)
-    return {"ref": ref_id, "action": outcome.action, "record": outcome.record.to_dict()}
+    out: dict[str, Any] = {"ref": ref_id, "action": outcome.action, "record": outcome.record.to_dict()}
+    if takeover is not None:
+        out["takeover"] = takeover.get("reason")
+        out["taken_over"] = {k: takeover.get(k) for k in ("from", "count", "at")}
+    return out
 
 
 def _incr(ctx: WorkerContext, key: str) -> None:

@@ -217,7 +217,7 @@ class CeleryJob:
                     )
                     return
                 ev = self._event(r, status, meta.get("result"))
-                key = (ev.state, ev.files, ev.bytes)
+                key = (ev.state, ev.files, ev.bytes, ev.note)
                 if seen.get(r) != key:
                     seen[r] = key
                     self._state.update(ev)
@@ -249,11 +249,13 @@ class CeleryJob:
         if status == states.SUCCESS and isinstance(result, dict):
             rec = RefRecord.from_dict(result["record"])
             blob = rec.blob_for(self._opts) or rec.blob
-            return RefEvent(ref_id, str(result.get("action", "cached")), 0, blob.size if blob else 0)
+            note = result.get("takeover")
+            return RefEvent(ref_id, str(result.get("action", "cached")), 0, blob.size if blob else 0, note=note)
         if status in states.READY_STATES:
             return RefEvent(ref_id, FAILED, error=error_dict(task_error(result, ref_id)))
         if status == PROGRESS and isinstance(result, dict):
-            return RefEvent(ref_id, RUNNING, int(result.get("files", 0)), int(result.get("bytes", 0)))
+            files, nbytes = int(result.get("files", 0)), int(result.get("bytes", 0))
+            return RefEvent(ref_id, RUNNING, files, nbytes, note=result.get("takeover"))
         if status == states.RETRY:
             err = error_dict(task_error(result, ref_id)) if result is not None else None
             return RefEvent(ref_id, WAITING, error=err)

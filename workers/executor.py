@@ -35,6 +35,8 @@ class RefEvent:
     files: int = 0
     bytes: int = 0
     error: dict[str, Any] | None = None
+    # Why this ref is being built again, e.g. taken over after its holder died (distributed).
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

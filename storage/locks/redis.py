@@ -6,14 +6,23 @@ refreshes the same object the worker releases). The key naming (:func:`lease_key
 
 The lease only saves work (Redis is one node, leases are timed): correctness comes from
 content-addressed blobs, conditional creates and the fenced metadata writes.
+
+A lease may carry a *delivery* (:meth:`RedisLockService.tracking`): what to send again if its
+holder dies (the task's message, the holder's host and pid). Acquire, refresh and release keep
+``<prefix>deliveries`` (token -> delivery JSON) and ``<prefix>deliveries:due`` (token -> the
+lease's expiry, Redis server clock) in the same atomic step as the lease itself, so a delivery
+is due exactly when its lease expired without a release: its holder died or was cut off.
+:meth:`RedisLockService.claim_due` hands each such delivery to one caller (the takeover janitor).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -23,10 +32,13 @@ from blobchain.layers.errors import FailedPrecondition, InvalidArgument, LeaseLo
 from blobchain.storage.locks.heartbeat import Heartbeat
 
 __all__ = [
+    "Due",
     "Heartbeat",
+    "HolderInfo",
     "RedisAuthError",
     "RedisLease",
     "RedisLockService",
+    "TrackedLocks",
     "describe_redis",
     "lease_key",
     "redis_errors",
@@ -85,6 +97,111 @@ end
 return 0
 """
 
+# Server clock in ms (every worker agrees on when a lease is due).
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# Tracked leases: KEYS[1] = lease, KEYS[2] = deliveries hash, KEYS[3] = due zset;
+# ARGV[1] = token, ARGV[2] = ttl ms, ARGV[3] = delivery JSON.
+_ACQUIRE_TRACKED = (
+    _NOW
+    + """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+)
+
+_REFRESH_TRACKED = (
+    _NOW
+    + """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('ZADD', KEYS[3], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+  return 1
+end
+return 0
+"""
+)
+
+# A released lease's delivery is finished with (its task goes on: success, failure or retry).
+_RELEASE_TRACKED = """
+local n = 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  n = redis.call('DEL', KEYS[1])
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+return n
+"""
+
+# KEYS[1] = deliveries hash, KEYS[2] = due zset, KEYS[3] = hash token -> when its lease was first
+# found expired with its worker still beating; ARGV[1] = lease key prefix, ARGV[2] = how long a
+# claim holds (ms), ARGV[3] = limit, ARGV[4] = worker key prefix, ARGV[5] = recheck delay (ms).
+# Returns token, delivery pairs whose lease is gone and whose worker is gone too. A due delivery
+# whose ref is held by someone else (a duplicate took it) is looked at again when that lease is
+# due: its own task still has to finish (it will find the blob). A due delivery whose worker beat
+# after the lease expired lost only its pool process: that worker puts the message back itself
+# (reject on worker lost), so the delivery is dropped, not sent twice.
+_CLAIM_DUE = (
+    _NOW
+    + """
+local out = {}
+local due = redis.call('ZRANGE', KEYS[2], '-inf', now, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[3]), 'WITHSCORES')
+for i = 1, #due, 2 do
+  local tok, at = due[i], tonumber(due[i + 1])
+  local e = redis.call('HGET', KEYS[1], tok)
+  if not e then
+    redis.call('ZREM', KEYS[2], tok)
+    redis.call('HDEL', KEYS[3], tok)
+  else
+    local d = cjson.decode(e)
+    local lk = ARGV[1] .. d['key']
+    local left = redis.call('PTTL', lk)
+    local beat = redis.call('GET', ARGV[4] .. tostring(d['host']))
+    if left > 0 then
+      redis.call('ZADD', KEYS[2], now + left, tok)
+    elseif left == -1 then
+      redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), tok)
+    elseif beat then
+      -- when the lease was first found expired: rechecks move the score, not this
+      redis.call('HSETNX', KEYS[3], tok, at)
+      if tonumber(beat) > tonumber(redis.call('HGET', KEYS[3], tok)) then
+        redis.call('HDEL', KEYS[1], tok)
+        redis.call('HDEL', KEYS[3], tok)
+        redis.call('ZREM', KEYS[2], tok)
+      else
+        redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), tok)
+      end
+    else
+      redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), tok)
+      redis.call('HDEL', KEYS[3], tok)
+      table.insert(out, tok)
+      table.insert(out, e)
+    end
+  end
+end
+return out
+"""
+)
+
+# KEYS[1] = a worker's liveness key; ARGV[1] = ttl ms. The value is the server time of the beat.
+_BEAT = (
+    _NOW
+    + """
+redis.call('SET', KEYS[1], now, 'PX', ARGV[1])
+return now
+"""
+)
+
 
 def _ttl_ms(ttl_s: float) -> int:
     if not ttl_s > 0:
@@ -98,14 +215,34 @@ def _text(v: Any) -> str | None:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+@dataclass(frozen=True)
+class Due:
+    """A delivery whose lease expired without a release (claimed for one caller)."""
+
+    token: str
+    delivery: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class HolderInfo:
+    """Who holds a lease now: its token, the delivery it carries (if tracked), ms left."""
+
+    token: str
+    ttl_ms: int
+    delivery: dict[str, Any] | None
+
+
 class RedisLease:
     """One acquisition of a lease. Thread-safe: refresh from a heartbeat, release from the worker."""
 
-    def __init__(self, service: RedisLockService, key: str, token: str, ttl_s: float) -> None:
+    def __init__(
+        self, service: RedisLockService, key: str, token: str, ttl_s: float, *, tracked: bool = False
+    ) -> None:
         self._service = service
         self._key = key
         self._token = token
         self._ttl_s = ttl_s
+        self._tracked = tracked
 
     @property
     def key(self) -> str:
@@ -126,14 +263,22 @@ class RedisLease:
     def refresh(self) -> None:
         """Reset the lease to its full TTL; LeaseLost if it expired, was released or was taken over."""
         with redis_errors(self._service.client, f"refresh lease {self._key}"):
-            ok = self._service._refresh(keys=[self.redis_key], args=[self._token, _ttl_ms(self._ttl_s)])
+            if self._tracked:
+                ok = self._service._refresh_tracked(
+                    keys=self._service.tracked_keys(self._key), args=[self._token, _ttl_ms(self._ttl_s)]
+                )
+            else:
+                ok = self._service._refresh(keys=[self.redis_key], args=[self._token, _ttl_ms(self._ttl_s)])
         if not int(ok):
             raise LeaseLost(f"lease on {self._key!r} expired, was released or was taken over", key=self._key)
 
     def release(self) -> None:
         """Delete the lease if we still hold it. Releasing a lost lease is a no-op (never the new holder's)."""
         with redis_errors(self._service.client, f"release lease {self._key}"):
-            n = self._service._release(keys=[self.redis_key], args=[self._token])
+            if self._tracked:
+                n = self._service._release_tracked(keys=self._service.tracked_keys(self._key), args=[self._token])
+            else:
+                n = self._service._release(keys=[self.redis_key], args=[self._token])
         if not int(n):
             log.info("lease on %r was no longer ours at release", self._key)
 
@@ -159,9 +304,101 @@ class RedisLockService:
         self.prefix = prefix
         self._refresh = client.register_script(_REFRESH)
         self._release = client.register_script(_RELEASE)
+        self._acquire_tracked = client.register_script(_ACQUIRE_TRACKED)
+        self._refresh_tracked = client.register_script(_REFRESH_TRACKED)
+        self._release_tracked = client.register_script(_RELEASE_TRACKED)
+        self._claim_due = client.register_script(_CLAIM_DUE)
+        self._beat = client.register_script(_BEAT)
 
     def redis_key(self, key: str) -> str:
         return lease_key(self.prefix, key)
+
+    @property
+    def deliveries_key(self) -> str:
+        return f"{self.prefix}deliveries"
+
+    @property
+    def due_key(self) -> str:
+        return f"{self.prefix}deliveries:due"
+
+    def tracked_keys(self, key: str) -> list[str]:
+        return [self.redis_key(key), self.deliveries_key, self.due_key, self.due_key + ":expired"]
+
+    def tracking(self, delivery: dict[str, Any]) -> TrackedLocks:
+        """This service, with every lease it grants carrying ``delivery`` (JSON-serializable;
+        the lease key is added as ``key``)."""
+        return TrackedLocks(self, delivery)
+
+    def try_acquire_tracked(self, key: str, ttl_s: float, delivery: dict[str, Any]) -> RedisLease | None:
+        token = uuid.uuid4().hex
+        body = json.dumps({**delivery, "key": key}, separators=(",", ":"), sort_keys=True)
+        with redis_errors(self.client, f"acquire lease {key}"):
+            ok = self._acquire_tracked(keys=self.tracked_keys(key), args=[token, _ttl_ms(ttl_s), body])
+        return RedisLease(self, key, token, ttl_s, tracked=True) if int(ok) else None
+
+    def worker_key(self, node: str) -> str:
+        return f"{self.prefix}worker:{node}"
+
+    def beat(self, node: str, ttl_s: float) -> None:
+        """Say that worker ``node``'s main process is alive (for ``ttl_s``)."""
+        with redis_errors(self.client, f"beat worker {node}"):
+            self._beat(keys=[self.worker_key(node)], args=[_ttl_ms(ttl_s)])
+
+    def worker_alive(self, node: str) -> bool:
+        with redis_errors(self.client, f"read worker {node}"):
+            return bool(self.client.exists(self.worker_key(node)))
+
+    def claim_due(self, hold_s: float, recheck_s: float = 1.0, limit: int = 100) -> list[Due]:
+        """Deliveries whose lease expired without a release while their worker is gone (no
+        :meth:`beat`), each handed to one caller: the claim holds for ``hold_s`` (a caller that
+        dies meanwhile leaves it due again). While the worker's last beat is older than the
+        lease's expiry, the delivery is looked at again after ``recheck_s``."""
+        with redis_errors(self.client, "claim due deliveries"):
+            flat = self._claim_due(
+                keys=[self.deliveries_key, self.due_key, self.due_key + ":expired"],
+                args=[
+                    self.prefix + "lease:",
+                    _ttl_ms(hold_s),
+                    limit,
+                    self.prefix + "worker:",
+                    _ttl_ms(recheck_s),
+                ],
+            )
+        out = []
+        for i in range(0, len(flat) - 1, 2):
+            try:
+                out.append(Due(_text(flat[i]) or "", json.loads(_text(flat[i + 1]) or "{}")))
+            except ValueError:
+                log.warning("dropping an unreadable delivery %r", flat[i])
+                self.forget(_text(flat[i]) or "")
+        return out
+
+    def forget(self, token: str) -> None:
+        """Drop a delivery (sent again, or its task is finished)."""
+        with redis_errors(self.client, "forget delivery"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hdel(self.deliveries_key, token)
+            pipe.zrem(self.due_key, token)
+            pipe.hdel(self.due_key + ":expired", token)
+            pipe.execute()
+
+    def holder_info(self, key: str) -> HolderInfo | None:
+        """The lease's holder, the delivery it carries and the time it has left (one round trip)."""
+        rkey = self.redis_key(key)
+        with redis_errors(self.client, f"read lease {key}"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.get(rkey)
+            pipe.pttl(rkey)
+            token, ttl = pipe.execute()
+            token = _text(token)
+            if token is None:
+                return None
+            raw = self.client.hget(self.deliveries_key, token)
+        delivery = None
+        if raw is not None:
+            with contextlib.suppress(ValueError):
+                delivery = json.loads(_text(raw) or "")
+        return HolderInfo(token, max(0, int(ttl)), delivery)
 
     def try_acquire(self, key: str, ttl_s: float) -> RedisLease | None:
         """Take the lease if free (never blocks); None if another token holds it."""
@@ -182,3 +419,25 @@ class RedisLockService:
 
     def __repr__(self) -> str:
         return f"RedisLockService({describe_redis(self.client)!r}, prefix={self.prefix!r})"
+
+
+class TrackedLocks:
+    """A :class:`~blobchain.storage.locks.LockService` view of a RedisLockService whose leases
+    carry one delivery (see the module docstring)."""
+
+    def __init__(self, service: RedisLockService, delivery: dict[str, Any]) -> None:
+        self.service = service
+        self.delivery = delivery
+
+    @property
+    def client(self) -> redis.Redis:
+        return self.service.client
+
+    def try_acquire(self, key: str, ttl_s: float) -> RedisLease | None:
+        return self.service.try_acquire_tracked(key, ttl_s, self.delivery)
+
+    def holder(self, key: str) -> str | None:
+        return self.service.holder(key)
+
+    def __repr__(self) -> str:
+        return f"TrackedLocks({self.service!r})"

@@ -20,6 +20,11 @@ from blobchain.layers.compress import (
     GZIP_BLOCK_SIZE,
     GZIP_DICT_SIZE,
     GZIP_MEM_LEVEL,
+    GZIP_PROBE_LEVEL,
+    GZIP_PROBE_SLICE,
+    GZIP_PROBE_SLICES,
+    GZIP_STRATEGY,
+    block_is_incompressible,
     compressor_id,
     detect_compression,
     gzip_header,
@@ -51,11 +56,16 @@ def make_data(size: int, seed: int = 0, kind: str = "mixed") -> bytes:
 
 
 def compress(
-    opts: LayerOptions, data: bytes, *, threads: int | None = 2, chunks: list[int] | int | None = None
+    opts: LayerOptions,
+    data: bytes,
+    *,
+    threads: int | None = 2,
+    chunks: list[int] | int | None = None,
+    strategy: str = GZIP_STRATEGY,
 ) -> bytes:
     """Compress ``data`` with writes of the given sizes (an int: fixed size; None: one write)."""
     out = bytearray()
-    with open_compressor(opts, out.extend, threads=threads) as c:
+    with open_compressor(opts, out.extend, threads=threads, gzip_strategy=strategy) as c:
         if chunks is None:
             c.write(data)
         else:
@@ -163,14 +173,31 @@ def test_default_levels_are_the_options_effective_level() -> None:
     assert compress(LayerOptions(ZSTD), data) == compress(LayerOptions(ZSTD, ZSTD.default_level()), data)
 
 
-def test_gzip_matches_the_documented_block_format() -> None:
-    """Rebuild the gzip stream from the format contract alone; it must match byte for byte."""
-    data = make_data(2 * MIB + MIB // 3, seed=9)
-    level = 6
+def _documented_probe(block: bytes) -> bool:
+    """The stored decision, from docs/compression.md alone."""
+    if not block:
+        return False
+    if len(block) <= GZIP_PROBE_SLICES * GZIP_PROBE_SLICE:
+        sample = block
+    else:
+        step = len(block) // GZIP_PROBE_SLICES
+        sample = b"".join(block[i * step : i * step + GZIP_PROBE_SLICE] for i in range(GZIP_PROBE_SLICES))
+    c = zlib_ng.compressobj(GZIP_PROBE_LEVEL, zlib_ng.DEFLATED, -15, 8, zlib_ng.Z_DEFAULT_STRATEGY)
+    return len(c.compress(sample) + c.flush()) >= len(sample)
+
+
+def _documented_stream(data: bytes, level: int, strategy: str) -> bytes:
     expected = bytearray(gzip_header(level))
-    blocks = [data[i : i + GZIP_BLOCK_SIZE] for i in range(0, len(data), GZIP_BLOCK_SIZE)]
+    blocks = [data[i : i + GZIP_BLOCK_SIZE] for i in range(0, len(data), GZIP_BLOCK_SIZE)] or [b""]
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1
+        if strategy == "deflate+stored" and _documented_probe(block):
+            for off in range(0, len(block), 65535):
+                piece = block[off : off + 65535]
+                final = last and off + len(piece) == len(block)
+                expected += bytes([final]) + len(piece).to_bytes(2, "little")
+                expected += (len(piece) ^ 0xFFFF).to_bytes(2, "little") + piece
+            continue
         args: list[object] = [level, zlib_ng.DEFLATED, -15, GZIP_MEM_LEVEL, zlib_ng.Z_DEFAULT_STRATEGY]
         if i:
             args.append(blocks[i - 1][-GZIP_DICT_SIZE:])
@@ -180,7 +207,84 @@ def test_gzip_matches_the_documented_block_format() -> None:
             assert piece.endswith(b"\x00\x00\xff\xff")  # byte-aligned sync marker between blocks
         expected += piece
     expected += zlib.crc32(data).to_bytes(4, "little") + len(data).to_bytes(4, "little")
-    assert compress(LayerOptions(GZIP, level), data, threads=2, chunks=77_777) == bytes(expected)
+    return bytes(expected)
+
+
+def _mixed_blocks(seed: int) -> bytes:
+    """Text, random, text, random (short last block): both kinds of piece, both orders."""
+    rnd = random.Random(seed)
+    return (
+        make_data(MIB, seed=seed, kind="text")
+        + rnd.randbytes(MIB)
+        + make_data(MIB, seed=seed + 1, kind="text")
+        + rnd.randbytes(MIB // 3)
+    )
+
+
+@pytest.mark.parametrize("strategy", ["deflate", "deflate+stored"])
+@pytest.mark.parametrize("kind", ["mixed", "blocks"])
+def test_gzip_matches_the_documented_block_format(strategy: str, kind: str) -> None:
+    """Rebuild the gzip stream from the format contract alone; it must match byte for byte."""
+    data = make_data(2 * MIB + MIB // 3, seed=9) if kind == "mixed" else _mixed_blocks(9)
+    level = 6
+    expected = _documented_stream(data, level, strategy)
+    got = compress(LayerOptions(GZIP, level), data, threads=2, chunks=77_777, strategy=strategy)
+    assert got == expected
+    assert gzip.decompress(got) == data
+
+
+def test_stored_strategy_stores_random_blocks_and_deflates_text() -> None:
+    rnd = random.Random(3)
+    assert block_is_incompressible(rnd.randbytes(MIB))
+    assert block_is_incompressible(rnd.randbytes(1000))
+    assert not block_is_incompressible(make_data(MIB, seed=3, kind="text"))
+    assert not block_is_incompressible(bytes(MIB))
+    assert not block_is_incompressible(b"")
+    data = _mixed_blocks(4)
+    plain = compress(LayerOptions(GZIP, 5), data, strategy="deflate")
+    stored = compress(LayerOptions(GZIP, 5), data)
+    assert gzip.decompress(stored) == data
+    # The random MiB (and the random tail) become stored blocks: 5 bytes per 64 KiB - 1 of
+    # overhead, less than zlib-ng's own stored fallback; the text blocks are the same deflate.
+    assert len(stored) < len(plain)
+    rnd_only = rnd.randbytes(3 * MIB + 17)
+    blob = compress(LayerOptions(GZIP, 9), rnd_only)
+    headers = 3 * 5 * -(-MIB // 65535) + 5  # 17 stored blocks per MiB block, one for the tail
+    assert len(blob) == 10 + len(rnd_only) + headers + 8
+    assert gzip.decompress(blob) == rnd_only
+
+
+def test_stored_strategy_is_the_default_and_named_in_the_id() -> None:
+    assert GZIP_STRATEGY == "deflate+stored"
+    data = _mixed_blocks(5)
+    assert compress(LayerOptions(GZIP), data) == compress(LayerOptions(GZIP), data, strategy="deflate+stored")
+    legacy = compressor_id(LayerOptions(GZIP), gzip_strategy="deflate")
+    new = compressor_id(LayerOptions(GZIP))
+    # The earlier strategy keeps the id its blobs were recorded with; the new one extends it.
+    assert legacy.endswith(f"gzip level=5 block={GZIP_BLOCK_SIZE} dict={GZIP_DICT_SIZE} memlevel=8")
+    assert new == legacy + f" stored=probe:{GZIP_PROBE_SLICES}x{GZIP_PROBE_SLICE}@level{GZIP_PROBE_LEVEL}"
+    with pytest.raises(InvalidArgument):
+        compressor_id(LayerOptions(GZIP), gzip_strategy="fast")
+    with pytest.raises(InvalidArgument):
+        open_compressor(LayerOptions(GZIP), bytearray().extend, gzip_strategy="fast")
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    layout=st.lists(st.sampled_from(["text", "random", "zeros"]), min_size=1, max_size=4),
+    tail=st.integers(0, MIB),
+    threads=st.sampled_from([1, 2, 3]),
+)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_property_stored_strategy_matches_the_documented_format(
+    seed: int, layout: list[str], tail: int, threads: int
+) -> None:
+    rnd = random.Random(seed)
+    parts = {"text": lambda n: make_data(n, seed=seed, kind="text"), "random": rnd.randbytes, "zeros": bytes}
+    data = b"".join(parts[k](MIB) for k in layout)[: (len(layout) - 1) * MIB + tail]
+    got = compress(LayerOptions(GZIP, 4), data, threads=threads, chunks=65_536 + seed % 1000)
+    assert got == _documented_stream(data, 4, "deflate+stored")
+    assert gzip.decompress(got) == data
 
 
 # --- gzip framing -----------------------------------------------------------------------------
