@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from blobchain.config.factory import open_deps
@@ -15,6 +15,8 @@ from blobchain.layers.errors import MissingLease, RefNotFound, SnapshotOutsideRo
 from blobchain.layers.imageconfig import ImageOptions
 from blobchain.layers.records import Descriptor, LayerOptions, RefRecord, RefSpec
 from blobchain.layers.snapshot import open_snapshot
+from blobchain.registry.client import TransportOptions
+from blobchain.registry.push import PushEvent, PushResult
 from blobchain.workers.deps import Deps
 from blobchain.workers.executor import ChainResult, Executor, Job
 from blobchain.workers.plan import make_plan
@@ -206,6 +208,25 @@ class Client:
         from blobchain.client.export import export_layout
 
         return export_layout(result, self.deps, os.fspath(dest), tag=tag, image=image)
+
+    def push(
+        self,
+        result: ChainResult,
+        target: str,
+        *,
+        image: ImageOptions | None = None,
+        options: TransportOptions | None = None,
+        mount_from: Sequence[str] = (),
+        progress: Callable[[PushEvent], None] | None = None,
+    ) -> PushResult:
+        """Push ``result`` as an image to ``target`` (``registry/repo:tag``): the same config and
+        manifest ``export`` writes, layers streamed from the content store (S3 in distributed
+        mode: no local copy). Blobs the registry has are skipped; the manifest goes last."""
+        from blobchain.client.push import push_chain
+
+        return push_chain(
+            result, self.deps.content, target, image=image, options=options, mount_from=mount_from, progress=progress
+        )
 
     def index(self, layout: str | os.PathLike[str], tag: str, tags: Sequence[str]) -> Descriptor:
         """Write an image index over the images tagged ``tags`` in ``layout`` (platforms from

@@ -6,13 +6,22 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 
 from blobchain.client.api import Client
 from blobchain.client.layout import check_destination, check_disjoint, is_fresh, remove_if_empty
@@ -39,6 +48,8 @@ from blobchain.layers.imageconfig import (
 )
 from blobchain.layers.oci import layer_media_type
 from blobchain.layers.records import MAX_SOURCE_DATE_EPOCH, LayerOptions, RefSpec
+from blobchain.registry.client import TransportOptions
+from blobchain.registry.push import PushEvent, PushResult
 from blobchain.workers.executor import FINISHED, ChainResult, Job
 
 __all__ = ["app", "main"]
@@ -48,6 +59,8 @@ err = Console(stderr=True)
 out = Console()
 
 # README's exit-code table lists these; 1 is an internal error (a bug).
+# 7: stored content does not match its digest (a read or `blobchain verify` found a corrupt blob).
+_EXIT_CORRUPT = 7
 _EXIT = [
     (InvalidArgument, 2),
     (NotFound, 3),
@@ -55,7 +68,7 @@ _EXIT = [
     (Unavailable, 5),
     (Conflict, 6),
     (AlreadyExists, 6),
-    (DigestMismatch, 7),
+    (DigestMismatch, _EXIT_CORRUPT),
     (Cancelled, 130),
 ]
 
@@ -108,6 +121,24 @@ Created = Annotated[
     str | None, typer.Option("--created", help="now, RFC 3339 or @EPOCH (default: unset, reproducible)")
 ]
 Annotation = Annotated[list[str] | None, typer.Option("--annotation", help="manifest K=V (repeatable)")]
+# Pushing to a registry.
+PushTo = Annotated[str | None, typer.Option("--push", help="also push the image to REGISTRY/REPO:TAG")]
+Ca = Annotated[
+    str | None, typer.Option("--ca", envvar="BLOBCHAIN_REGISTRY_CA", help="PEM CA bundle to trust for the registry")
+]
+Insecure = Annotated[
+    bool,
+    typer.Option(
+        "--insecure", envvar="BLOBCHAIN_REGISTRY_INSECURE", help="plain HTTP or unverified TLS (loopback registries)"
+    ),
+]
+InsecureRemote = Annotated[
+    bool, typer.Option("--insecure-remote", help="allow --insecure for a registry that is not loopback")
+]
+PushJobs = Annotated[int, typer.Option("--push-jobs", help="blobs uploaded in parallel")]
+MountFrom = Annotated[
+    list[str] | None, typer.Option("--mount-from", help="repository of the same registry to mount blobs from")
+]
 
 
 @dataclass(frozen=True)
@@ -177,6 +208,75 @@ class _ImageArgs:
             annotations=tuple(parse_kv(v, what="annotation") for v in self.annotation or ()),
             fragment=fragment,
         )
+
+
+@dataclass(frozen=True)
+class _PushArgs:
+    ca: str | None = None
+    insecure: bool = False
+    insecure_remote: bool = False
+    jobs: int = 4
+    mount_from: tuple[str, ...] = ()
+
+    def options(self) -> TransportOptions:
+        if self.jobs < 1:
+            raise InvalidArgument("--push-jobs must be at least 1")
+        return TransportOptions(
+            ca=self.ca, insecure=self.insecure, insecure_remote=self.insecure_remote, jobs=self.jobs
+        )
+
+
+class _PushDisplay:
+    """Per-blob progress (bytes, skipped, mounted) on stderr while a push runs."""
+
+    def __init__(self, quiet: bool) -> None:
+        show = not quiet and (err.is_terminal or os.environ.get("BLOBCHAIN_PROGRESS") == "1")
+        self._bar = (
+            Progress(
+                TextColumn("{task.description}"),
+                TextColumn("{task.fields[state]:>9}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=err,
+            )
+            if show
+            else None
+        )
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _PushDisplay:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, ev: PushEvent) -> None:
+        if self._bar is None or ev.state == "checking":
+            return
+        t = self._tasks.get(ev.digest)
+        if t is None:
+            t = self._tasks[ev.digest] = self._bar.add_task(ev.digest[7:19], total=ev.size or 1, state=ev.state)
+        done = ev.size if ev.state in ("exists", "mounted", "uploaded", "verified", "manifest") else ev.sent
+        self._bar.update(t, completed=done, state={"exists": "skipped"}.get(ev.state, ev.state))
+
+
+def _push_summary(result: PushResult, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    counts: dict[str, int] = {}
+    for b in result.blobs:
+        counts[b.action] = counts.get(b.action, 0) + 1
+    what = ", ".join(f"{n} {a if a != 'exists' else 'skipped'}" for a, n in sorted(counts.items()))
+    out.print(
+        f"pushed {result.reference}@{result.digest}  ({what}; {_human(result.sent)} sent)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _with_comments(opts: ImageOptions, specs: list[RefSpec], comments: list[str] | None) -> ImageOptions:
@@ -314,6 +414,11 @@ def export(
     comment: Comment = None,
     created: Created = None,
     annotation: Annotation = None,
+    push_to: PushTo = None,
+    ca: Ca = None,
+    insecure: Insecure = False,
+    insecure_remote: InsecureRemote = False,
+    push_jobs: PushJobs = 4,
 ) -> None:
     """Diff each snapshot against the previous one, store the layers and write an OCI image."""
     image_args = _ImageArgs(
@@ -321,6 +426,8 @@ def export(
         annotation,
     )  # fmt: skip
     image = image_args.options(len(snapshots))
+    push_args = _PushArgs(ca, insecure, insecure_remote, push_jobs)
+    _check_push_target(push_to, push_args)
     args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
     args.check()
     settings = load_settings(**({} if store is None else {"store": store}))
@@ -336,13 +443,17 @@ def export(
     try:
         with Client(settings, jobs=jobs) as client:
             result, specs = _run_chain(client, snapshots, args)
-            manifest = client.export(result, oci, tag=tag, image=_with_comments(image, specs, comment))
+            image = _with_comments(image, specs, comment)
+            manifest = client.export(result, oci, tag=tag, image=image)
+            extra: dict[str, Any] = {"manifest": manifest.digest, "oci": f"{oci}:{tag}"}
+            if push_to:
+                extra["pushed"] = _push_chain(client, result, push_to, image, push_args, quiet).to_dict()
     except BaseException:
         # A layout or store this run created (or found empty) and left empty is cleaned up.
         for p, existed in fresh.items():
             remove_if_empty(p, keep_dir=existed)
         raise
-    _print_result(result, as_json, {"manifest": manifest.digest, "oci": f"{oci}:{tag}"}, exported=True)
+    _print_result(result, as_json, extra, exported=True)
 
 
 @app.command()
@@ -389,6 +500,11 @@ def submit(
     comment: Comment = None,
     created: Created = None,
     annotation: Annotation = None,
+    push_to: PushTo = None,
+    ca: Ca = None,
+    insecure: Insecure = False,
+    insecure_remote: InsecureRemote = False,
+    push_jobs: PushJobs = 4,
 ) -> None:
     """Submit a chain to the workers (or run it embedded) and follow its progress."""
     image_args = _ImageArgs(
@@ -396,6 +512,8 @@ def submit(
         annotation,
     )  # fmt: skip
     image = image_args.options(len(snapshots))
+    push_args = _PushArgs(ca, insecure, insecure_remote, push_jobs)
+    _check_push_target(push_to, push_args)
     args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
     args.check()
     if oci:
@@ -403,10 +521,64 @@ def submit(
     with Client() as client:
         result, specs = _run_chain(client, snapshots, args)
         image = _with_comments(image, specs, comment)
-        extra = None
+        extra: dict[str, Any] = {}
         if oci:
-            extra = {"manifest": client.export(result, oci, tag=tag, image=image).digest}
-    _print_result(result, as_json, extra, exported=bool(oci))
+            extra["manifest"] = client.export(result, oci, tag=tag, image=image).digest
+        if push_to:
+            extra["pushed"] = _push_chain(client, result, push_to, image, push_args, quiet).to_dict()
+    _print_result(result, as_json, extra or None, exported=bool(oci))
+
+
+def _check_push_target(target: str | None, args: _PushArgs) -> None:
+    """Before any work: a bad reference or option fails at once."""
+    if target:
+        from blobchain.registry.reference import parse_reference
+
+        parse_reference(target)
+        args.options()
+
+
+def _push_chain(
+    client: Client, result: ChainResult, target: str, image: ImageOptions, args: _PushArgs, quiet: bool
+) -> PushResult:
+    with _PushDisplay(quiet) as display:
+        return client.push(result, target, image=image, options=args.options(), progress=display)
+
+
+@app.command()
+def push(
+    source: Annotated[str, typer.Argument(help="OCI_LAYOUT[:TAG]: the image (or index) to push")],
+    target: Annotated[str, typer.Argument(help="REGISTRY/REPO:TAG")],
+    ca: Ca = None,
+    insecure: Insecure = False,
+    insecure_remote: InsecureRemote = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="blobs uploaded in parallel")] = 4,
+    mount_from: MountFrom = None,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+) -> None:
+    """Push an image or index from an OCI layout to a registry: blobs the registry has are
+    skipped, others mounted or uploaded, the manifest last (none at all if anything fails)."""
+    from blobchain.client.push import parse_layout_ref, push_layout
+
+    args = _PushArgs(ca, insecure, insecure_remote, jobs, tuple(mount_from or ()))
+    layout, tag = parse_layout_ref(source)
+    cancel = threading.Event()
+    try:
+        with _PushDisplay(quiet) as display:
+            result = push_layout(
+                layout,
+                tag,
+                target,
+                options=args.options(),
+                mount_from=args.mount_from,
+                progress=display,
+                cancel=cancel,
+            )
+    except KeyboardInterrupt:
+        cancel.set()  # main() says what an interruption leaves
+        raise
+    _push_summary(result, as_json)
 
 
 @app.command()
@@ -418,7 +590,10 @@ def index(
 ) -> None:
     """Write a multi-platform image index over images already in LAYOUT (platforms from their
     configs), tagged --tag."""
-    with Client() as client:
+    settings = load_settings()
+    if not settings.distributed:  # as export: the layout is the embedded store
+        settings = settings.model_copy(update={"store": layout})
+    with Client(settings) as client:
         desc = client.index(layout, tag, tags)
     data = {"index": desc.digest, "media_type": desc.media_type, "oci": f"{layout}:{tag}"}
     if as_json:
@@ -485,6 +660,57 @@ def gc(
         )
 
 
+@app.command()
+def verify(
+    repair: Annotated[
+        bool, typer.Option("--repair", help="quarantine corrupt blobs and mark their refs for rebuild")
+    ] = False,
+    store: Annotated[
+        str | None,
+        typer.Option("--store", "--oci", help="a local layout/store (default: the configured store)"),
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Re-read every blob of a store (local layout or S3) and check it against its digest.
+
+    Exit status 0 if every blob is intact, 7 if any is corrupt or a record names a missing blob.
+    """
+    from blobchain.workers.verify import verify_store
+
+    settings = load_settings()
+    if store is not None:
+        if not os.path.isfile(os.path.join(store, "oci-layout")):
+            raise NotFound(f"{store} is not an OCI layout or blobchain store (no oci-layout)", path=store)
+        settings = settings.model_copy(update={"store": store, "broker_url": None})
+    show = None
+    if not as_json:
+
+        def show(check: Any) -> None:
+            size = "" if check.size is None else _human(check.size)
+            line = f"{check.status:<8} {check.digest}  {size}"
+            if check.refs:
+                line += f"  refs {', '.join(check.refs)}"
+            if check.status != "ok":
+                line += f"\n         {check.message}"
+            (out if check.status == "ok" else err).print(escape(line), highlight=False, soft_wrap=True)
+
+    with Client(settings) as client:
+        report = verify_store(client.deps.content, client.deps.metadata, repair=repair, progress=show)
+    data = report.to_dict()
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        bad = data["corrupt"] + data["missing"]
+        verdict = "all intact" if not bad else f"{data['corrupt']} corrupt, {data['missing']} missing"
+        out.print(f"{report.store}: {data['checked']} blobs checked, {verdict}", highlight=False, soft_wrap=True)
+        if bad and repair and data["corrupt"]:
+            out.print("corrupt copies quarantined; their refs rebuild on the next export/submit")
+        elif data["corrupt"]:
+            out.print("rerun with --repair to quarantine them and rebuild their refs")
+    if report.bad:
+        raise typer.Exit(_EXIT_CORRUPT)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(
     ctx: typer.Context,
@@ -542,16 +768,19 @@ def _error(e: BlobchainError) -> int:
     return _exit_code(e)
 
 
+_INTERRUPTED = "interrupted: no partial blob and no manifest were kept; rerun to continue (done work is reused)"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=argv, standalone_mode=False)
         if rv == 130:  # typer turns KeyboardInterrupt into Exit(130)
-            err.print("interrupted: no partial blob was kept; rerun to continue")
+            err.print(_INTERRUPTED)
         return rv if isinstance(rv, int) else 0
     except BlobchainError as e:
         return _error(e)
     except KeyboardInterrupt:
-        err.print("interrupted: no partial blob was kept; rerun to continue")
+        err.print(_INTERRUPTED)
         return 130
     except typer.Exit as e:
         return int(e.exit_code or 0)

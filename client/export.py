@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blobchain.client.layout import check_destination, is_fresh, read_index, remove_if_empty
-from blobchain.layers.errors import NotFound, from_os_error
+from blobchain.layers.errors import DigestMismatch, NotFound, from_os_error
 from blobchain.layers.imageconfig import (
     ConfigLayer,
     ImageOptions,
@@ -40,7 +40,7 @@ from blobchain.layers.oci import (
     layer_media_type,
     manifest_bytes,
 )
-from blobchain.layers.records import Descriptor
+from blobchain.layers.records import Descriptor, RefRecord
 from blobchain.storage.content import BlobReader
 from blobchain.storage.content.local import LocalContentStore
 from blobchain.workers.deps import Deps
@@ -57,14 +57,25 @@ def _same_store(reader: BlobReader, dest: str) -> bool:
 
 
 def _put_bytes(store: LocalContentStore, data: bytes, name: str) -> None:
+    # A damaged copy already under this digest would be kept by the commit: move it aside first.
+    with contextlib.suppress(DigestMismatch):
+        store.verify("sha256:" + hashlib.sha256(data).hexdigest(), quick=True)
     with store.ingest(name) as ing:
         ing.write(data)
         ing.commit(size=len(data))
 
 
 def _copy_blob(reader: BlobReader, store: LocalContentStore, digest: str, size: int) -> None:
-    if store.info(digest) is not None:
-        return
+    """Make sure the layout holds an intact ``digest``: a reused copy is re-verified (quick:
+    in full if it may have changed since it was written), a copy comes through the source's
+    verifying reader and is published only once its digest matched."""
+    try:
+        if store.verify(digest, quick=True) is not None:
+            return
+    except DigestMismatch:
+        if store is reader:
+            raise  # the store's own copy is bad (now quarantined): nothing to copy from
+        # A bad copy in the destination layout, now quarantined: copy a good one below.
     if reader.info(digest) is None:
         # Opening says why where it can (an S3 store names a missing bucket); else name the store.
         reader.open(digest).close()
@@ -157,7 +168,7 @@ def export_layout(
     check_destination(dest, tag, [r.spec.snapshot for r in result.records])
     existed, fresh = os.path.lexists(dest), is_fresh(dest)
     try:
-        _write_layout(deps, dest, img, tag)
+        _write_layout(deps, dest, img, tag, result.records)
     except OSError as e:
         raise from_os_error(e, f"writing the image to {dest}") from e
     finally:
@@ -170,14 +181,23 @@ def export_layout(
     return img.manifest_descriptor
 
 
-def _write_layout(deps: Deps, dest: str, img: Image, tag: str | None) -> None:
+def _write_layout(
+    deps: Deps, dest: str, img: Image, tag: str | None, records: tuple[RefRecord, ...]
+) -> None:
     os.makedirs(dest, exist_ok=True)
     same = _same_store(deps.content, dest)
     store = deps.content if same else LocalContentStore(dest)
     assert isinstance(store, LocalContentStore)
     try:
         for desc in img.layers:
-            _copy_blob(deps.content, store, desc.digest, desc.size)
+            try:
+                _copy_blob(deps.content, store, desc.digest, desc.size)
+            except DigestMismatch as e:
+                if e.expected == desc.digest:  # the stored layer is corrupt: the next run rebuilds it
+                    from blobchain.workers.verify import mark_damaged
+
+                    mark_damaged(deps.metadata, desc.digest, records)
+                raise
         _put_bytes(store, img.config, "export-config")
         _put_bytes(store, img.manifest, "export-manifest")
         _write_index(dest, img.manifest_descriptor, tag)

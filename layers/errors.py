@@ -18,6 +18,7 @@ __all__ = [
     "Cancelled",
     "Conflict",
     "ConflictingParent",
+    "CorruptBlob",
     "DigestMismatch",
     "FailedPrecondition",
     "FileChanged",
@@ -218,6 +219,13 @@ class FileChanged(FailedPrecondition):
     """A file changed or vanished while the layer was being written; the tar is discarded."""
 
     code = "file_changed"
+
+
+class CorruptBlob(FailedPrecondition):
+    """A stored blob cannot be decoded as its recorded compression (its bytes may still hash to
+    its name: it was stored that way)."""
+
+    code = "corrupt_blob"
 
 
 class RefNotFound(NotFound):

@@ -227,7 +227,9 @@ class RefRecord:
     """What the metadata store holds for a ref.
 
     ``blob`` is the ref's main blob (the first committed); chain IDs derive from it, as in
-    BuildKit. ``variants`` are further compressions of the same diff (same diffID).
+    BuildKit. ``variants`` are further compressions of the same diff (same diffID). ``damaged``
+    lists digests of this ref's blobs found corrupt: each is rebuilt (or fully re-verified)
+    before it is trusted again.
     """
 
     spec: RefSpec
@@ -235,6 +237,7 @@ class RefRecord:
     chain_id: str | None = None
     blob_chain_id: str | None = None
     variants: tuple[LayerBlob, ...] = ()
+    damaged: tuple[str, ...] = ()
 
     @property
     def ref_id(self) -> str:
@@ -267,13 +270,16 @@ class RefRecord:
         return replace(self, variants=(*self.variants, blob))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "spec": self.spec.to_dict(),
             "blob": self.blob.to_dict() if self.blob else None,
             "chain_id": self.chain_id,
             "blob_chain_id": self.blob_chain_id,
             "variants": [v.to_dict() for v in self.variants],
         }
+        if self.damaged:
+            d["damaged"] = list(self.damaged)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RefRecord:
@@ -283,4 +289,5 @@ class RefRecord:
             chain_id=d.get("chain_id"),
             blob_chain_id=d.get("blob_chain_id"),
             variants=tuple(LayerBlob.from_dict(v) for v in d.get("variants") or ()),
+            damaged=tuple(d.get("damaged") or ()),
         )

@@ -19,6 +19,8 @@ PEERS=(
   setpriv:util-linux
   mount:mount
   cp:coreutils
+  docker-registry:docker-registry
+  podman:podman
   qemu-x86_64:qemu-user
 )
 

@@ -34,6 +34,7 @@ def is_full(e: sqlite3.Error, path: str | os.PathLike[str]) -> bool:
         return False
     return st.f_bavail * st.f_frsize < _LOW_SPACE or st.f_favail == 0
 
+
 # Connections inherited through fork() are kept, never closed: closing one in the child could
 # disturb the parent's SQLite locks. (Fork only without other threads running.)
 _INHERITED: list[sqlite3.Connection] = []

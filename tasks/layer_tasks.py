@@ -40,7 +40,7 @@ from typing import Any
 
 from celery import Celery, shared_task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_ready
 from celery.utils.log import get_task_logger
 
 from blobchain.config.factory import open_deps
@@ -218,6 +218,30 @@ def _open_stores(**_: Any) -> None:
         log.error("could not open blobchain stores in worker process: %s", e)
 
 
+@worker_ready.connect(weak=False)
+def _sweep_stale_ingests(sender: Any = None, **_: Any) -> None:
+    """At start-up, drop uploads left by workers killed long ago (a dead holder's recent ones
+    go when a new holder takes its ref over, see ``refjob``). In a thread, on stores of its
+    own: the pool's children never inherit them, and a slow listing delays no task."""
+    from blobchain.storage.gc import INGEST_MAX_AGE_S
+    from blobchain.tasks.app import settings_of
+
+    app = getattr(sender, "app", None)
+    if app is None:
+        return
+
+    def sweep() -> None:
+        try:
+            n = open_deps(settings_of(app)).content.sweep(INGEST_MAX_AGE_S)
+        except Exception as e:  # gc sweeps them too; never stop a worker for this
+            log.warning("could not sweep stale uploads at start-up: %s", e)
+            return
+        if n:
+            log.info("swept %d stale uploads at start-up", n)
+
+    threading.Thread(target=sweep, name="blobchain-sweep", daemon=True).start()
+
+
 # --- crash accounting (poison refs) -----------------------------------------------------------
 
 # KEYS[1] = attempts hash of a (ref, variant); ARGV[1] = task id, ARGV[2] = ttl ms.
@@ -257,7 +281,8 @@ def attempts_key(prefix: str, flight: str) -> str:
 
 
 def stats_key(prefix: str, action: str, flight: str) -> str:
-    """Counter of real work per (ref, variant): ``stats:built:<ref>#<variant>``."""
+    """Counter of real work started per (ref, variant): ``stats:built:<ref>#<variant>`` (diffs)
+    and ``stats:converted:<ref>#<variant>`` (recompressions of an existing blob)."""
     return f"{prefix}stats:{action}:{flight}"
 
 
@@ -391,6 +416,15 @@ def build_ref_task(
     if takeover is not None:
         log.warning("ref %s: taking over: %s", flight, takeover.get("reason"))
 
+    def count_work(action: str) -> None:
+        # Counted as the work starts, not after its commit: a diff that ran and then failed
+        # (a crash, a lost lease, an S3 error) shows up, so "exactly once" is checkable.
+        key = stats_key(ctx.prefix, action, flight)
+        try:
+            _redis_call(ctx, "count work", lambda: _incr(ctx, key))
+        except BlobchainError as e:
+            log.warning("could not count %s: %s", flight, e)
+
     kwargs: dict[str, Any] = {"wait_since": wait_since, "unavailable": unavailable}
     if takeover is not None:
         kwargs["takeover"] = takeover
@@ -405,6 +439,7 @@ def build_ref_task(
             build_deps(ctx, options, delivery_of(self, ref_id, flight, [ref_id, opts, create_if_needed], kwargs)),
             create_if_needed=create_if_needed,
             progress=progress,
+            on_work=count_work,
         )
         success = True
     except (InProgress, LeaseLost) as e:
@@ -435,12 +470,6 @@ def build_ref_task(
     finally:
         attempt.finish(success=success)
 
-    if outcome.action in ("built", "converted"):
-        try:
-            key = stats_key(ctx.prefix, outcome.action, flight)
-            _redis_call(ctx, "count work", lambda: _incr(ctx, key))
-        except BlobchainError as e:
-            log.warning("could not count %s: %s", flight, e)
     out: dict[str, Any] = {"ref": ref_id, "action": outcome.action, "record": outcome.record.to_dict()}
     if takeover is not None:
         out["takeover"] = takeover.get("reason")

@@ -180,7 +180,9 @@ def test_kill_9_of_a_whole_worker_is_taken_over_within_the_lease_ttl_with_defaul
     assert all(r.blob is not None and not r.variants for r in records)
     _check_store(settings, s3_client, {bl.digest for bl in got.layer_blobs()})
     variant = LayerOptions(compression="gzip", level=9).variant_key()
-    assert built_counts(settings) == {f"{r.ref_id}#{variant}": 1 for r in got.records}
+    # Diffs are counted as they start: the big layer's ran on a (killed) and again on b.
+    want_counts = {f"{r.ref_id}#{variant}": 2 if r.ref_id == big else 1 for r in got.records}
+    assert built_counts(settings) == want_counts
     assert any(ev.ref_id == big and ev.note and "taken over" in ev.note for ev in events)
     r = redis_for(settings)
     try:
@@ -248,4 +250,6 @@ def test_a_ref_that_kills_every_worker_whole_fails_as_poison_through_takeovers(
         assert client.status(job.ref_id).blob is None
     assert current[-1].alive()
     variant = LayerOptions(compression="gzip", level=9).variant_key()
-    assert built_counts(settings) == {f"{chain_specs(chain)[0].ref_id}#{variant}": 1}  # the base only
+    # The base once; the poison ref's diff started once per kill, and never again after.
+    want_counts = {f"{chain_specs(chain)[0].ref_id}#{variant}": 1, f"{job.ref_id}#{variant}": kills}
+    assert built_counts(settings) == want_counts
