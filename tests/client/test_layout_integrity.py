@@ -456,6 +456,21 @@ def test_a_failed_export_leaves_no_skeleton(tmp_path, chain, capsys) -> None:
     assert _tree(out) == before
 
 
+def test_the_cleanup_keeps_a_skeleton_another_run_is_building_into(tmp_path) -> None:
+    """Two runs that both found OUT missing: the one that fails must not remove what the other,
+    still running, has set up (its lease says so)."""
+    from blobchain.client.layout import remove_if_empty
+
+    out = tmp_path / "oci"
+    with Client(Settings(store=str(out)), in_process=True) as other:
+        with other.lease():
+            other.deps  # noqa: B018 - opens (creates) the store
+            assert not remove_if_empty(str(out))
+            assert (out / ".blobchain" / "metadata.db").exists() and (out / "oci-layout").exists()
+        assert remove_if_empty(str(out))  # its lease is gone and nothing was committed
+    assert not out.exists()
+
+
 def test_status_and_gc_take_the_layout(tmp_path, chain, capsys, monkeypatch) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     out = tmp_path / "oci"
