@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, replace
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,8 +23,6 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from blobchain.client.api import Client
-from blobchain.config.settings import load_settings
 from blobchain.layers.errors import (
     BlobchainError,
     Conflict,
@@ -43,9 +41,27 @@ from blobchain.layers.imageconfig import (
 from blobchain.layers.records import RefSpec
 from blobchain.registry.client import TransportOptions
 from blobchain.registry.push import PushEvent, PushResult
-from blobchain.workers.executor import FINISHED, ChainResult, Job
+
+if TYPE_CHECKING:
+    from blobchain.client.api import Client
+    from blobchain.config.settings import Settings
+    from blobchain.workers.executor import ChainResult, Job
 
 __all__ = ["app", "main"]
+
+
+# The client, settings and executor pull in pydantic, Celery and the engine: imported when a
+# command needs them, so `blobchain push` starts in a fraction of the time.
+def _open_client(*args: Any, **kw: Any) -> Client:
+    from blobchain.client.api import Client
+
+    return Client(*args, **kw)
+
+
+def _load_settings() -> Settings:
+    from blobchain.config.settings import load_settings
+
+    return load_settings()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -261,6 +277,8 @@ def _human(n: float) -> str:
 
 def _follow(job: Job, labels: dict[str, str], quiet: bool) -> ChainResult:
     """Live per-layer progress (files, bytes, state) until the job ends."""
+    from blobchain.workers.executor import FINISHED
+
     if quiet or (not err.is_terminal and os.environ.get("BLOBCHAIN_PROGRESS") != "1"):
         return job.wait()
     cols = (
@@ -382,11 +400,11 @@ def export(
     image = image_args.options(len(snapshots))
     push_args = _PushArgs(ca, insecure, insecure_remote, push_jobs)
     _check_push_target(push_to, push_args)
-    settings = load_settings()
+    settings = _load_settings()
     if not settings.distributed:
         settings = settings.model_copy(update={"store": store or oci})
     args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
-    with Client(settings, jobs=jobs) as client:
+    with _open_client(settings, jobs=jobs) as client:
         result, specs = _run_chain(client, snapshots, args)
         image = _with_comments(image, specs, comment)
         manifest = client.export(result, oci, tag=tag, image=image)
@@ -455,7 +473,7 @@ def submit(
     push_args = _PushArgs(ca, insecure, insecure_remote, push_jobs)
     _check_push_target(push_to, push_args)
     args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
-    with Client() as client:
+    with _open_client() as client:
         result, specs = _run_chain(client, snapshots, args)
         image = _with_comments(image, specs, comment)
         extra: dict[str, Any] = {}
@@ -527,10 +545,10 @@ def index(
 ) -> None:
     """Write a multi-platform image index over images already in LAYOUT (platforms from their
     configs), tagged --tag."""
-    settings = load_settings()
+    settings = _load_settings()
     if not settings.distributed:  # as export: the layout is the embedded store
         settings = settings.model_copy(update={"store": layout})
-    with Client(settings) as client:
+    with _open_client(settings) as client:
         desc = client.index(layout, tag, tags)
     data = {"index": desc.digest, "media_type": desc.media_type, "oci": f"{layout}:{tag}"}
     if as_json:
@@ -542,7 +560,7 @@ def index(
 @app.command()
 def status(ref: Annotated[str, typer.Argument(help="a ref id")], as_json: AsJson = False) -> None:
     """Show a ref's record: blob, diffID, chain IDs, variants."""
-    with Client() as client:
+    with _open_client() as client:
         rec = client.status(ref)
         chain = _chain_status(client, ref)
     data = rec.to_dict()
@@ -576,7 +594,7 @@ def _chain_status(client: Client, ref: str) -> list[Any] | None:
 @app.command()
 def gc(dry_run: Annotated[bool, typer.Option("--dry-run")] = False, as_json: AsJson = False) -> None:
     """Delete blobs that no record, manifest or live lease references."""
-    with Client() as client:
+    with _open_client() as client:
         report = client.gc(dry_run=dry_run)
     data = {"deleted": list(report.deleted), "kept": report.kept, "freed_bytes": report.freed_bytes}
     if as_json:

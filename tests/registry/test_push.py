@@ -414,3 +414,53 @@ def test_bad_arguments_are_named_errors(tmp_path, layout, capsys):
     assert rc == 3
     rc, _, text = _push(capsys, f"{out}:v1", "registry.example.com/x:y", "--insecure")
     assert rc == 2 and "only for local registries" in text
+
+
+def test_one_command_from_snapshots_to_a_pushed_image(tmp_path, plain_registry, capsys, monkeypatch):
+    snaps = make_sample_chain(str(tmp_path / "snaps"))
+    target = f"{plain_registry.address}/onecmd/app:v1"
+    capsys.readouterr()
+    rc = main(
+        [
+            "export",
+            *snaps,
+            "--oci",
+            str(tmp_path / "oci"),
+            "--cmd",
+            '["/app"]',
+            "--push",
+            target,
+            "--insecure",
+            "--json",
+            "-q",
+        ]
+    )
+    c = capsys.readouterr()
+    assert rc == 0, c.err
+    data = json.loads(c.out)
+    assert data["pushed"]["digest"] == data["manifest"]
+    assert (
+        json.loads(_skopeo("inspect", "--tls-verify=false", f"docker://{target}"))["Digest"]
+        == data["manifest"]
+    )
+    # submit --push (embedded here; tests/tasks/test_push_from_s3.py covers the workers) gives the same image
+    monkeypatch.setenv("BLOBCHAIN_STORE", str(tmp_path / "store"))
+    rc = main(
+        [
+            "submit",
+            *snaps,
+            "--cmd",
+            '["/app"]',
+            "--push",
+            f"{plain_registry.address}/onecmd/sub:v1",
+            "--insecure",
+            "--json",
+            "-q",
+        ]
+    )
+    c = capsys.readouterr()
+    assert rc == 0, c.err
+    assert json.loads(c.out)["pushed"]["digest"] == data["manifest"]
+    # a bad target fails before any work
+    rc = main(["submit", *snaps, "--push", "Bad Ref", "-q"])
+    assert rc == 2
