@@ -237,7 +237,10 @@ class _PushDisplay:
         t = self._tasks.get(ev.digest)
         if t is None:
             t = self._tasks[ev.digest] = self._bar.add_task(ev.digest[7:19], total=ev.size or 1, state=ev.state)
-        done = ev.size if ev.state in ("exists", "mounted", "uploaded", "verified", "manifest") else ev.sent
+        if ev.state == "verified":  # keep showing what was done (uploaded, skipped, mounted)
+            self._bar.update(t, completed=ev.size)
+            return
+        done = ev.size if ev.state in ("exists", "mounted", "uploaded", "manifest") else ev.sent
         self._bar.update(t, completed=done, state={"exists": "skipped"}.get(ev.state, ev.state))
 
 

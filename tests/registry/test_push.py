@@ -248,6 +248,14 @@ def test_bearer_tokens_and_cross_repo_mount(
     assert rc == 0, text
     assert {b["action"] for b in third["blobs"]} == {"mounted"}
     assert token_registry.tags("team/c") == ["v1"]
+    # an identity (refresh) token in the auth file: the OAuth2 refresh grant
+    (tmp_path / "idtoken.json").write_text(
+        json.dumps({"auths": {token_registry.address: {"identitytoken": regservice.REFRESH_TOKEN}}})
+    )
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "idtoken.json"))
+    rc, _, text = _push(capsys, f"{out}:v1", f"{token_registry.address}/team/d:v1", "--insecure")
+    assert rc == 0, text
+    assert regservice.REFRESH_TOKEN not in text
     info = json.loads(
         _skopeo(
             "inspect",
@@ -464,3 +472,18 @@ def test_one_command_from_snapshots_to_a_pushed_image(tmp_path, plain_registry, 
     # a bad target fails before any work
     rc = main(["submit", *snaps, "--push", "Bad Ref", "-q"])
     assert rc == 2
+
+
+def test_progress_per_blob(tmp_path, plain_registry, layout, capsys, monkeypatch):
+    out, _ = layout
+    target = f"{plain_registry.address}/progress/app:v1"
+    monkeypatch.setenv("BLOBCHAIN_PROGRESS", "1")  # the live display, though stderr is no terminal
+    monkeypatch.setenv("COLUMNS", "200")
+    capsys.readouterr()
+    assert main(["push", f"{out}:v1", target, "--insecure"]) == 0
+    first = capsys.readouterr()
+    assert "uploaded" in first.err and "pushed " in first.out
+    assert main(["push", f"{out}:v1", target, "--insecure"]) == 0
+    second = capsys.readouterr()
+    assert "skipped" in second.err and "uploaded" not in second.err
+    assert "4 skipped" in second.out and "0 B sent" in second.out
