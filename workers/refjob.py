@@ -44,14 +44,26 @@ def _spec(deps: Deps, ref_id: str) -> RefSpec | None:
     return rec.spec if rec else None
 
 
+def _lookup(deps: Deps, ref_id: str) -> Callable[[str], RefSpec | None]:
+    """Spec lookup over ``ref_id``'s ancestry: one read of the whole chain where the store can
+    (Redis: a server-side walk, so a ref's round trips do not grow with the chain's depth)."""
+    many = getattr(deps.metadata, "chain_specs", None)
+    if many is None:
+        return lambda r: _spec(deps, r)
+    specs: dict[str, RefSpec] = many(ref_id)
+    return lambda r: specs[r] if r in specs else _spec(deps, r)
+
+
 def is_windows(deps: Deps, ref_id: str) -> bool:
     """Windows layer mode applies when the ref or any ancestor is a windows layer."""
-    return any(_spec(deps, r).layer_type == "windows" for r in ancestry(ref_id, lambda r: _spec(deps, r)))  # type: ignore[union-attr]
+    lookup = _lookup(deps, ref_id)
+    return any(lookup(r).layer_type == "windows" for r in ancestry(ref_id, lookup))  # type: ignore[union-attr]
 
 
 def layer_source(deps: Deps, spec: RefSpec) -> LayerSource:
     """Open the ref's snapshot and its lower side, confined to the configured roots."""
-    chain = [_spec(deps, r) for r in ancestry(spec.ref_id, lambda r: _spec(deps, r))]
+    lookup = _lookup(deps, spec.ref_id)
+    chain = [lookup(r) for r in ancestry(spec.ref_id, lookup)]
     windows = any(s.layer_type == "windows" for s in chain if s)
     upper = open_snapshot(spec.snapshot, deps.roots)
     parents = [s for s in chain[:-1] if s]

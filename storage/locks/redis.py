@@ -103,7 +103,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# Tracked leases: KEYS[1] = lease, KEYS[2] = deliveries hash, KEYS[3] = due zset;
+# Tracked leases: KEYS[1] = lease, KEYS[2] = deliveries hash, KEYS[3] = due zset, KEYS[4] = their
+# first-found-expired times, KEYS[5] (acquire only) = the acquisitions counter;
 # ARGV[1] = token, ARGV[2] = ttl ms, ARGV[3] = delivery JSON.
 _ACQUIRE_TRACKED = (
     _NOW
@@ -115,6 +116,9 @@ if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
+-- builds started per (ref, variant), for operators and the tests' "no duplicate work"
+redis.call('INCR', KEYS[5])
+redis.call('EXPIRE', KEYS[5], 2592000)
 return 1
 """
 )
@@ -333,7 +337,8 @@ class RedisLockService:
         token = uuid.uuid4().hex
         body = json.dumps({**delivery, "key": key}, separators=(",", ":"), sort_keys=True)
         with redis_errors(self.client, f"acquire lease {key}"):
-            ok = self._acquire_tracked(keys=self.tracked_keys(key), args=[token, _ttl_ms(ttl_s), body])
+            keys = [*self.tracked_keys(key), f"{self.prefix}stats:leased:{key}"]
+            ok = self._acquire_tracked(keys=keys, args=[token, _ttl_ms(ttl_s), body])
         return RedisLease(self, key, token, ttl_s, tracked=True) if int(ok) else None
 
     def worker_key(self, node: str) -> str:

@@ -161,6 +161,32 @@ return out
 )
 
 
+# KEYS[1] = ref key prefix; ARGV[1] = ref id, ARGV[2] = most refs to return. Walks parent links
+# server-side: a ref's whole ancestry in one round trip, whatever the chain's depth.
+_CHAIN_SPECS = """
+local out = {}
+local cur = ARGV[1]
+local n = 0
+while cur and n < tonumber(ARGV[2]) do
+  local spec = redis.call('HGET', KEYS[1] .. cur, 'spec')
+  if not spec then
+    break
+  end
+  table.insert(out, spec)
+  local p = cjson.decode(spec)['parent']
+  if p == nil or p == cjson.null then
+    cur = nil
+  else
+    cur = p
+  end
+  n = n + 1
+end
+return out
+"""
+# A chain longer than this is walked in several round trips (and a cycle stops the walk).
+_CHAIN_BATCH = 4096
+
+
 def _canon(d: dict[str, Any]) -> str:
     return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
@@ -192,6 +218,7 @@ class RedisMetadataStore:
         self._create_lease = client.register_script(_CREATE_LEASE)
         self._add_resource = client.register_script(_ADD_RESOURCE)
         self._live = client.register_script(_LIVE)
+        self._chain_specs = client.register_script(_CHAIN_SPECS)
 
     # --- keys ---------------------------------------------------------------------------------
 
@@ -221,6 +248,25 @@ class RedisMetadataStore:
         if not flat:
             return None
         return _record([x for kv in flat.items() for x in kv])
+
+    def chain_specs(self, ref_id: str) -> dict[str, RefSpec]:
+        """The specs of ``ref_id`` and its registered ancestors (stops at a missing parent or a
+        cycle; the caller's ancestry walk reports those), in one round trip per 4096 refs."""
+        out: dict[str, RefSpec] = {}
+        cur: str | None = ref_id
+        while cur is not None and cur not in out:
+            with redis_errors(self.client, f"read ancestry of ref {cur}"):
+                raw = self._chain_specs(keys=[f"{self.prefix}ref:"], args=[cur, _CHAIN_BATCH])
+            if not raw:
+                break
+            spec = None
+            for item in raw:
+                spec = RefSpec.from_dict(json.loads(_s(item)))
+                if spec.ref_id in out:
+                    return out
+                out[spec.ref_id] = spec
+            cur = spec.parent if spec is not None and len(raw) == _CHAIN_BATCH else None
+        return out
 
     def register(self, spec: RefSpec) -> RefRecord:
         """Create the ref, or return it if the spec is identical; ConflictingParent otherwise."""

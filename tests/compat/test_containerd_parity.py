@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import fsgen
 import pytest
-import services
 
 from blobchain.layers.changes import diff
 from blobchain.layers.entries import tar_entries
@@ -22,16 +20,9 @@ from blobchain.layers.records import EMPTY_LAYER_DIFF_ID
 from blobchain.layers.snapshot import Snapshot, open_snapshot
 from blobchain.layers.tarwriter import write_tar
 
-from .containerd import Containerd, first_difference, unavailable_reason
+from .containerd import Containerd, first_difference
 
 pytestmark = pytest.mark.compat
-
-
-@pytest.fixture(scope="session")
-def ctrd() -> Iterator[Containerd]:
-    services.require(unavailable_reason() is None, str(unavailable_reason()))
-    with Containerd() as c:
-        yield c
 
 
 def _ours(lower: Path | None, upper: Path, write: object) -> int:
