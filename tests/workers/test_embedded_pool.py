@@ -58,3 +58,17 @@ def test_a_lone_build_at_a_high_zstd_level_uses_the_pool(tmp_path: Path) -> None
         with c.lease() as lease:
             c.compute_blob_chain(specs[-1].ref_id, compression="zstd", level=12, lease=lease).wait(120)
         assert c.executor._pool is not None  # type: ignore[attr-defined]
+
+
+def test_the_cli_imports_no_registry_client_or_distributed_stack() -> None:
+    # Start-up of `blobchain export`: httpx (the registry client) loads only for a push, and
+    # Celery, kombu, boto3, redis only in distributed mode.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, blobchain.client.cli; "
+        "print(sorted(m for m in ('httpx', 'celery', 'kombu', 'boto3', 'botocore', 'redis') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
