@@ -6,9 +6,11 @@ layout's ``index.json`` (index -> manifests/indexes -> config + layers), so expo
 safe even if nobody recorded them.
 
 The candidates are listed *before* the roots are read: a blob committed after the listing is not a
-candidate, and a record or lease written before the roots are read protects its blob. Writers hold
-a lease on a blob from before its ingest until its record exists; ``grace_s`` additionally spares
-blobs younger than that (for stores that can tell a blob's age).
+candidate, and a record or lease written before the roots are read protects its blob. Writers put
+a blob's digest on their lease before the ingest commits it (so before it can be listed) and keep
+the lease until its record exists; ``grace_s`` additionally spares blobs younger than that, by
+the creation time every store gives on its blob info (``BlobInfo.created``; a store that cannot
+tell is spared too).
 """
 
 from __future__ import annotations
@@ -51,11 +53,6 @@ class MetadataWithLeases(MetadataStore, LeaseStore, Protocol):
     """A metadata store that also keeps leases (both embedded and Redis stores are)."""
 
 
-@runtime_checkable
-class _AgedBlobs(Protocol):
-    def blob_mtime(self, digest: str) -> float | None: ...
-
-
 @dataclass(frozen=True)
 class GCReport:
     kept: int
@@ -65,11 +62,12 @@ class GCReport:
 
 def gc_roots(content: ContentStore, metadata: MetadataWithLeases) -> set[str]:
     """Every digest that must survive a collection."""
-    keep: set[str] = set()
+    # Leases before records: a writer records its blob *then* drops its lease, so reading in
+    # this order sees every blob in one or the other (the other order can miss one in between).
+    keep: set[str] = set(metadata.live_digests())
+    keep |= metadata.manifest_digests()
     for rec in metadata.list_refs():
         keep.update(b.digest for b in rec.blobs())
-    keep |= metadata.manifest_digests()
-    keep |= metadata.live_digests()
     if isinstance(content, LocalContentStore):
         keep |= layout_digests(content)
     return keep
@@ -142,19 +140,16 @@ def collect_garbage(
     candidates = list(content.list_digests())
     keep = gc_roots(content, metadata)
     cutoff = time.time() - grace_s
-    aged = content if isinstance(content, _AgedBlobs) else None
     deleted: list[str] = []
     freed = 0
     for digest in candidates:
         if digest in keep:
             continue
-        if grace_s > 0 and aged is not None:
-            mtime = aged.blob_mtime(digest)
-            if mtime is None or mtime > cutoff:
-                continue
         info = content.info(digest)
         if info is None:
             continue  # deleted by someone else meanwhile
+        if grace_s > 0 and (info.created is None or info.created > cutoff):
+            continue
         if not dry_run and not content.delete(digest):
             continue
         deleted.append(digest)

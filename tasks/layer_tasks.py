@@ -40,7 +40,7 @@ from typing import Any
 
 from celery import Celery, shared_task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_ready
 from celery.utils.log import get_task_logger
 
 from blobchain.config.factory import open_deps
@@ -216,6 +216,30 @@ def _open_stores(**_: Any) -> None:
         worker_context(current_app)
     except Exception as e:  # the first task reports it with its own error mapping
         log.error("could not open blobchain stores in worker process: %s", e)
+
+
+@worker_ready.connect(weak=False)
+def _sweep_stale_ingests(sender: Any = None, **_: Any) -> None:
+    """At start-up, drop uploads left by workers killed long ago (a dead holder's recent ones
+    go when a new holder takes its ref over, see ``refjob``). In a thread, on stores of its
+    own: the pool's children never inherit them, and a slow listing delays no task."""
+    from blobchain.storage.gc import INGEST_MAX_AGE_S
+    from blobchain.tasks.app import settings_of
+
+    app = getattr(sender, "app", None)
+    if app is None:
+        return
+
+    def sweep() -> None:
+        try:
+            n = open_deps(settings_of(app)).content.sweep(INGEST_MAX_AGE_S)
+        except Exception as e:  # gc sweeps them too; never stop a worker for this
+            log.warning("could not sweep stale uploads at start-up: %s", e)
+            return
+        if n:
+            log.info("swept %d stale uploads at start-up", n)
+
+    threading.Thread(target=sweep, name="blobchain-sweep", daemon=True).start()
 
 
 # --- crash accounting (poison refs) -----------------------------------------------------------

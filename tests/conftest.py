@@ -12,7 +12,9 @@ With ``$BLOBCHAIN_TEST_REDIS_URL``, its DB number is the one flushed per test.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +44,19 @@ def _restore(old: dict[str, str | None]) -> None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+# --- isolation from the user's own store --------------------------------------------------------
+# With nothing configured, blobchain keeps its store under $XDG_DATA_HOME. The suite must never
+# read or write the real one (nor share one between checkouts running at once), so every test
+# process and every CLI subprocess it starts sees a private, empty data home.
+_DATA_HOME = Path(tempfile.mkdtemp(prefix="blobchain-test-xdg-"))
+os.environ["XDG_DATA_HOME"] = str(_DATA_HOME / "data")
+os.environ["XDG_CONFIG_HOME"] = str(_DATA_HOME / "config")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_DATA_HOME, ignore_errors=True)
 
 
 # --- peers and skips --------------------------------------------------------------------------

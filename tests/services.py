@@ -92,6 +92,22 @@ def require_root(why: str) -> None:
     require(os.geteuid() == 0, f"needs root: {why}")
 
 
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real tiny filesystem (a tmpfs of ``size``, e.g. "8m") mounted at ``path`` for the block."""
+    require_root("mounting a tmpfs")
+    path.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        missing(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 def needs(ok: object, reason: str) -> Any:
     """A mark: the test needs ``ok`` to hold (checked at setup, as :func:`require`)."""
     import pytest

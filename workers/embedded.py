@@ -1,12 +1,19 @@
 """The default executor: one machine, no services. Every ref of a chain is built at once (a
 parent's diff never waits for its child's), each in a process of a pool so Python-heavy walks
-use every core; chain IDs are set in order once all are built."""
+use every core; chain IDs are set in order once all are built.
+
+Pool children die with the process that started them: each asks the kernel for SIGKILL when its
+parent goes (``PR_SET_PDEATHSIG``) and also watches its parent pid, so a ``kill -9`` of the CLI
+leaves no child publishing blobs or holding ``content.db``."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import threading
 import time
@@ -18,7 +25,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_r
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
 from blobchain.layers.compress import available_cpus
-from blobchain.layers.errors import InProgress
+from blobchain.layers.errors import BlobchainError, InProgress
 from blobchain.layers.records import LayerOptions, RefRecord
 from blobchain.workers.chainjob import chain_records, finalize_chain
 from blobchain.workers.deps import Deps
@@ -38,6 +45,8 @@ __all__ = ["EmbeddedExecutor", "EmbeddedJob"]
 
 _PROGRESS_EVERY_S = 0.2
 _CANCEL_GRACE_S = 3.0
+_PARENT_POLL_S = 0.5
+_PR_SET_PDEATHSIG = 1
 
 # --- the pool side: one Deps per process -----------------------------------------------------
 
@@ -55,8 +64,31 @@ def _on_sigint(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
 
-def _child_init(settings: Settings, events: Any) -> None:
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when ``parent`` dies: the kernel's parent-death signal (Linux), and
+    a watcher thread for what it misses (it fires on the exit of the parent *thread* that
+    spawned us, and not at all if the parent died before it was set)."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(libc_name, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # gone already, before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch() -> None:
+        while True:
+            time.sleep(_PARENT_POLL_S)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="blobchain-parent-watch", daemon=True).start()
+
+
+def _child_init(settings: Settings, events: Any, parent: int | None = None) -> None:
     global _child_deps, _child_events
+    if parent is not None:
+        _die_with_parent(parent)
     signal.signal(signal.SIGINT, _on_sigint)
     _child_deps = open_deps(settings)
     _child_events = events
@@ -83,6 +115,16 @@ def _child_build(ref_id: str, opts: LayerOptions, create_if_needed: bool, at_onc
     _child_events.put(RefEvent(ref_id, RUNNING))
     try:
         return build_ref(ref_id, opts, deps, create_if_needed=create_if_needed, progress=progress)
+    except BlobchainError:
+        raise
+    except Exception as e:
+        # Whatever goes back to the parent must pickle (a zlib_ng.error does not: the parent
+        # would see a PicklingError instead of the error).
+        try:
+            pickle.loads(pickle.dumps(e))
+        except Exception:
+            raise BlobchainError(f"building ref {ref_id} failed: {type(e).__name__}: {e}", ref=ref_id) from None
+        raise
     finally:
         _child_busy = False
 
@@ -140,7 +182,7 @@ class EmbeddedExecutor:
                 max_workers=self._jobs,
                 mp_context=ctx,
                 initializer=_child_init,
-                initargs=(settings, self._events),
+                initargs=(settings, self._events, os.getpid()),
             )
             threading.Thread(target=self._pump, name="blobchain-events", daemon=True).start()
 

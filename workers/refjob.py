@@ -2,16 +2,32 @@
 
 This is BuildKit's per-ref ``computeBlobChain`` flight body, independent of any transport: the
 embedded executor and the Celery task both call :func:`build_ref`.
+
+Integrity: the fast path trusts a recorded blob only if the store still has it intact
+(``verify(quick=True)``: re-read in full when its size differs from the record, the store's
+evidence says it changed, or it was marked damaged). A corrupt blob is quarantined by the store,
+the ref's record is marked, and the blob is rebuilt here (from the snapshot, or converted from
+an intact sibling). The new blob's digest is put on the build's GC lease before the ingest
+commits it, so GC never sees it unreferenced.
 """
 
 from __future__ import annotations
 
-import time
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blobchain.layers.errors import InProgress, NoBlobs, RefNotFound
+from blobchain.layers.errors import (
+    BlobchainError,
+    Conflict,
+    CorruptBlob,
+    DigestMismatch,
+    InProgress,
+    NoBlobs,
+    NotFound,
+    RefNotFound,
+)
 from blobchain.layers.layer import LayerSource, LayerStats, check_windows, convert_blob, write_layer
 from blobchain.layers.overlay import LowerView
 from blobchain.layers.records import DIFF_ID_LABEL, LayerBlob, LayerOptions, RefRecord, RefSpec
@@ -21,7 +37,9 @@ from blobchain.storage.locks.heartbeat import Heartbeat
 from blobchain.workers.deps import Deps
 from blobchain.workers.plan import ancestry
 
-__all__ = ["BuildOutcome", "build_ref", "flight_key", "is_windows", "layer_source"]
+__all__ = ["BuildOutcome", "build_ref", "flight_key", "intact", "is_windows", "layer_source"]
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 OnWork = Callable[[str], None]
@@ -84,8 +102,27 @@ def layer_source(deps: Deps, spec: RefSpec) -> LayerSource:
     return LayerSource(upper=upper, lower=lower, kind=spec.kind, windows=windows)  # type: ignore[arg-type]
 
 
-def _have(deps: Deps, blob: LayerBlob | None) -> bool:
-    return blob is not None and deps.content.info(blob.digest) is not None
+def intact(deps: Deps, rec: RefRecord, blob: LayerBlob | None) -> bool:
+    """True if ``blob`` (one of ``rec``'s) is in the store and intact. A corrupt copy is
+    quarantined (by the store's verifying read) and the record marked, so it gets rebuilt; a
+    marked blob found intact on a full re-read is unmarked."""
+    if blob is None:
+        return False
+    marked = blob.digest in rec.damaged
+    try:
+        info = deps.content.verify(blob.digest, quick=not marked)
+        if info is not None and info.size != blob.size and not marked:
+            info = deps.content.verify(blob.digest)  # another size than recorded: read it all
+    except DigestMismatch as e:
+        log.warning("ref %s: %s; it will be rebuilt", rec.ref_id, e.message)
+        if not marked:
+            deps.metadata.mark_damaged(rec.ref_id, blob.digest)
+        return False
+    if info is None:
+        return False
+    if marked:
+        deps.metadata.clear_damaged(rec.ref_id, blob.digest)
+    return True
 
 
 def build_ref(
@@ -114,7 +151,8 @@ def build_ref(
     if is_windows(deps, ref_id):
         check_windows(opts)
 
-    lease = deps.locks.try_acquire(flight_key(ref_id, opts), deps.lease_ttl_s)
+    key = flight_key(ref_id, opts)
+    lease = deps.locks.try_acquire(key, deps.lease_ttl_s)
     if lease is None:
         raise InProgress(f"ref {ref_id} is being built by another worker", ref=ref_id)
     try:
@@ -122,6 +160,7 @@ def build_ref(
         rec = deps.metadata.get(ref_id) or rec
         if (done := _done(deps, rec, opts)) is not None:
             return BuildOutcome(done, "cached")
+        _sweep_dead_holder(deps, key)
         gc_lease = f"build-{uuid.uuid4().hex}"
         deps.leases.create_lease(gc_lease, deps.lease_ttl_s * 10)
         try:
@@ -132,15 +171,24 @@ def build_ref(
                     if progress:
                         progress(files, nbytes)
 
-                action = "converted" if rec.blob is not None and _have(deps, rec.blob) else "built"
-                if on_work is not None:
-                    on_work(action)
-                if action == "converted":
-                    assert rec.blob is not None
-                    blob = _convert(deps, rec.blob, opts, ref_id, gc_lease, tick)
-                else:
-                    blob = _build(deps, rec.spec, opts, ref_id, gc_lease, tick)
+                try:
+                    blob, action = _make(deps, rec, opts, key, gc_lease, tick, on_work)
+                except NotFound:
+                    # Our upload was swept by a new holder of the lease we lost: say so.
+                    hb.check()
+                    lease.refresh()
+                    raise
                 hb.check()
+                recorded = (deps.metadata.get(ref_id) or rec).blob_for(opts)
+                if recorded is not None and recorded.digest != blob.digest:
+                    raise Conflict(
+                        f"ref {ref_id}: the rebuilt {opts.variant_key()} blob is {blob.digest}, but the"
+                        f" record names {recorded.digest} (did the compressor change?); the record"
+                        " is kept",
+                        ref=ref_id,
+                        recorded=recorded.digest,
+                        rebuilt=blob.digest,
+                    )
                 rec = _commit(deps, ref_id, blob, lease)
         finally:
             deps.leases.delete_lease(gc_lease)
@@ -158,12 +206,52 @@ def _commit(deps: Deps, ref_id: str, blob: LayerBlob, lease: Lease) -> RefRecord
 
 
 def _done(deps: Deps, rec: RefRecord, opts: LayerOptions) -> RefRecord | None:
-    """The record if nothing needs doing: a blob exists (and the forced variant, if asked)."""
-    if not _have(deps, rec.blob):
+    """The record if nothing needs doing: an intact blob (and the forced variant, if asked)."""
+    if not intact(deps, rec, rec.blob):
         return None
-    if opts.force and not _have(deps, rec.blob_for(opts)):
+    if opts.force and not intact(deps, rec, rec.blob_for(opts)):
         return None
+    if rec.damaged:  # marks were cleared (or others remain): report the record as it is now
+        rec = deps.metadata.get(rec.ref_id) or rec
     return rec
+
+
+def _sweep_dead_holder(deps: Deps, key: str) -> None:
+    """We hold the ref's lease, so any ingest under its name is a dead (or ousted) holder's."""
+    try:
+        n = deps.content.sweep(0, ref=key)
+    except BlobchainError as e:  # the age-based sweep (gc) gets them later
+        log.warning("could not sweep the previous holder's ingests of %s: %s", key, e)
+        return
+    if n:
+        log.info("swept %d ingests a previous holder of %s left behind", n, key)
+
+
+def _make(
+    deps: Deps,
+    rec: RefRecord,
+    opts: LayerOptions,
+    key: str,
+    gc_lease: str,
+    tick: Progress,
+    on_work: OnWork | None,
+) -> tuple[LayerBlob, str]:
+    """Convert an intact existing blob (no walk), else diff the snapshot. ``on_work(action)``
+    before each piece of work starts."""
+    source = rec.blob
+    if source is not None and intact(deps, rec, source):
+        if on_work is not None:
+            on_work("converted")
+        try:
+            return _convert(deps, rec.ref_id, source, opts, key, gc_lease, tick), "converted"
+        except DigestMismatch as e:
+            if e.expected != source.digest:
+                raise
+            # The source turned out corrupt while converting (it is quarantined and marked
+            # now): build from the snapshot instead.
+    if on_work is not None:
+        on_work("built")
+    return _build(deps, rec.spec, opts, key, gc_lease, tick), "built"
 
 
 def _record(stats: LayerStats, digest: str, size: int, opts: LayerOptions) -> LayerBlob:
@@ -179,24 +267,57 @@ def _record(stats: LayerStats, digest: str, size: int, opts: LayerOptions) -> La
 
 
 def _build(
-    deps: Deps, spec: RefSpec, opts: LayerOptions, ref_id: str, gc_lease: str, tick: Progress
+    deps: Deps, spec: RefSpec, opts: LayerOptions, key: str, gc_lease: str, tick: Progress
 ) -> LayerBlob:
     src = layer_source(deps, spec)
-    with deps.content.ingest(f"{ref_id}-{int(time.time())}") as ing:
+    # The ingest is named by the flight key: only the lease holder writes under that name.
+    with deps.content.ingest(key) as ing:
         stats = write_layer(src, opts, ing.write, threads=deps.threads, progress=tick)
+        # Leased before it is published (containerd ties an ingest to its lease): GC running
+        # between the commit and the record cannot take it.
+        deps.leases.add_resource(gc_lease, ing.digest)
         info = ing.commit(labels={DIFF_ID_LABEL: stats.diff_id})
-    deps.leases.add_resource(gc_lease, info.digest)
     return _record(stats, info.digest, info.size, opts)
 
 
 def _convert(
-    deps: Deps, source: LayerBlob, opts: LayerOptions, ref_id: str, gc_lease: str, tick: Progress
+    deps: Deps,
+    ref_id: str,
+    source: LayerBlob,
+    opts: LayerOptions,
+    key: str,
+    gc_lease: str,
+    tick: Progress,
 ) -> LayerBlob:
     deps.leases.add_resource(gc_lease, source.digest)
-    with deps.content.open(source.digest) as reader, deps.content.ingest(f"{ref_id}-convert") as ing:
-        stats = convert_blob(
-            reader, source.compression, source.diff_id, opts, ing.write, threads=deps.threads, progress=tick
-        )
-        info = ing.commit(labels={DIFF_ID_LABEL: stats.diff_id})
-    deps.leases.add_resource(gc_lease, info.digest)
+    try:
+        with deps.content.open(source.digest) as reader, deps.content.ingest(key) as ing:
+            stats = convert_blob(
+                reader, source.compression, source.diff_id, opts, ing.write, threads=deps.threads, progress=tick
+            )
+            deps.leases.add_resource(gc_lease, ing.digest)
+            info = ing.commit(labels={DIFF_ID_LABEL: stats.diff_id})
+    except DigestMismatch as e:
+        if e.expected == source.digest:  # the verifying read: quarantined; mark the record
+            deps.metadata.mark_damaged(ref_id, source.digest)
+        raise
+    except BlobchainError:
+        raise
+    except Exception as e:
+        # A decompressor error (zlib_ng.error, zstd.ZstdError, EOFError...): such classes may
+        # not even pickle across a process pool. Is the stored copy damaged? Read it all
+        # through the verifier: a mismatch quarantines it (DigestMismatch, handled above by the
+        # caller's fallback); otherwise it was stored undecodable, a named error.
+        try:
+            deps.content.verify(source.digest)
+        except DigestMismatch:
+            deps.metadata.mark_damaged(ref_id, source.digest)
+            raise
+        raise CorruptBlob(
+            f"blob {source.digest} of ref {ref_id} does not decode as {source.compression}:"
+            f" {type(e).__name__}: {e}",
+            ref=ref_id,
+            digest=source.digest,
+            compression=str(source.compression),
+        ) from None
     return _record(stats, info.digest, info.size, opts)

@@ -2,11 +2,17 @@
 
 Layout: ``<root>/oci-layout``, ``<root>/blobs/sha256/<hex>`` (read-only files), and private state
 under ``<root>/.blobchain/``: ingest temp files in ``ingest/`` (same filesystem as the blobs, so
-publishing is a link) and blob labels in ``content.db`` (SQLite, WAL). ``index.json`` belongs to
-the exporter and is never touched here.
+publishing is a link), blob labels and each blob's stat fingerprint at publish in ``content.db``
+(SQLite, WAL), and corrupt copies moved aside in ``quarantine/``. ``index.json`` belongs to the
+exporter and is never touched here.
 
 Publishing never replaces an existing blob: the verified temp file is hard-linked to its final
 name, and EEXIST means another writer (thread or process) already published the same bytes.
+
+Reads are verified (:mod:`blobchain.storage.content.verified`); a blob that fails is renamed into
+``quarantine/`` (if the file is still the one read). The fingerprint (size, mtime, ctime, inode)
+recorded when a blob was published or last verified tells ``verify(quick=True)`` whether the
+file may have been written since: any write changes its ctime, which no user can set back.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -35,8 +42,9 @@ from blobchain.layers.errors import (
     Unavailable,
 )
 from blobchain.layers.records import check_digest
-from blobchain.storage.content import BlobInfo
-from blobchain.storage.sqlite_util import ProcessConnection
+from blobchain.storage.content import BlobInfo, ingest_tag
+from blobchain.storage.content.verified import VerifyingReader, drain_verified
+from blobchain.storage.sqlite_util import ProcessConnection, is_full
 
 __all__ = ["LocalContentStore", "LocalIngest"]
 
@@ -45,7 +53,6 @@ _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _WRITE_BUFFER = 1 << 20
 _SAFE_REF = re.compile(r"[^A-Za-z0-9._-]+")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_SQLITE_FULL = 13
 
 
 def _store_full(err: OSError, what: str) -> StoreFull:
@@ -56,6 +63,10 @@ def _store_full(err: OSError, what: str) -> StoreFull:
 
 
 _INGEST_PID = re.compile(r"\.p(\d+)\.[0-9a-f]{32}\.tmp$")
+
+
+def _fingerprint(st: os.stat_result) -> str:
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
 def _alive(pid: int) -> bool:
@@ -82,10 +93,12 @@ class LocalIngest:
     def __init__(self, store: LocalContentStore, ref: str) -> None:
         self._store = store
         self.ref = ref
-        # The writer's pid is in the name so orphans of dead writers can be swept at once.
-        name = f"{_SAFE_REF.sub('_', ref)[:80]}.p{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        # The writer's pid is in the name so orphans of dead writers can be swept at once, and
+        # the ref's tag so a new holder of the ref can drop a dead holder's ingests.
+        name = f"{_SAFE_REF.sub('_', ref)[:40]}.{ingest_tag(ref)}.p{os.getpid()}.{uuid.uuid4().hex}.tmp"
         self.path = store.ingest_dir / name
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # 0666 less the umask, as containerd creates ingest data; publishing drops the write bits.
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         self._file: io.BufferedWriter | None = io.BufferedWriter(io.FileIO(fd, "wb"), _WRITE_BUFFER)
         self._hash = hashlib.sha256()
         self._offset = 0
@@ -93,6 +106,10 @@ class LocalIngest:
     @property
     def offset(self) -> int:
         return self._offset
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
 
     def write(self, data: bytes | memoryview, /) -> int:
         f = self._require_open()
@@ -190,9 +207,11 @@ class _LabelDB:
         self._db = ProcessConnection(
             path,
             busy_timeout_s,
-            lambda conn: conn.execute(
+            lambda conn: conn.executescript(
                 "CREATE TABLE IF NOT EXISTS labels (digest TEXT NOT NULL, key TEXT NOT NULL,"
-                " value TEXT NOT NULL, PRIMARY KEY (digest, key)) WITHOUT ROWID"
+                " value TEXT NOT NULL, PRIMARY KEY (digest, key)) WITHOUT ROWID;"
+                "CREATE TABLE IF NOT EXISTS fingerprints (digest TEXT PRIMARY KEY,"
+                " fingerprint TEXT NOT NULL) WITHOUT ROWID;"
             ),
         )
 
@@ -218,6 +237,29 @@ class _LabelDB:
 
     def forget(self, digest: str) -> None:
         self._write("DELETE FROM labels WHERE digest = ?", [(digest,)])
+        self.forget_fingerprint(digest)
+
+    def fingerprint(self, digest: str) -> str | None:
+        with self._lock:
+            try:
+                row = (
+                    self._connection()
+                    .execute("SELECT fingerprint FROM fingerprints WHERE digest = ?", (digest,))
+                    .fetchone()
+                )
+            except sqlite3.Error as e:
+                raise self._map(e) from e
+        return None if row is None else str(row[0])
+
+    def set_fingerprint(self, digest: str, fingerprint: str) -> None:
+        self._write(
+            "INSERT INTO fingerprints (digest, fingerprint) VALUES (?, ?)"
+            " ON CONFLICT (digest) DO UPDATE SET fingerprint = excluded.fingerprint",
+            [(digest, fingerprint)],
+        )
+
+    def forget_fingerprint(self, digest: str) -> None:
+        self._write("DELETE FROM fingerprints WHERE digest = ?", [(digest,)])
 
     def _write(self, sql: str, rows: list[tuple[str, ...]]) -> None:
         with self._lock:
@@ -238,7 +280,7 @@ class _LabelDB:
             self._db.close()
 
     def _map(self, e: sqlite3.Error) -> BlobchainError:
-        if getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL:
+        if is_full(e, self._path):
             return StoreFull(f"content label database full: {e}", path=str(self._path))
         return Unavailable(f"content label database error: {e}", path=str(self._path))
 
@@ -251,6 +293,7 @@ class LocalContentStore:
         self.blobs_dir = self.root / "blobs" / "sha256"
         self.state_dir = self.root / ".blobchain"
         self.ingest_dir = self.state_dir / "ingest"
+        self.quarantine_dir = self.state_dir / "quarantine"
         for d in (self.blobs_dir, self.ingest_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._write_layout_marker()
@@ -264,21 +307,19 @@ class LocalContentStore:
         if marker.exists():
             return
         tmp = self.state_dir / f"oci-layout.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps(OCI_LAYOUT, separators=(",", ":")))
-        os.replace(tmp, marker)  # concurrent initialisers write identical bytes
+        try:
+            tmp.write_text(json.dumps(OCI_LAYOUT, separators=(",", ":")))
+            os.replace(tmp, marker)  # concurrent initialisers write identical bytes
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # a full disk must not leave the temp file behind
+            raise
 
     # --- paths --------------------------------------------------------------------------------
 
     def blob_path(self, digest: str) -> Path:
         """Where the blob lives; ``digest`` is validated so it cannot name anything else."""
         return self.blobs_dir / check_digest(digest).removeprefix("sha256:")
-
-    def blob_mtime(self, digest: str) -> float | None:
-        """Last publish (or re-commit) time of a blob, for GC grace periods; None if absent."""
-        try:
-            return self.blob_path(digest).stat().st_mtime
-        except FileNotFoundError:
-            return None
 
     # --- ContentStore -------------------------------------------------------------------------
 
@@ -295,16 +336,92 @@ class LocalContentStore:
             st = self.blob_path(digest).stat()
         except FileNotFoundError:
             return None
-        return BlobInfo(digest, st.st_size, self._labels.get(digest))
+        return BlobInfo(digest, st.st_size, self._labels.get(digest), created=st.st_mtime)
 
-    def open(self, digest: str, offset: int = 0) -> BinaryIO:
+    def open(self, digest: str, offset: int = 0, *, quarantine: bool = True) -> BinaryIO:
+        path = self.blob_path(digest)
         try:
-            f = self.blob_path(digest).open("rb")
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"blob {digest} not found", digest=digest) from None
-        if offset:
-            f.seek(offset)
-        return f
+        raw = io.FileIO(fd, "rb")
+        st = os.fstat(fd)
+
+        def bad_copy(err: DigestMismatch) -> str | None:
+            return self._quarantine_if(digest, st, err.message)
+
+        reader = VerifyingReader(
+            raw,
+            digest,
+            size=st.st_size,
+            where=f"blob {path}",
+            on_mismatch=bad_copy if quarantine else None,
+            skip=offset,
+        )
+        return io.BufferedReader(reader, buffer_size=_WRITE_BUFFER)  # type: ignore[return-value]
+
+    def verify(self, digest: str, *, quick: bool = False, quarantine: bool = True) -> BlobInfo | None:
+        path = self.blob_path(digest)
+        if quick:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                return None
+            if self._labels.fingerprint(digest) == _fingerprint(st):
+                return BlobInfo(digest, st.st_size, self._labels.get(digest), created=st.st_mtime)
+        try:
+            before = path.stat()
+        except FileNotFoundError:
+            return None
+        info = drain_verified(self, digest, quarantine=quarantine)
+        if info is not None:
+            with contextlib.suppress(FileNotFoundError):
+                after = path.stat()
+                if _fingerprint(after) == _fingerprint(before):  # not written while we read it
+                    self._labels.set_fingerprint(digest, _fingerprint(after))
+        return info
+
+    def quarantine(self, digest: str, *, reason: str = "") -> str | None:
+        return self._quarantine_if(digest, None, reason)
+
+    def quarantined(self) -> Iterator[str]:
+        try:
+            entries = sorted(
+                (
+                    e
+                    for e in os.scandir(self.quarantine_dir)
+                    if e.is_file(follow_symlinks=False) and not e.name.endswith(".reason")
+                ),
+                key=lambda e: (e.stat().st_mtime, e.name),
+            )
+        except FileNotFoundError:
+            return iter([])
+        return iter([e.path for e in entries])
+
+    def _quarantine_if(self, digest: str, read: os.stat_result | None, reason: str) -> str | None:
+        """Rename the blob into ``quarantine/`` if it is still the file that was read (``read``'s
+        inode): a good copy published after the bad one was moved is never taken."""
+        path = self.blob_path(digest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        if read is not None and (st.st_ino, st.st_dev) != (read.st_ino, read.st_dev):
+            return None
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.quarantine_dir / f"{digest[7:]}.{stamp}.{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, dest)
+        except FileNotFoundError:
+            return None  # someone else moved or deleted it first
+        self._labels.forget_fingerprint(digest)
+        if reason:
+            with contextlib.suppress(OSError):
+                dest.with_name(dest.name + ".reason").write_text(reason + "\n")
+        with contextlib.suppress(OSError):
+            _fsync_dir(self.blobs_dir)
+        return str(dest)
 
     def delete(self, digest: str) -> bool:
         try:
@@ -330,10 +447,13 @@ class LocalContentStore:
             raise NotFound(f"blob {digest} not found", digest=digest)
         return info
 
-    def sweep(self, older_than_s: float) -> int:
+    def sweep(self, older_than_s: float, *, ref: str | None = None) -> int:
         cutoff = time.time() - older_than_s
+        tag = None if ref is None else f".{ingest_tag(ref)}.p"
         removed = 0
         for entry in os.scandir(self.ingest_dir):
+            if tag is not None and tag not in entry.name:
+                continue
             try:
                 if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime <= cutoff:
                     os.unlink(entry.path)
@@ -365,12 +485,18 @@ class LocalContentStore:
         """Make the fully written, fsynced ``tmp`` visible as ``digest`` without replacing anything."""
         final = self.blob_path(digest)
         try:
-            os.chmod(tmp, 0o444)
+            # Read-only, honouring the umask the file was created under (containerd: mode &^ 0333).
+            os.chmod(tmp, stat.S_IMODE(os.stat(tmp).st_mode) & ~0o333)
             os.link(tmp, final)
         except FileExistsError:
-            # Same digest, same bytes: keep the existing blob; refresh its age for GC grace.
+            # Same digest: keep the existing blob; refresh its age for GC grace. Its fingerprint
+            # follows only if it was intact-as-recorded before (a touch must not launder a
+            # damaged copy into a trusted one).
             with contextlib.suppress(OSError):
+                trusted = self._labels.fingerprint(digest) == _fingerprint(final.stat())
                 os.utime(final)
+                if trusted:
+                    self._labels.set_fingerprint(digest, _fingerprint(final.stat()))
             return
         except FileNotFoundError:
             raise FailedPrecondition(
@@ -391,3 +517,5 @@ class LocalContentStore:
             if e.errno in _FULL_ERRNOS:
                 raise _store_full(e, f"syncing {self.blobs_dir}") from e
             raise
+        with contextlib.suppress(FileNotFoundError):
+            self._labels.set_fingerprint(digest, _fingerprint(final.stat()))

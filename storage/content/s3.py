@@ -11,6 +11,15 @@ to the final key with ``If-None-Match: *`` (a multipart ``UploadPartCopy`` beyon
 deleted. A 412 means the blob is already there: success. So a key under ``blobs/`` only ever
 appears whole and with the bytes its name promises.
 
+Reads are verified (:mod:`blobchain.storage.content.verified`): an object whose bytes do not hash
+to its key's digest (overwritten by another client, damaged by the server) raises DigestMismatch
+and is moved to ``<prefix>quarantine/sha256/<hex>.<time>`` (copied there, conditional on the ETag
+that was read, then deleted from ``blobs/``). Every object we write carries its sha256 in
+``x-amz-meta-blobchain-sha256``; an object without it (or with another value) was not written by
+blobchain, so ``verify(quick=True)`` reads it whole. Temporary uploads are named
+``uploads/<tag>-<uuid>`` with the ingest ref's tag, so a new holder of a ref sweeps a dead
+holder's uploads at once.
+
 Labels (``containerd.io/uncompressed``) are kept as user metadata ``x-amz-meta-label-<name>``;
 names are escaped to lowercase-safe ASCII (S3 metadata keys are case-insensitive ASCII header
 tokens), values percent-encoded. This is the only module that imports boto3/botocore.
@@ -45,7 +54,8 @@ from blobchain.layers.errors import (
     Unavailable,
 )
 from blobchain.layers.records import check_digest
-from blobchain.storage.content import BlobInfo
+from blobchain.storage.content import BlobInfo, ingest_tag
+from blobchain.storage.content.verified import VerifyingReader, drain_verified
 
 __all__ = ["S3AccessDenied", "S3ContentStore", "S3Ingest", "decode_labels", "encode_labels", "make_s3_client"]
 
@@ -57,6 +67,7 @@ MIN_PART = 5 * MiB  # S3's minimum for every part but the last
 MAX_COPY = 5 * GiB  # largest single-request CopyObject
 _COPY_PART = 512 * MiB
 _LABEL_META = "label-"
+_SHA_META = "blobchain-sha256"  # the content's sha256 hex, set by our writes only
 _META_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-")
 _VALUE_SAFE = "!\"#$&'()*+,/:;<=>?@[\\]^_`{|}~"  # printable ASCII but space and '%'
 _AUTH_CODES = frozenset(
@@ -209,23 +220,90 @@ class S3ContentStore:
     def uploads_prefix(self) -> str:
         return f"{self.prefix}uploads/"
 
+    @property
+    def quarantine_prefix(self) -> str:
+        return f"{self.prefix}quarantine/sha256/"
+
     # --- reading ------------------------------------------------------------------------------
 
     def info(self, digest: str) -> BlobInfo | None:
         head = self._head(self.blob_key(digest))
         if head is None:
             return None
-        return BlobInfo(digest, int(head["ContentLength"]), decode_labels(head.get("Metadata") or {}))
+        return _info(digest, head)
 
-    def open(self, digest: str, offset: int = 0) -> BinaryIO:
+    def open(self, digest: str, offset: int = 0, *, quarantine: bool = True) -> BinaryIO:
         key = self.blob_key(digest)
-        # A ranged GET from ``offset`` (a resumed registry upload reads only what is left).
-        ranged = {"Range": f"bytes={offset}-"} if offset > 0 else {}
-        resp = self._call("get_object", absent_ok=True, Bucket=self.bucket, Key=key, **ranged)
+        # From ``offset`` (a resumed registry upload sends only what is left), the bytes before
+        # it are still fetched and hashed, not returned: a ranged GET could not be verified.
+        resp = self._call("get_object", absent_ok=True, Bucket=self.bucket, Key=key)
         if resp is _ABSENT:
             raise NotFound(f"blob {digest} not found in s3://{self.bucket}/{key}", digest=digest)
-        raw = _BodyReader(resp["Body"], self, key)
+        etag = resp.get("ETag")
+
+        def bad_copy(err: DigestMismatch) -> str | None:
+            return self._quarantine_if(digest, etag, err.message)
+
+        raw = VerifyingReader(
+            _BodyReader(resp["Body"], self, key),
+            digest,
+            size=int(resp["ContentLength"]) if "ContentLength" in resp else None,
+            where=f"object s3://{self.bucket}/{key}",
+            on_mismatch=bad_copy if quarantine else None,
+            skip=offset,
+        )
         return cast(BinaryIO, io.BufferedReader(raw, buffer_size=MiB))
+
+    def verify(self, digest: str, *, quick: bool = False, quarantine: bool = True) -> BlobInfo | None:
+        key = self.blob_key(digest)
+        head = self._head(key)
+        if head is None:
+            return None
+        if quick and _marker(head) == digest[7:]:
+            return _info(digest, head)
+        info = drain_verified(self, digest, quarantine=quarantine)
+        if info is not None and _marker(head) != digest[7:]:
+            # Intact but unmarked (written before markers, or restored by hand): mark it, only
+            # if it is still the object we read.
+            meta = {**encode_labels(dict(info.labels)), _SHA_META: digest[7:]}
+            self._copy(key, key, info.size, meta, if_none_match=False, source_etag=head.get("ETag"))
+        return info
+
+    def quarantine(self, digest: str, *, reason: str = "") -> str | None:
+        head = self._head(self.blob_key(digest))
+        if head is None:
+            return None
+        return self._quarantine_if(digest, head.get("ETag"), reason)
+
+    def quarantined(self) -> Iterator[str]:
+        found: list[tuple[Any, str]] = []
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.quarantine_prefix}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call("list_objects_v2", **kw)
+            found += [(o["LastModified"], o["Key"]) for o in page.get("Contents") or ()]
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+        return iter([f"s3://{self.bucket}/{key}" for _, key in sorted(found)])
+
+    def _quarantine_if(self, digest: str, etag: str | None, reason: str) -> str | None:
+        """Copy the object to ``quarantine/`` if it is still the one read (``etag``), then
+        delete it from ``blobs/``. S3 has no conditional delete: a good copy published in the
+        instant between the copy and the delete would be removed (and rebuilt later)."""
+        key = self.blob_key(digest)
+        head = self._head(key)
+        if head is None or (etag is not None and head.get("ETag") != etag):
+            return None
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        dest = f"{self.quarantine_prefix}{digest[7:]}.{stamp}.{uuid.uuid4().hex[:8]}"
+        meta = {"quarantine-reason": quote(reason[:1000], safe=_VALUE_SAFE)} if reason else {}
+        if not self._copy(key, dest, int(head["ContentLength"]), meta, if_none_match=True, source_etag=etag):
+            return None
+        self._call("delete_object", Bucket=self.bucket, Key=key)
+        return f"s3://{self.bucket}/{dest}"
 
     def list_digests(self) -> Iterator[str]:
         base = f"{self.prefix}blobs/sha256/"
@@ -272,28 +350,29 @@ class S3ContentStore:
             merged = {**have, **labels}
             size = int(head["ContentLength"])
             if merged == have:
-                return BlobInfo(digest, size, have)
-            done = self._copy(
-                key,
-                key,
-                size,
-                encode_labels(merged),
-                if_none_match=False,
-                source_etag=head.get("ETag"),
-            )
+                return _info(digest, head)
+            meta = encode_labels(merged)
+            if (marker := _marker(head)) is not None:
+                meta[_SHA_META] = marker  # kept as it was: a relabel must not vouch for bytes
+            done = self._copy(key, key, size, meta, if_none_match=False, source_etag=head.get("ETag"))
             if done:
-                return BlobInfo(digest, size, merged)
+                return BlobInfo(digest, size, merged, created=datetime.now(UTC).timestamp())
         raise Conflict(f"labels of blob {digest} kept changing concurrently", digest=digest)
 
-    def sweep(self, older_than_s: float) -> int:
-        """Abort multipart uploads and delete ``uploads/`` objects older than the given age."""
+    def sweep(self, older_than_s: float, *, ref: str | None = None) -> int:
+        """Abort multipart uploads and delete ``uploads/`` objects older than the given age
+        (only ingest ``ref``'s, if given)."""
         cutoff = datetime.now(UTC).timestamp() - older_than_s
+        mine = self.uploads_prefix if ref is None else f"{self.uploads_prefix}{ingest_tag(ref)}-"
         removed = 0
-        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix}
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix if ref is None else mine}
         while True:
             page = self._call("list_multipart_uploads", **kw)
             for up in page.get("Uploads") or ():
-                ours = up["Key"].startswith((self.uploads_prefix, f"{self.prefix}blobs/"))
+                if ref is None:
+                    ours = up["Key"].startswith((self.uploads_prefix, f"{self.prefix}blobs/"))
+                else:
+                    ours = up["Key"].startswith(mine)
                 if ours and up["Initiated"].timestamp() < cutoff:
                     self._call(
                         "abort_multipart_upload",
@@ -309,7 +388,7 @@ class S3ContentStore:
             kw["UploadIdMarker"] = page.get("NextUploadIdMarker")
         token: str | None = None
         while True:
-            lkw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.uploads_prefix}
+            lkw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": mine}
             if token:
                 lkw["ContinuationToken"] = token
             page = self._call("list_objects_v2", **lkw)
@@ -469,7 +548,12 @@ class S3ContentStore:
         except bexc.ClientError as e:
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             code = str(e.response.get("Error", {}).get("Code", ""))
-            if absent_ok and (status == 404 or code in ("404", "NoSuchKey", "NoSuchUpload")):
+            # A missing bucket is also a 404, but never "absent": it is named (FailedPrecondition).
+            if (
+                absent_ok
+                and code != "NoSuchBucket"
+                and (status == 404 or code in ("404", "NoSuchKey", "NoSuchUpload"))
+            ):
                 return _ABSENT
             if exists_ok and (status == 412 or code == "PreconditionFailed"):
                 return _EXISTS
@@ -519,6 +603,22 @@ class S3ContentStore:
         return FailedPrecondition(f"S3 {op} on {where} failed: {code}: {msg}", code=code, status=status)
 
 
+def _marker(head: Mapping[str, Any]) -> str | None:
+    meta = head.get("Metadata") or {}
+    value = meta.get(_SHA_META)
+    return None if value is None else str(value)
+
+
+def _info(digest: str, head: Mapping[str, Any]) -> BlobInfo:
+    modified = head.get("LastModified")
+    return BlobInfo(
+        digest,
+        int(head["ContentLength"]),
+        decode_labels(head.get("Metadata") or {}),
+        created=modified.timestamp() if modified is not None else None,
+    )
+
+
 def _copy_part_size(size: int, threshold: int) -> int:
     # No larger than one copy request may be, and few enough for S3's 10 000-part limit.
     return max(min(threshold, _COPY_PART), -(-size // 10_000))
@@ -558,7 +658,7 @@ class S3Ingest:
         self._hash = hashlib.sha256()
         self._offset = 0
         self._buf = bytearray()
-        self._temp = f"{store.uploads_prefix}{uuid.uuid4().hex}"
+        self._temp = f"{store.uploads_prefix}{ingest_tag(ref)}-{uuid.uuid4().hex}"
         self._upload_id: str | None = None
         self._pending: deque[Future[dict[str, Any]]] = deque()
         self._parts: list[dict[str, Any]] = []
@@ -573,6 +673,10 @@ class S3Ingest:
     @property
     def offset(self) -> int:
         return self._offset
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
 
     def __repr__(self) -> str:
         return f"S3Ingest(ref={self._ref!r}, temp={self._temp!r}, offset={self._offset})"
@@ -621,7 +725,7 @@ class S3Ingest:
                 )
             final = store.blob_key(digest)
             want = dict(labels or {})
-            meta = encode_labels(want)
+            meta = {**encode_labels(want), _SHA_META: digest[7:]}
             if self._upload_id is None:
                 body, self._buf = self._buf, bytearray()
                 created = store._put_if_absent(final, body, digest, meta)
@@ -646,7 +750,7 @@ class S3Ingest:
             raise
         self._discard()
         if created:
-            return BlobInfo(digest, self._offset, want)
+            return BlobInfo(digest, self._offset, want, created=datetime.now(UTC).timestamp())
         # Already stored by someone else: same bytes by construction; merge our labels.
         if want:
             return store.set_labels(digest, want)

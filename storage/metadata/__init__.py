@@ -8,6 +8,9 @@ Rules shared by every implementation (embedded SQLite, Redis), each done atomica
   left alone. Idempotent.
 - ``set_chain(ref, chain_id, blob_chain_id)``: idempotent; a ref whose chain ID is already set is
   left alone (the stored values are returned).
+- ``mark_damaged(ref, digest)``: records that the ref's blob ``digest`` was found corrupt (it is
+  then in ``RefRecord.damaged``); ``set_blob`` of a blob with that digest (the rebuild) or
+  ``clear_damaged`` (a full re-verification passed) removes the mark. Unknown ref: RefNotFound.
 - ``token``: when given, the write happens only if the lock service still holds that lease token
   for ``lease_key`` (default: the ref id) (fencing); otherwise LeaseLost. Embedded stores may
   ignore it (their file locks die with their holder).
@@ -38,6 +41,10 @@ class MetadataStore(Protocol):
         ...
 
     def set_chain(self, ref_id: str, chain_id: str, blob_chain_id: str) -> RefRecord: ...
+
+    def mark_damaged(self, ref_id: str, digest: str) -> RefRecord: ...
+
+    def clear_damaged(self, ref_id: str, digest: str) -> RefRecord: ...
 
     def list_refs(self) -> Iterator[RefRecord]: ...
 

@@ -4,7 +4,8 @@ Layout (``P`` = prefix, default ``blobchain:``):
 
 - ``P ref:<id>``: a hash: ``spec`` (canonical JSON), ``blob`` (JSON of the main blob), ``diff_id``,
   ``variants`` (JSON array, insertion order), ``vk:<variant>`` markers (one per stored variant,
-  main included), ``chain_id``, ``blob_chain_id``.
+  main included), ``chain_id``, ``blob_chain_id``, ``dmg:<digest>`` markers (blobs found corrupt,
+  until rebuilt or re-verified).
 - ``P refs``: the set of ref ids (so listing never SCANs the keyspace).
 - ``P lease:<key>``: the single-flight lease token (written by ``RedisLockService``); writes given
   ``token=`` are fenced on it.
@@ -74,10 +75,11 @@ table.insert(out, 1, 'ok')
 return out
 """
 
-# ARGV[3] = blob JSON, ARGV[4] = diffID, ARGV[5] = variant key.
+# ARGV[3] = blob JSON, ARGV[4] = diffID, ARGV[5] = variant key, ARGV[6] = blob digest.
 _SET_BLOB = (
     _FENCE
     + """
+redis.call('HDEL', KEYS[1], 'dmg:' .. ARGV[6])
 local main = redis.call('HGET', KEYS[1], 'diff_id')
 local vk = 'vk:' .. ARGV[5]
 if not main then
@@ -103,6 +105,19 @@ _SET_CHAIN = (
     + """
 if redis.call('HEXISTS', KEYS[1], 'chain_id') == 0 then
   redis.call('HSET', KEYS[1], 'chain_id', ARGV[3], 'blob_chain_id', ARGV[4])
+end
+"""
+    + _DONE
+)
+
+# ARGV[3] = digest, ARGV[4] = '1' to mark, '0' to clear.
+_DAMAGED = (
+    _FENCE
+    + """
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'dmg:' .. ARGV[3], '1')
+else
+  redis.call('HDEL', KEYS[1], 'dmg:' .. ARGV[3])
 end
 """
     + _DONE
@@ -203,6 +218,7 @@ def _record(flat: Sequence[Any]) -> RefRecord:
         chain_id=h.get("chain_id"),
         blob_chain_id=h.get("blob_chain_id"),
         variants=tuple(LayerBlob.from_dict(v) for v in json.loads(h.get("variants") or "[]")),
+        damaged=tuple(sorted(k[4:] for k in h if k.startswith("dmg:"))),
     )
 
 
@@ -215,6 +231,7 @@ class RedisMetadataStore:
         self._register = client.register_script(_REGISTER)
         self._set_blob = client.register_script(_SET_BLOB)
         self._set_chain = client.register_script(_SET_CHAIN)
+        self._damaged = client.register_script(_DAMAGED)
         self._create_lease = client.register_script(_CREATE_LEASE)
         self._add_resource = client.register_script(_ADD_RESOURCE)
         self._live = client.register_script(_LIVE)
@@ -312,7 +329,7 @@ class RedisMetadataStore:
             token,
             lease_key,
             release,
-            [_canon(blob.to_dict()), blob.diff_id, blob.variant],
+            [_canon(blob.to_dict()), blob.diff_id, blob.variant, blob.digest],
         )
         if _s(out[0]) == "conflict":
             raise Conflict(
@@ -340,6 +357,14 @@ class RedisMetadataStore:
             self._set_chain, "set chain", ref_id, token, lease_key, release, [chain_id, blob_chain_id]
         )
         return _record(out[1:])
+
+    def mark_damaged(self, ref_id: str, digest: str) -> RefRecord:
+        check_digest(digest)
+        return _record(self._write(self._damaged, "mark damaged", ref_id, None, None, False, [digest, "1"])[1:])
+
+    def clear_damaged(self, ref_id: str, digest: str) -> RefRecord:
+        check_digest(digest)
+        return _record(self._write(self._damaged, "clear damaged", ref_id, None, None, False, [digest, "0"])[1:])
 
     def _write(
         self,

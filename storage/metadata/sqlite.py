@@ -30,12 +30,11 @@ from blobchain.layers.errors import (
     Unavailable,
 )
 from blobchain.layers.records import LayerBlob, RefRecord, RefSpec, check_digest
-from blobchain.storage.sqlite_util import ProcessConnection
+from blobchain.storage.sqlite_util import ProcessConnection, is_full
 
 __all__ = ["SCHEMA_VERSION", "SqliteMetadataStore"]
 
-SCHEMA_VERSION = 1
-_SQLITE_FULL = 13
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE refs (
@@ -72,6 +71,15 @@ CREATE TABLE lease_resources (
     lease_id TEXT NOT NULL REFERENCES leases (lease_id) ON DELETE CASCADE,
     digest   TEXT NOT NULL,
     PRIMARY KEY (lease_id, digest)
+) WITHOUT ROWID;
+"""
+
+# Version 2: digests of a ref's blobs found corrupt, until rebuilt or re-verified.
+_SCHEMA_V2 = """
+CREATE TABLE damaged (
+    ref_id TEXT NOT NULL REFERENCES refs (ref_id),
+    digest TEXT NOT NULL,
+    PRIMARY KEY (ref_id, digest)
 ) WITHOUT ROWID;
 """
 
@@ -135,16 +143,16 @@ class SqliteMetadataStore:
                 raise
 
     def _map(self, e: sqlite3.Error) -> BlobchainError:
-        code = getattr(e, "sqlite_errorcode", None)
-        if code == _SQLITE_FULL:
+        if is_full(e, self.path):
             return StoreFull(f"metadata database full: {e}", path=str(self.path))
         return Unavailable(f"metadata database error: {e}", path=str(self.path))
 
     def _init_schema(self) -> None:
         with self._tx(write=True) as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                for stmt in _SCHEMA.split(";"):
+            if version < SCHEMA_VERSION:
+                steps = [_SCHEMA, _SCHEMA_V2][version:]
+                for stmt in ";".join(steps).split(";"):
                     if stmt.strip():
                         conn.execute(stmt)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -172,10 +180,15 @@ class SqliteMetadataStore:
         variants = conn.execute(
             "SELECT blob FROM variants WHERE ref_id = ? ORDER BY id", (ref_id,)
         ).fetchall()
-        return SqliteMetadataStore._record(row, [v[0] for v in variants])
+        damaged = conn.execute(
+            "SELECT digest FROM damaged WHERE ref_id = ? ORDER BY digest", (ref_id,)
+        ).fetchall()
+        return SqliteMetadataStore._record(row, [v[0] for v in variants], [d[0] for d in damaged])
 
     @staticmethod
-    def _record(row: tuple[str | None, ...], variants: list[str]) -> RefRecord:
+    def _record(
+        row: tuple[str | None, ...], variants: list[str], damaged: list[str] | None = None
+    ) -> RefRecord:
         ref_id, snapshot, parent, kind, layer_type, blob, chain, blob_chain = row
         assert ref_id is not None and snapshot is not None and kind is not None and layer_type is not None
         return RefRecord(
@@ -184,6 +197,7 @@ class SqliteMetadataStore:
             chain_id=chain,
             blob_chain_id=blob_chain,
             variants=tuple(LayerBlob.from_dict(json.loads(v)) for v in variants),
+            damaged=tuple(damaged or ()),
         )
 
     def _require(self, conn: sqlite3.Connection, ref_id: str) -> RefRecord:
@@ -223,6 +237,9 @@ class SqliteMetadataStore:
             raise InvalidArgument(f"negative blob size {blob.size}", ref=ref_id, digest=blob.digest)
         with self._tx(write=True) as conn:
             rec = self._require(conn, ref_id)
+            if blob.digest in rec.damaged:  # the rebuild of a corrupt blob
+                conn.execute("DELETE FROM damaged WHERE ref_id = ? AND digest = ?", (ref_id, blob.digest))
+                rec = self._require(conn, ref_id)
             if rec.diff_id is not None and rec.diff_id != blob.diff_id:
                 raise Conflict(
                     f"ref {ref_id} has diffID {rec.diff_id}; a blob with diffID {blob.diff_id} cannot join it",
@@ -260,6 +277,20 @@ class SqliteMetadataStore:
             )
             return self._require(conn, ref_id)
 
+    def mark_damaged(self, ref_id: str, digest: str) -> RefRecord:
+        check_digest(digest)
+        with self._tx(write=True) as conn:
+            self._require(conn, ref_id)
+            conn.execute("INSERT OR IGNORE INTO damaged (ref_id, digest) VALUES (?, ?)", (ref_id, digest))
+            return self._require(conn, ref_id)
+
+    def clear_damaged(self, ref_id: str, digest: str) -> RefRecord:
+        check_digest(digest)
+        with self._tx(write=True) as conn:
+            self._require(conn, ref_id)
+            conn.execute("DELETE FROM damaged WHERE ref_id = ? AND digest = ?", (ref_id, digest))
+            return self._require(conn, ref_id)
+
     def list_refs(self) -> Iterator[RefRecord]:
         # Read everything in one transaction (a consistent view), then yield without holding it.
         with self._tx(write=False) as conn:
@@ -270,7 +301,12 @@ class SqliteMetadataStore:
             variants: dict[str, list[str]] = {}
             for ref_id, blob in conn.execute("SELECT ref_id, blob FROM variants ORDER BY id"):
                 variants.setdefault(ref_id, []).append(blob)
-        return iter([self._record(row, variants.get(row[0], [])) for row in rows])
+            damaged: dict[str, list[str]] = {}
+            for ref_id, digest in conn.execute("SELECT ref_id, digest FROM damaged ORDER BY digest"):
+                damaged.setdefault(ref_id, []).append(digest)
+        return iter(
+            [self._record(row, variants.get(row[0], []), damaged.get(row[0], [])) for row in rows]
+        )
 
     # --- manifests ----------------------------------------------------------------------------
 

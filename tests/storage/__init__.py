@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
-import services
+from services import tmpfs
 
 
 def spawn_python(code: str, *args: str) -> subprocess.Popen[str]:
@@ -34,18 +31,4 @@ def expect_line(proc: subprocess.Popen[str], prefix: str) -> str:
         pytest.fail(f"child said {line!r}, expected {prefix!r}; stderr:\n{err}")
     return line[len(prefix) :].strip()
 
-
-@contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A real tiny filesystem (tmpfs of ``size``) at ``path``; skips if mounting is not permitted."""
-    services.require_root("mounting a tmpfs")
-    path.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
-    )
-    if res.returncode != 0:
-        services.missing(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+__all__ = ["expect_line", "spawn_python", "tmpfs"]

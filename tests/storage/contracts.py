@@ -3,7 +3,9 @@
 Subclass a suite in a ``Test*`` class and provide its fixture; the suites use only the Protocol
 methods of :mod:`blobchain.storage`:
 
-- :class:`ContentStoreContract` needs ``content_store`` (an empty ContentStore);
+- :class:`ContentStoreContract` needs ``content_store`` (an empty ContentStore) and
+  ``damage_blob`` (``damage_blob(store, digest, data)`` replaces a stored blob's bytes behind the
+  store's back, as a disk error or another client would);
 - :class:`MetadataStoreContract` and :class:`LeaseStoreContract` need ``metadata_store`` (an empty
   store implementing MetadataStore and LeaseStore);
 - :class:`LockServiceContract` needs ``lock_service`` (a LockService with no held keys).
@@ -116,6 +118,14 @@ def _commit(store: ContentStore, data: bytes, ref: str = "t", **kw: Any) -> Blob
 def _read(store: ContentStore, digest: str) -> bytes:
     with store.open(digest) as f:
         return f.read()
+
+
+def flip_byte(data: bytes, at: int | None = None) -> bytes:
+    i = len(data) // 2 if at is None else at
+    return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
+
+
+DamageBlob = Callable[[ContentStore, str, bytes], None]
 
 
 # --- content ------------------------------------------------------------------------------------
@@ -291,6 +301,117 @@ class ContentStoreContract:
         # The labels went with the blob: writing the same bytes again starts clean.
         again = _commit(content_store, b"to delete")
         assert dict(again.labels) == {}
+
+    # --- integrity: verified reads, quarantine, verify, creation time, sweep by ref -----------
+
+    def test_ingest_reports_digest_before_commit(self, content_store: ContentStore) -> None:
+        data = payload(9, 200_000)
+        with content_store.ingest("early") as w:
+            w.write(data)
+            assert w.digest == digest_of(data)
+            assert content_store.info(digest_of(data)) is None  # known, not yet visible
+            w.commit()
+        assert content_store.info(digest_of(data)) is not None
+
+    def test_info_has_creation_time(self, content_store: ContentStore) -> None:
+        before = time.time()
+        info = _commit(content_store, b"aged blob")
+        stored = content_store.info(info.digest)
+        assert stored is not None and stored.created is not None
+        # Server clocks (S3) may differ a little from ours, and LastModified has 1 s resolution.
+        assert before - 5 <= stored.created <= time.time() + 5
+
+    def test_corrupt_blob_read_raises_before_last_bytes_and_is_quarantined(
+        self, content_store: ContentStore, damage_blob: DamageBlob
+    ) -> None:
+        data = payload(10, 3 << 20)
+        digest = _commit(content_store, data).digest
+        damage_blob(content_store, digest, flip_byte(data, len(data) - 10))
+        got = bytearray()
+        with pytest.raises(DigestMismatch) as ei, content_store.open(digest) as f:
+            # A consumer that stops at the blob's size never gets the damaged tail.
+            while len(got) < len(data) and (chunk := f.read(min(65536, len(data) - len(got)))):
+                got += chunk
+        assert len(got) < len(data)
+        assert ei.value.expected == digest and ei.value.got != digest
+        assert ei.value.details.get("quarantined")
+        # Moved aside, not deleted: out of readers' and GC's sight, kept as evidence.
+        assert content_store.info(digest) is None
+        assert digest not in set(content_store.list_digests())
+        assert any(digest[7:] in q for q in content_store.quarantined())
+        # And the good bytes can be published again under their name.
+        again = _commit(content_store, data, size=len(data), expected=digest)
+        assert again.digest == digest and _read(content_store, digest) == data
+
+    def test_corrupt_small_blob_read_to_eof(self, content_store: ContentStore, damage_blob: DamageBlob) -> None:
+        digest = _commit(content_store, b"tiny but precious").digest
+        damage_blob(content_store, digest, b"tiny but PRECIOUS")
+        with pytest.raises(DigestMismatch), content_store.open(digest) as f:
+            f.read()
+        assert content_store.info(digest) is None
+
+    def test_read_without_quarantine_leaves_the_copy(
+        self, content_store: ContentStore, damage_blob: DamageBlob
+    ) -> None:
+        digest = _commit(content_store, b"x" * 5000).digest
+        damage_blob(content_store, digest, b"y" * 5000)
+        with pytest.raises(DigestMismatch), content_store.open(digest, quarantine=False) as f:
+            f.read()
+        assert content_store.info(digest) is not None
+        assert list(content_store.quarantined()) == []
+
+    def test_verify(self, content_store: ContentStore, damage_blob: DamageBlob) -> None:
+        good = _commit(content_store, payload(11, 100_000)).digest
+        bad_data = payload(12, 100_000)
+        bad = _commit(content_store, bad_data).digest
+        assert content_store.verify(digest_of(b"absent")) is None
+        info = content_store.verify(good)
+        assert info is not None and info.size == 100_000
+        assert content_store.verify(good, quick=True) is not None
+        damage_blob(content_store, bad, flip_byte(bad_data))
+        # Damage behind the store's back is visible to the quick check too (it re-reads).
+        with pytest.raises(DigestMismatch):
+            content_store.verify(bad, quick=True, quarantine=False)
+        assert content_store.info(bad) is not None
+        with pytest.raises(DigestMismatch):
+            content_store.verify(bad)
+        assert content_store.info(bad) is None
+        assert content_store.verify(good) is not None
+
+    def test_read_from_offset_is_verified(self, content_store: ContentStore, damage_blob: DamageBlob) -> None:
+        data = payload(14, 300_000)
+        digest = _commit(content_store, data).digest
+        with content_store.open(digest, offset=123_456) as f:
+            assert f.read() == data[123_456:]
+        # Damage before the offset is still found (the prefix is hashed, not returned).
+        damage_blob(content_store, digest, flip_byte(data, 10))
+        with pytest.raises(DigestMismatch), content_store.open(digest, offset=200_000) as f:
+            f.read()
+        assert content_store.info(digest) is None
+
+    def test_quarantine(self, content_store: ContentStore) -> None:
+        digest = _commit(content_store, b"suspect").digest
+        where = content_store.quarantine(digest, reason="test")
+        assert where and digest[7:] in where
+        assert content_store.info(digest) is None
+        assert content_store.quarantine(digest) is None
+        assert list(content_store.quarantined()) == [where]
+
+    def test_sweep_by_ref_takes_only_that_refs_ingests(self, content_store: ContentStore) -> None:
+        big = payload(13, 12 << 20)  # several S3 parts: a multipart upload is in flight
+        dead = content_store.ingest("r-dead#gzip-5")
+        live = content_store.ingest("r-live#gzip-5")
+        for w in (dead, live):
+            for i in range(0, len(big), 1 << 20):
+                w.write(big[i : i + (1 << 20)])
+        try:
+            assert content_store.sweep(0, ref="r-dead#gzip-5") >= 1
+            assert content_store.sweep(0, ref="r-dead#gzip-5") == 0
+            info = live.commit(size=len(big), expected=digest_of(big))
+            assert info.digest == digest_of(big)
+        finally:
+            dead.abort()
+            live.abort()
 
     def test_sweep_keeps_committed_blobs(self, content_store: ContentStore) -> None:
         info = _commit(content_store, b"survives sweep")
@@ -480,6 +601,35 @@ class MetadataStoreContract:
         recs = _race(THREADS, lambda i: metadata_store.register(spec))
         assert {r.spec for r in recs} == {spec}
         assert [r.ref_id for r in metadata_store.list_refs()] == ["r"]
+
+    def test_damaged_mark_until_rebuilt(self, metadata_store: MetadataStore) -> None:
+        metadata_store.register(_spec("r"))
+        main = layer_blob(1, "gzip-6")
+        z = layer_blob(1, "zstd-3", diff_seed=1)
+        metadata_store.set_blob("r", main)
+        metadata_store.set_blob("r", z)
+        with pytest.raises(RefNotFound):
+            metadata_store.mark_damaged("ghost", main.digest)
+        with pytest.raises(InvalidArgument):
+            metadata_store.mark_damaged("r", "sha256:nope")
+        rec = metadata_store.mark_damaged("r", main.digest)
+        assert rec.damaged == (main.digest,)
+        rec = metadata_store.mark_damaged("r", z.digest)
+        assert set(rec.damaged) == {main.digest, z.digest}
+        assert metadata_store.mark_damaged("r", z.digest).damaged == rec.damaged  # idempotent
+        got = metadata_store.get("r")
+        assert got is not None and set(got.damaged) == {main.digest, z.digest}
+        assert got.blob == main and got.variants == (z,)  # the blobs stay recorded
+        assert {r.ref_id: set(r.damaged) for r in metadata_store.list_refs()} == {
+            "r": {main.digest, z.digest}
+        }
+        # The rebuild (same variant, same bytes) clears its mark; a re-verification the other.
+        rec = metadata_store.set_blob("r", main)
+        assert rec.damaged == (z.digest,)
+        rec = metadata_store.clear_damaged("r", z.digest)
+        assert rec.damaged == ()
+        assert metadata_store.get("r") == rec
+        assert "damaged" not in rec.to_dict()
 
     def test_threads_race_set_blob(self, metadata_store: MetadataStore) -> None:
         metadata_store.register(_spec("r"))

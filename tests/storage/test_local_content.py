@@ -27,8 +27,21 @@ def content_store(tmp_path: Path) -> Iterator[LocalContentStore]:
     store.close()
 
 
+def _damage_local(store: object, digest: str, data: bytes) -> None:
+    """Rewrite the blob file in place, as a disk error or a careless editor would."""
+    assert isinstance(store, LocalContentStore)
+    path = store.blob_path(digest)
+    path.chmod(0o644)
+    with open(path, "r+b") as f:
+        f.write(data)
+        f.truncate()
+    path.chmod(0o444)
+
+
 class TestLocalContentStore(ContentStoreContract):
-    pass
+    @pytest.fixture
+    def damage_blob(self) -> object:
+        return _damage_local
 
 
 def _commit(store: LocalContentStore, data: bytes, **kw: object) -> str:

@@ -29,8 +29,16 @@ def content_store(s3_client: Any, s3_bucket: str, s3_prefix: str) -> S3ContentSt
     return S3ContentStore(s3_client, s3_bucket, s3_prefix, part_size=PART)
 
 
+def _damage_s3(store: object, digest: str, data: bytes) -> None:
+    """Overwrite the object with other bytes, as another client (or a server fault) would."""
+    assert isinstance(store, S3ContentStore)
+    store.client.put_object(Bucket=store.bucket, Key=store.blob_key(digest), Body=data)
+
+
 class TestS3ContentStore(ContentStoreContract):
-    pass
+    @pytest.fixture
+    def damage_blob(self) -> object:
+        return _damage_s3
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""``kill -9`` of only the main ``blobchain export`` process (issue 6, defect 6): its pool children
+and the multiprocessing resource tracker go with it, nothing keeps ``content.db`` open, and a
+rerun finishes the export."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+_BOUND_S = 15.0  # generous: the parent-death signal is immediate, the pid watch polls at 0.5 s
+
+
+def _holders(path: Path) -> list[int]:
+    """Pids of processes that have ``path`` open."""
+    target = str(path)
+    pids = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if any(f.path == target for f in proc.open_files()):
+                pids.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return pids
+
+
+def test_kill_9_of_the_parent_takes_its_pool_children(tmp_path: Path) -> None:
+    snap = tmp_path / "big"
+    snap.mkdir()
+    with open(snap / "data.bin", "wb") as f:  # incompressible, at zstd's slowest level: long
+        for _ in range(48):
+            f.write(os.urandom(1 << 20))
+    out = tmp_path / "oci"
+    cmd = [sys.executable, "-c", "import sys; from blobchain.client.cli import main; sys.exit(main())"]
+    args = ["export", str(snap), "--oci", str(out), "-c", "zstd", "--level", "19", "-q"]
+    proc = subprocess.Popen(cmd + args, start_new_session=True, stderr=subprocess.PIPE)
+    try:
+        ingest = out / ".blobchain" / "ingest"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (ingest.exists() and any(ingest.iterdir())):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        assert ingest.exists() and any(ingest.iterdir()), "the export never started writing"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "the export has no pool children"
+        os.kill(proc.pid, signal.SIGKILL)  # only the parent
+        proc.wait(10)
+        _gone, alive = psutil.wait_procs(children, timeout=_BOUND_S)
+        assert not alive, f"children outlived their parent: {[p.pid for p in alive]}"
+        assert _holders(out / ".blobchain" / "content.db") == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its session
+    # No partial blob; a rerun sweeps the dead run's ingest and completes.
+    assert list((out / "blobs" / "sha256").iterdir()) == []
+    quick = ["export", str(snap), "--oci", str(out), "-c", "gzip", "--level", "1", "-q"]
+    rerun = subprocess.run(cmd + quick, capture_output=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr.decode(errors="replace")
+    assert list((out / ".blobchain" / "ingest").iterdir()) == []
