@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, replace
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -48,9 +48,11 @@ from blobchain.layers.imageconfig import (
 )
 from blobchain.layers.oci import layer_media_type
 from blobchain.layers.records import MAX_SOURCE_DATE_EPOCH, LayerOptions, RefSpec
-from blobchain.registry.client import TransportOptions
-from blobchain.registry.push import PushEvent, PushResult
 from blobchain.workers.executor import FINISHED, ChainResult, Job
+
+if TYPE_CHECKING:  # the registry client (httpx) loads only for a push: start-up of export
+    from blobchain.registry.client import TransportOptions
+    from blobchain.registry.push import PushEvent, PushResult
 
 __all__ = ["app", "main"]
 
@@ -219,6 +221,8 @@ class _PushArgs:
     mount_from: tuple[str, ...] = ()
 
     def options(self) -> TransportOptions:
+        from blobchain.registry.client import TransportOptions
+
         if self.jobs < 1:
             raise InvalidArgument("--push-jobs must be at least 1")
         return TransportOptions(

@@ -125,6 +125,28 @@ def test_a_second_tag_keeps_the_first_and_retagging_moves_only_that_tag(tmp_path
         subprocess.run([skopeo, "inspect", f"oci:{out}:{t}"], check=True, capture_output=True)
 
 
+@pytest.mark.compat
+def test_the_peers_accept_every_tag_the_grammar_accepts(tmp_path, chain, capsys) -> None:
+    """The grammar is the one skopeo and umoci check: edge cases of it resolve in both."""
+    skopeo = services.require_tool("skopeo", "skopeo")
+    umoci = services.require_tool("umoci", "umoci")
+    out = tmp_path / "oci"
+    tags = ["a/b:c", "x--y", "v1.0+build.5", "my_tag", "a@b", "A9/b-c.d"]
+    for tag in tags:
+        assert _cli(capsys, "export", *chain[:1], "--oci", str(out), "-t", tag, "-q")[0] == 0
+    assert set(_tags(out)) == set(tags)
+    listed = subprocess.run([umoci, "ls", "--layout", str(out)], capture_output=True, text=True, check=True)
+    assert set(listed.stdout.split()) == set(tags)
+    for i, tag in enumerate(tags):
+        res = subprocess.run([skopeo, "inspect", f"oci:{out}:{tag}"], capture_output=True, text=True)
+        assert res.returncode == 0, (tag, res.stderr)
+        # (umoci 0.4.7's `stat` panics on any image without history; unpack resolves the tag too)
+        bundle = tmp_path / f"bundle{i}"
+        res = subprocess.run([umoci, "unpack", "--image", f"{out}:{tag}", str(bundle)], capture_output=True, text=True)
+        assert res.returncode == 0, (tag, res.stderr)
+        assert (bundle / "rootfs" / "etc").is_dir()
+
+
 def test_index_with_keeps_other_entries_and_foreign_fields() -> None:
     a = Descriptor(OCI_MANIFEST, "sha256:" + "a" * 64, 10)
     b = Descriptor(OCI_MANIFEST, "sha256:" + "b" * 64, 11)
@@ -432,6 +454,21 @@ def test_a_failed_export_leaves_no_skeleton(tmp_path, chain, capsys) -> None:
     before = _tree(out)
     assert _cli(capsys, "export", str(tmp_path / "missing"), "--oci", str(out), "-q")[0] == 2
     assert _tree(out) == before
+
+
+def test_the_cleanup_keeps_a_skeleton_another_run_is_building_into(tmp_path) -> None:
+    """Two runs that both found OUT missing: the one that fails must not remove what the other,
+    still running, has set up (its lease says so)."""
+    from blobchain.client.layout import remove_if_empty
+
+    out = tmp_path / "oci"
+    with Client(Settings(store=str(out)), in_process=True) as other:
+        with other.lease():
+            other.deps  # noqa: B018 - opens (creates) the store
+            assert not remove_if_empty(str(out))
+            assert (out / ".blobchain" / "metadata.db").exists() and (out / "oci-layout").exists()
+        assert remove_if_empty(str(out))  # its lease is gone and nothing was committed
+    assert not out.exists()
 
 
 def test_status_and_gc_take_the_layout(tmp_path, chain, capsys, monkeypatch) -> None:
