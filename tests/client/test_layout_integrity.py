@@ -333,6 +333,15 @@ def test_out_is_a_regular_file(tmp_path, chain, capsys) -> None:
     _one_line_error(err, "invalid_layout")
 
 
+def test_a_store_that_is_a_regular_file(tmp_path, chain, capsys) -> None:
+    store = tmp_path / "store"
+    store.write_bytes(b"x")
+    rc, _, err = _cli(capsys, "export", *chain, "--oci", str(tmp_path / "oci"), "--store", str(store), "-q")
+    assert rc == 4
+    _one_line_error(err, "invalid_layout")
+    assert not (tmp_path / "oci").exists()
+
+
 @pytest.mark.parametrize(
     "content",
     [
