@@ -24,7 +24,7 @@ from rich.progress import (
 )
 
 from blobchain.client.api import Client
-from blobchain.client.layout import check_destination, check_disjoint, is_fresh, remove_if_empty
+from blobchain.client.layout import check_destination, check_disjoint, check_layout, is_fresh, remove_if_empty
 from blobchain.config.settings import MAX_JOBS, load_settings
 from blobchain.layers.errors import (
     AlreadyExists,
@@ -445,8 +445,9 @@ def export(
     # Everything that can be checked is checked before the first byte is written.
     paths = [os.path.abspath(s) for s in snapshots]
     check_destination(oci, tag, paths)
-    if not settings.distributed:
+    if not settings.distributed and settings.store != oci:
         check_disjoint(settings.store, paths)
+        check_layout(settings.store, what="store")
     targets = {oci} if settings.distributed else {oci, settings.store}
     fresh = {p: os.path.lexists(p) for p in targets if is_fresh(p)}
     try:
