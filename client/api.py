@@ -8,6 +8,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings, check_jobs, load_settings
@@ -15,11 +16,13 @@ from blobchain.layers.errors import MissingLease, RefNotFound, SnapshotOutsideRo
 from blobchain.layers.imageconfig import ImageOptions
 from blobchain.layers.records import Descriptor, LayerOptions, RefRecord, RefSpec
 from blobchain.layers.snapshot import open_snapshot
-from blobchain.registry.client import TransportOptions
-from blobchain.registry.push import PushEvent, PushResult
 from blobchain.workers.deps import Deps
 from blobchain.workers.executor import ChainResult, Executor, Job
 from blobchain.workers.plan import make_plan
+
+if TYPE_CHECKING:  # the registry client (httpx) loads only for a push: start-up of export
+    from blobchain.registry.client import TransportOptions
+    from blobchain.registry.push import PushEvent, PushResult
 
 __all__ = ["Client", "Lease", "chain_specs"]
 

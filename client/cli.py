@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, replace
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,7 +24,7 @@ from rich.progress import (
 )
 
 from blobchain.client.api import Client
-from blobchain.client.layout import check_destination, check_disjoint, is_fresh, remove_if_empty
+from blobchain.client.layout import check_destination, check_disjoint, check_layout, is_fresh, remove_if_empty
 from blobchain.config.settings import MAX_JOBS, load_settings
 from blobchain.layers.errors import (
     AlreadyExists,
@@ -48,11 +48,14 @@ from blobchain.layers.imageconfig import (
 )
 from blobchain.layers.oci import layer_media_type
 from blobchain.layers.records import MAX_SOURCE_DATE_EPOCH, LayerOptions, RefSpec
-from blobchain.registry.client import TransportOptions
-from blobchain.registry.push import PushEvent, PushResult
 from blobchain.workers.executor import FINISHED, ChainResult, Job
 
+if TYPE_CHECKING:  # the registry client (httpx) loads only for a push: start-up of export
+    from blobchain.registry.client import TransportOptions
+    from blobchain.registry.push import PushEvent, PushResult
+
 __all__ = ["app", "main"]
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -219,6 +222,8 @@ class _PushArgs:
     mount_from: tuple[str, ...] = ()
 
     def options(self) -> TransportOptions:
+        from blobchain.registry.client import TransportOptions
+
         if self.jobs < 1:
             raise InvalidArgument("--push-jobs must be at least 1")
         return TransportOptions(
@@ -260,7 +265,10 @@ class _PushDisplay:
         t = self._tasks.get(ev.digest)
         if t is None:
             t = self._tasks[ev.digest] = self._bar.add_task(ev.digest[7:19], total=ev.size or 1, state=ev.state)
-        done = ev.size if ev.state in ("exists", "mounted", "uploaded", "verified", "manifest") else ev.sent
+        if ev.state == "verified":  # keep showing what was done (uploaded, skipped, mounted)
+            self._bar.update(t, completed=ev.size)
+            return
+        done = ev.size if ev.state in ("exists", "mounted", "uploaded", "manifest") else ev.sent
         self._bar.update(t, completed=done, state={"exists": "skipped"}.get(ev.state, ev.state))
 
 
@@ -300,6 +308,7 @@ def _human(n: float) -> str:
 
 def _follow(job: Job, labels: dict[str, str], quiet: bool) -> ChainResult:
     """Live per-layer progress (files, bytes, state) until the job ends."""
+
     if quiet or (not err.is_terminal and os.environ.get("BLOBCHAIN_PROGRESS") != "1"):
         return job.wait()
     cols = (
@@ -436,8 +445,9 @@ def export(
     # Everything that can be checked is checked before the first byte is written.
     paths = [os.path.abspath(s) for s in snapshots]
     check_destination(oci, tag, paths)
-    if not settings.distributed:
+    if not settings.distributed and settings.store != oci:
         check_disjoint(settings.store, paths)
+        check_layout(settings.store, what="store")
     targets = {oci} if settings.distributed else {oci, settings.store}
     fresh = {p: os.path.lexists(p) for p in targets if is_fresh(p)}
     try:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
@@ -131,9 +132,25 @@ def is_fresh(path: str) -> bool:
         return False
 
 
+def _in_use(dest: str) -> bool:
+    """Whether another run holds a lease in the store at ``dest`` (it is building into it, so
+    its skeleton is not ours to remove). Unreadable state counts as in use."""
+    db = os.path.join(dest, ".blobchain", "metadata.db")
+    if not os.path.exists(db):
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
+        try:
+            return conn.execute("SELECT 1 FROM leases LIMIT 1").fetchone() is not None
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return True
+
+
 def remove_if_empty(dest: str, *, keep_dir: bool = False) -> bool:
     """Remove the layout skeleton a failed run made at ``dest`` when it holds nothing worth
-    keeping: no blob, no ``index.json``, no ingest in progress. ``keep_dir`` keeps ``dest``
+    keeping: no blob, no ``index.json``, no ingest in progress, no other run's lease. ``keep_dir`` keeps ``dest``
     itself (it existed, empty, before the run). True if removed."""
     if not os.path.isdir(dest) or os.path.lexists(os.path.join(dest, "index.json")):
         return False
@@ -142,7 +159,7 @@ def remove_if_empty(dest: str, *, keep_dir: bool = False) -> bool:
             if any(os.scandir(os.path.join(dest, sub))):
                 return False
     known = {"blobs", ".blobchain", "oci-layout"}
-    if any(e.name not in known for e in os.scandir(dest)):
+    if any(e.name not in known for e in os.scandir(dest)) or _in_use(dest):
         return False
     if not keep_dir:
         shutil.rmtree(dest, ignore_errors=True)

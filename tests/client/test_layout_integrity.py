@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import services
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from blobchain.client import Client
 from blobchain.client.cli import main
@@ -123,6 +125,30 @@ def test_a_second_tag_keeps_the_first_and_retagging_moves_only_that_tag(tmp_path
     skopeo = services.require_tool("skopeo", "skopeo")
     for t in ("v1", "v2"):
         subprocess.run([skopeo, "inspect", f"oci:{out}:{t}"], check=True, capture_output=True)
+
+
+@pytest.mark.compat
+def test_the_peers_accept_every_tag_the_grammar_accepts(tmp_path, chain, capsys) -> None:
+    """The grammar is the one skopeo and umoci check: edge cases of it resolve in both."""
+    skopeo = services.require_tool("skopeo", "skopeo")
+    umoci = services.require_tool("umoci", "umoci")
+    out = tmp_path / "oci"
+    tags = ["a/b:c", "x--y", "v1.0+build.5", "my_tag", "a@b", "A9/b-c.d"]
+    for tag in tags:
+        assert _cli(capsys, "export", *chain[:1], "--oci", str(out), "-t", tag, "-q")[0] == 0
+    assert set(_tags(out)) == set(tags)
+    listed = subprocess.run([umoci, "ls", "--layout", str(out)], capture_output=True, text=True, check=True)
+    assert set(listed.stdout.split()) == set(tags)
+    for i, tag in enumerate(tags):
+        res = subprocess.run([skopeo, "inspect", f"oci:{out}:{tag}"], capture_output=True, text=True)
+        assert res.returncode == 0, (tag, res.stderr)
+        # (umoci 0.4.7's `stat` panics on any image without history; unpack resolves the tag too)
+        bundle = tmp_path / f"bundle{i}"
+        res = subprocess.run(
+            [umoci, "unpack", "--image", f"{out}:{tag}", str(bundle)], capture_output=True, text=True
+        )
+        assert res.returncode == 0, (tag, res.stderr)
+        assert (bundle / "rootfs" / "etc").is_dir()
 
 
 def test_index_with_keeps_other_entries_and_foreign_fields() -> None:
@@ -311,6 +337,15 @@ def test_out_is_a_regular_file(tmp_path, chain, capsys) -> None:
     _one_line_error(err, "invalid_layout")
 
 
+def test_a_store_that_is_a_regular_file(tmp_path, chain, capsys) -> None:
+    store = tmp_path / "store"
+    store.write_bytes(b"x")
+    rc, _, err = _cli(capsys, "export", *chain, "--oci", str(tmp_path / "oci"), "--store", str(store), "-q")
+    assert rc == 4
+    _one_line_error(err, "invalid_layout")
+    assert not (tmp_path / "oci").exists()
+
+
 @pytest.mark.parametrize(
     "content",
     [
@@ -434,6 +469,21 @@ def test_a_failed_export_leaves_no_skeleton(tmp_path, chain, capsys) -> None:
     assert _tree(out) == before
 
 
+def test_the_cleanup_keeps_a_skeleton_another_run_is_building_into(tmp_path) -> None:
+    """Two runs that both found OUT missing: the one that fails must not remove what the other,
+    still running, has set up (its lease says so)."""
+    from blobchain.client.layout import remove_if_empty
+
+    out = tmp_path / "oci"
+    with Client(Settings(store=str(out)), in_process=True) as other:
+        with other.lease():
+            other.deps  # noqa: B018 - opens (creates) the store
+            assert not remove_if_empty(str(out))
+            assert (out / ".blobchain" / "metadata.db").exists() and (out / "oci-layout").exists()
+        assert remove_if_empty(str(out))  # its lease is gone and nothing was committed
+    assert not out.exists()
+
+
 def test_status_and_gc_take_the_layout(tmp_path, chain, capsys, monkeypatch) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     out = tmp_path / "oci"
@@ -498,3 +548,28 @@ def test_a_missing_bucket_is_named(tmp_path, chain, s3_client) -> None:
             export_layout(result, deps, str(tmp_path / "out"))
     assert "does not exist" in e.value.message  # was: "blob ... is missing from the content store"
     assert not (tmp_path / "out").exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from("abcd"), st.sampled_from([None, "t1", "t2", "a/b:c"])), max_size=12)
+)
+def test_index_with_is_a_tag_map(ops) -> None:
+    """Any sequence of exports: each tag names the digest it was last exported with, in the
+    place it was first written; an untagged entry exists only for a digest no tag names."""
+    index = None
+    want: dict[str, str] = {}
+    order: list[str] = []
+    for d, tag in ops:
+        desc = Descriptor(OCI_MANIFEST, "sha256:" + d * 64, 1)
+        index = json.loads(index_with(index, desc, tag))
+        if tag:
+            want[tag] = desc.digest
+            if tag not in order:
+                order.append(tag)
+    manifests = (index or {}).get("manifests", [])
+    tagged = [(m["annotations"][REF_NAME], m["digest"]) for m in manifests if "annotations" in m]
+    assert tagged == [(t, want[t]) for t in order]
+    untagged = [m["digest"] for m in manifests if "annotations" not in m]
+    assert len(untagged) == len(set(untagged))
+    assert not set(untagged) & set(want.values())
