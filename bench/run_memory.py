@@ -75,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-dense-4g", action="store_true", help="skip dense files over 1 GiB (disk)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--quiet", type=float, default=0.2, help="start a run when the machine is this idle (busy fraction)")
+    ap.add_argument("--quiet-timeout", type=float, default=60.0, help="wait at most this long for it (s)")
     a = ap.parse_args(argv)
     workdir = (a.workdir or default_workdir()) / "memory"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for comp in a.compressions.split(","):
                 out = workdir / "oci"
                 rm_tree(out)
-                wait_quiet()  # others share the machine: start each run when it is idle
+                wait_quiet(a.quiet, timeout_s=a.quiet_timeout)  # others share the machine
                 with Meter() as m:
                     data = blobchain_export([snap], out, m, compression=comp, jobs=1)
                 rm_tree(out)

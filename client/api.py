@@ -8,18 +8,21 @@ import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from blobchain.config.factory import open_deps
-from blobchain.config.settings import Settings, load_settings
+from blobchain.config.settings import Settings, check_jobs, load_settings
 from blobchain.layers.errors import MissingLease, RefNotFound, SnapshotOutsideRoots
 from blobchain.layers.imageconfig import ImageOptions
 from blobchain.layers.records import Descriptor, LayerOptions, RefRecord, RefSpec
 from blobchain.layers.snapshot import open_snapshot
-from blobchain.registry.client import TransportOptions
-from blobchain.registry.push import PushEvent, PushResult
 from blobchain.workers.deps import Deps
 from blobchain.workers.executor import ChainResult, Executor, Job
 from blobchain.workers.plan import make_plan
+
+if TYPE_CHECKING:  # the registry client (httpx) loads only for a push: start-up of export
+    from blobchain.registry.client import TransportOptions
+    from blobchain.registry.push import PushEvent, PushResult
 
 __all__ = ["Client", "Lease", "chain_specs"]
 
@@ -72,17 +75,23 @@ class Client:
         executor: Executor | None = None,
         jobs: int | None = None,
         in_process: bool = False,
+        create_store: bool = True,
     ) -> None:
         self.settings = settings or load_settings()
         self._executor = executor
-        self._jobs = jobs
+        self._jobs = check_jobs(jobs)
         self._in_process = in_process
+        self._create_store = create_store
         self._deps: Deps | None = None
 
     @property
     def deps(self) -> Deps:
+        """The stores, opened on first use. With ``create_store=False`` a missing embedded
+        store is StoreNotFound instead of a new empty one (for status and gc)."""
         if self._deps is None:
-            self._deps = getattr(self._executor, "deps", None) or open_deps(self.settings)
+            self._deps = getattr(self._executor, "deps", None) or open_deps(
+                self.settings, create=self._create_store
+            )
         return self._deps
 
     @property
@@ -117,7 +126,13 @@ class Client:
 
     def register(self, specs: Sequence[RefSpec]) -> list[RefRecord]:
         """Validate the specs together (missing parent, cycle, conflicting parent, snapshot
-        visible and inside the roots) and only then record them, parents first."""
+        visible and inside the roots, not overlapping the embedded store) and only then record
+        them, parents first."""
+        if not self.settings.distributed:
+            from blobchain.client.layout import check_disjoint
+
+            # Before the store is opened (opening creates it).
+            check_disjoint(self.settings.store, [s.snapshot for s in specs])
         plan = make_plan(specs, self.deps.metadata.get)
         given = {s.ref_id for s in specs}
         for ref_id in plan.order:
@@ -164,6 +179,8 @@ class Client:
         ``computeBlobChain``. Needs a lease (``with client.lease() as lease``)."""
         if lease is None:
             raise MissingLease("missing lease requirement", ref=ref_id)
+        if self.deps.metadata.get(ref_id) is None:
+            raise RefNotFound(f"unknown ref {ref_id}: register it first", ref=ref_id)
         opts = LayerOptions(
             compression=compression,  # type: ignore[arg-type]
             level=level,

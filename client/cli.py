@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, replace
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,15 +24,20 @@ from rich.progress import (
 )
 
 from blobchain.client.api import Client
-from blobchain.config.settings import load_settings
+from blobchain.client.layout import check_destination, check_disjoint, check_layout, is_fresh, remove_if_empty
+from blobchain.config.settings import MAX_JOBS, load_settings
 from blobchain.layers.errors import (
+    AlreadyExists,
     BlobchainError,
+    Cancelled,
     Conflict,
     DigestMismatch,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
+    UsageError,
+    from_os_error,
 )
 from blobchain.layers.imageconfig import (
     ImageOptions,
@@ -41,17 +46,22 @@ from blobchain.layers.imageconfig import (
     parse_command,
     parse_kv,
 )
-from blobchain.layers.records import RefSpec
-from blobchain.registry.client import TransportOptions
-from blobchain.registry.push import PushEvent, PushResult
+from blobchain.layers.oci import layer_media_type
+from blobchain.layers.records import MAX_SOURCE_DATE_EPOCH, LayerOptions, RefSpec
 from blobchain.workers.executor import FINISHED, ChainResult, Job
 
+if TYPE_CHECKING:  # the registry client (httpx) loads only for a push: start-up of export
+    from blobchain.registry.client import TransportOptions
+    from blobchain.registry.push import PushEvent, PushResult
+
 __all__ = ["app", "main"]
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
 out = Console()
 
+# README's exit-code table lists these; 1 is an internal error (a bug).
 # 7: stored content does not match its digest (a read or `blobchain verify` found a corrupt blob).
 _EXIT_CORRUPT = 7
 _EXIT = [
@@ -60,13 +70,16 @@ _EXIT = [
     (FailedPrecondition, 4),
     (Unavailable, 5),
     (Conflict, 6),
+    (AlreadyExists, 6),
     (DigestMismatch, _EXIT_CORRUPT),
+    (Cancelled, 130),
 ]
 
 Compression = Annotated[str, typer.Option("--compression", "-c", help="gzip, zstd or uncompressed")]
 Level = Annotated[int | None, typer.Option("--level", "-l", help="compression level")]
 Jobs = Annotated[
-    int | None, typer.Option("--jobs", "-j", help="layers built in parallel (default: all cores)")
+    int | None,
+    typer.Option("--jobs", "-j", min=1, max=MAX_JOBS, help="layers built in parallel (default: all cores)"),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 Tag = Annotated[str, typer.Option("--tag", "-t", help="image tag in index.json")]
@@ -75,9 +88,19 @@ Windows = Annotated[bool, typer.Option("--windows", help="Windows layers (BuildK
 Docker = Annotated[bool, typer.Option("--docker-media-types", help="Docker schema2 media types")]
 SourceDateEpoch = Annotated[
     int | None,
-    typer.Option("--source-date-epoch", envvar="SOURCE_DATE_EPOCH", help="clamp mtimes to this"),
+    typer.Option(
+        "--source-date-epoch",
+        envvar="SOURCE_DATE_EPOCH",
+        min=0,
+        max=MAX_SOURCE_DATE_EPOCH,
+        help="clamp mtimes to this",
+    ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")]
+Store = Annotated[
+    str | None,
+    typer.Option("--store", "--oci", help="the embedded store (an OCI layout; default: BLOBCHAIN_STORE)"),
+]
 # The image config (what the image runs and how it presents itself; never the layer bytes).
 PlatformOpt = Annotated[
     str | None, typer.Option("--platform", help="os/arch[/variant] (default: this host's)")
@@ -132,6 +155,15 @@ class _ChainArgs:
     docker: bool = False
     source_date_epoch: int | None = None
     quiet: bool = False
+
+    def check(self) -> None:
+        """Validate compression, level and epoch before anything is registered or built."""
+        LayerOptions(
+            compression=self.compression,  # type: ignore[arg-type]
+            level=self.level,
+            docker_media_types=self.docker,
+            source_date_epoch=self.source_date_epoch,
+        )
 
 
 @dataclass(frozen=True)
@@ -190,6 +222,8 @@ class _PushArgs:
     mount_from: tuple[str, ...] = ()
 
     def options(self) -> TransportOptions:
+        from blobchain.registry.client import TransportOptions
+
         if self.jobs < 1:
             raise InvalidArgument("--push-jobs must be at least 1")
         return TransportOptions(
@@ -231,7 +265,10 @@ class _PushDisplay:
         t = self._tasks.get(ev.digest)
         if t is None:
             t = self._tasks[ev.digest] = self._bar.add_task(ev.digest[7:19], total=ev.size or 1, state=ev.state)
-        done = ev.size if ev.state in ("exists", "mounted", "uploaded", "verified", "manifest") else ev.sent
+        if ev.state == "verified":  # keep showing what was done (uploaded, skipped, mounted)
+            self._bar.update(t, completed=ev.size)
+            return
+        done = ev.size if ev.state in ("exists", "mounted", "uploaded", "manifest") else ev.sent
         self._bar.update(t, completed=done, state={"exists": "skipped"}.get(ev.state, ev.state))
 
 
@@ -271,6 +308,7 @@ def _human(n: float) -> str:
 
 def _follow(job: Job, labels: dict[str, str], quiet: bool) -> ChainResult:
     """Live per-layer progress (files, bytes, state) until the job ends."""
+
     if quiet or (not err.is_terminal and os.environ.get("BLOBCHAIN_PROGRESS") != "1"):
         return job.wait()
     cols = (
@@ -299,8 +337,15 @@ def _follow(job: Job, labels: dict[str, str], quiet: bool) -> ChainResult:
     return job.wait()
 
 
-def _print_result(result: ChainResult, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+def _print_result(
+    result: ChainResult, as_json: bool, extra: dict[str, Any] | None = None, *, exported: bool = False
+) -> None:
     data = result.to_dict()
+    if exported:
+        # What the image's manifest says: the export's scheme, not the stored record's.
+        docker = result.options.docker_media_types
+        for layer, blob in zip(data["layers"], result.layer_blobs(), strict=True):
+            layer["media_type"] = layer_media_type(blob.compression, docker=docker)
     if extra:
         data.update(extra)
     if as_json:
@@ -392,18 +437,33 @@ def export(
     image = image_args.options(len(snapshots))
     push_args = _PushArgs(ca, insecure, insecure_remote, push_jobs)
     _check_push_target(push_to, push_args)
-    settings = load_settings()
+    args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
+    args.check()
+    settings = load_settings(**({} if store is None else {"store": store}))
     if not settings.distributed:
         settings = settings.model_copy(update={"store": store or oci})
-    args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
-    with Client(settings, jobs=jobs) as client:
-        result, specs = _run_chain(client, snapshots, args)
-        image = _with_comments(image, specs, comment)
-        manifest = client.export(result, oci, tag=tag, image=image)
-        extra: dict[str, Any] = {"manifest": manifest.digest, "oci": f"{oci}:{tag}"}
-        if push_to:
-            extra["pushed"] = _push_chain(client, result, push_to, image, push_args, quiet).to_dict()
-    _print_result(result, as_json, extra)
+    # Everything that can be checked is checked before the first byte is written.
+    paths = [os.path.abspath(s) for s in snapshots]
+    check_destination(oci, tag, paths)
+    if not settings.distributed and settings.store != oci:
+        check_disjoint(settings.store, paths)
+        check_layout(settings.store, what="store")
+    targets = {oci} if settings.distributed else {oci, settings.store}
+    fresh = {p: os.path.lexists(p) for p in targets if is_fresh(p)}
+    try:
+        with Client(settings, jobs=jobs) as client:
+            result, specs = _run_chain(client, snapshots, args)
+            image = _with_comments(image, specs, comment)
+            manifest = client.export(result, oci, tag=tag, image=image)
+            extra: dict[str, Any] = {"manifest": manifest.digest, "oci": f"{oci}:{tag}"}
+            if push_to:
+                extra["pushed"] = _push_chain(client, result, push_to, image, push_args, quiet).to_dict()
+    except BaseException:
+        # A layout or store this run created (or found empty) and left empty is cleaned up.
+        for p, existed in fresh.items():
+            remove_if_empty(p, keep_dir=existed)
+        raise
+    _print_result(result, as_json, extra, exported=True)
 
 
 @app.command()
@@ -465,6 +525,9 @@ def submit(
     push_args = _PushArgs(ca, insecure, insecure_remote, push_jobs)
     _check_push_target(push_to, push_args)
     args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
+    args.check()
+    if oci:
+        check_destination(oci, tag, [os.path.abspath(s) for s in snapshots])
     with Client() as client:
         result, specs = _run_chain(client, snapshots, args)
         image = _with_comments(image, specs, comment)
@@ -473,7 +536,7 @@ def submit(
             extra["manifest"] = client.export(result, oci, tag=tag, image=image).digest
         if push_to:
             extra["pushed"] = _push_chain(client, result, push_to, image, push_args, quiet).to_dict()
-    _print_result(result, as_json, extra or None)
+    _print_result(result, as_json, extra or None, exported=bool(oci))
 
 
 def _check_push_target(target: str | None, args: _PushArgs) -> None:
@@ -549,10 +612,18 @@ def index(
         out.print(f"index {desc.digest}  {layout}:{tag}", highlight=False, soft_wrap=True)
 
 
+def _reading_client(store: str | None) -> Client:
+    """A client for reading commands: never creates a store that is not there."""
+    settings = load_settings(**({} if store is None else {"store": store}))
+    return Client(settings, create_store=False)
+
+
 @app.command()
-def status(ref: Annotated[str, typer.Argument(help="a ref id")], as_json: AsJson = False) -> None:
+def status(
+    ref: Annotated[str, typer.Argument(help="a ref id")], store: Store = None, as_json: AsJson = False
+) -> None:
     """Show a ref's record: blob, diffID, chain IDs, variants."""
-    with Client() as client:
+    with _reading_client(store) as client:
         rec = client.status(ref)
         chain = _chain_status(client, ref)
     data = rec.to_dict()
@@ -584,9 +655,11 @@ def _chain_status(client: Client, ref: str) -> list[Any] | None:
 
 
 @app.command()
-def gc(dry_run: Annotated[bool, typer.Option("--dry-run")] = False, as_json: AsJson = False) -> None:
+def gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False, store: Store = None, as_json: AsJson = False
+) -> None:
     """Delete blobs that no record, manifest or live lease references."""
-    with Client() as client:
+    with _reading_client(store) as client:
         report = client.gc(dry_run=dry_run)
     data = {"deleted": list(report.deleted), "kept": report.kept, "freed_bytes": report.freed_bytes}
     if as_json:
@@ -661,6 +734,50 @@ def worker(
     raise typer.Exit(run_worker(concurrency=concurrency, name=name, queues=queues, extra=list(ctx.args)))
 
 
+def _click_exceptions() -> tuple[type[Exception], ...]:
+    """Click's exception base, wherever this typer keeps it: typer >= 0.20 vendors click as
+    ``typer._click`` (pinned in pyproject.toml), older ones use the ``click`` package."""
+    found: list[type[Exception]] = []
+    try:
+        from typer._click.exceptions import ClickException as Vendored  # type: ignore[import-not-found]
+
+        found.append(Vendored)
+    except ImportError:  # pragma: no cover - typer without a vendored click
+        pass
+    try:
+        from click.exceptions import ClickException
+
+        found.append(ClickException)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(found)
+
+
+_CLICK_ERRORS = _click_exceptions()
+
+
+def _usage_error(e: Exception) -> int:
+    if type(e).__name__ == "NoArgsIsHelpError":  # bare `blobchain`: the help is the answer
+        e.show()  # type: ignore[attr-defined]
+        return 2
+    message = e.format_message() if hasattr(e, "format_message") else str(e)
+    ctx = getattr(e, "ctx", None)
+    hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+    err.print(
+        f"[red]error[/red] ({UsageError.code}): {escape(' '.join(message.split()))}{escape(hint)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 2
+
+
+def _error(e: BlobchainError) -> int:
+    # One line whatever the message holds; escaped: user input ("os/arch[/variant]") is not markup.
+    message = escape(" ".join(e.message.split()))
+    err.print(f"[red]error[/red] ({e.code}): {message}", highlight=False, soft_wrap=True)
+    return _exit_code(e)
+
+
 _INTERRUPTED = "interrupted: no partial blob and no manifest were kept; rerun to continue (done work is reused)"
 
 
@@ -671,9 +788,7 @@ def main(argv: list[str] | None = None) -> int:
             err.print(_INTERRUPTED)
         return rv if isinstance(rv, int) else 0
     except BlobchainError as e:
-        # escape: a message quoting user input ("os/arch[/variant]") is not rich markup
-        err.print(f"[red]error[/red] ({e.code}): {escape(e.message)}", highlight=False)
-        return _exit_code(e)
+        return _error(e)
     except KeyboardInterrupt:
         err.print(_INTERRUPTED)
         return 130
@@ -681,13 +796,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.exit_code or 0)
     except (typer.Abort, EOFError):
         return 1
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    except _CLICK_ERRORS as e:  # usage errors: unknown option, bad or missing value
+        return _usage_error(e)
+    except OSError as e:  # a filesystem failure nothing below named: still one line
+        return _error(from_os_error(e, "blobchain"))
 
 
 if __name__ == "__main__":

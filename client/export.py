@@ -11,11 +11,12 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from blobchain.layers.errors import DigestMismatch, NotFound
+from blobchain.client.layout import check_destination, is_fresh, read_index, remove_if_empty
+from blobchain.layers.errors import DigestMismatch, NotFound, from_os_error
 from blobchain.layers.imageconfig import (
     ConfigLayer,
     ImageOptions,
@@ -33,11 +34,13 @@ from blobchain.layers.oci import (
     REF_NAME,
     IndexEntry,
     canonical_json,
+    check_tag,
     image_index_bytes,
     index_with,
+    layer_media_type,
     manifest_bytes,
 )
-from blobchain.layers.records import Descriptor
+from blobchain.layers.records import Descriptor, RefRecord
 from blobchain.storage.content import BlobReader
 from blobchain.storage.content.local import LocalContentStore
 from blobchain.workers.deps import Deps
@@ -74,7 +77,9 @@ def _copy_blob(reader: BlobReader, store: LocalContentStore, digest: str, size: 
             raise  # the store's own copy is bad (now quarantined): nothing to copy from
         # A bad copy in the destination layout, now quarantined: copy a good one below.
     if reader.info(digest) is None:
-        raise NotFound(f"blob {digest} is missing from the content store", digest=digest)
+        # Opening says why where it can (an S3 store names a missing bucket); else name the store.
+        reader.open(digest).close()
+        raise NotFound(f"blob {digest} is missing from the content store {reader!r}", digest=digest)
     with reader.open(digest) as src, store.ingest(f"export-{digest[7:19]}") as ing:
         while chunk := src.read(_CHUNK):
             ing.write(chunk)
@@ -83,11 +88,10 @@ def _copy_blob(reader: BlobReader, store: LocalContentStore, digest: str, size: 
 
 def _write_index(dest: str, manifest: Descriptor, tag: str | None) -> None:
     path = os.path.join(dest, "index.json")
-    existing = None
-    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-        existing = json.load(f)
-    data = index_with(existing, manifest, tag)
-    fd, tmp = tempfile.mkstemp(dir=dest, prefix=".index-")
+    data = index_with(read_index(dest), manifest, tag)
+    # 0666 less the umask, as umoci and Go's os.Create write it (mkstemp would give 0600).
+    tmp = os.path.join(dest, f".index-{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -133,7 +137,13 @@ def build_image(result: ChainResult, image: ImageOptions | None = None) -> Image
     ]
     cfg = canonical_json(image_config(layers, opts, os_name="windows" if windows else "linux"))
     cfg_desc = _descriptor(DOCKER_CONFIG_MEDIA_TYPE if docker else CONFIG_MEDIA_TYPE, cfg)
-    descs = tuple(b.descriptor() for b, la in zip(blobs, layers, strict=True) if not la.empty)
+    # The media-type scheme belongs to this export: each layer's type follows from its blob's
+    # compression, whatever scheme the blob was first recorded under.
+    descs = tuple(
+        Descriptor(layer_media_type(b.compression, docker=docker), b.digest, b.size)
+        for b, la in zip(blobs, layers, strict=True)
+        if not la.empty
+    )
     man = manifest_bytes(
         cfg_desc, descs, docker=docker, annotations=None if docker else manifest_annotations(opts)
     )
@@ -149,27 +159,51 @@ def export_layout(
     tag: str | None = None,
     image: ImageOptions | None = None,
 ) -> Descriptor:
-    img = build_image(result, image)  # first: bad options change nothing
-    os.makedirs(dest, exist_ok=True)
-    store = deps.content if _same_store(deps.content, dest) else LocalContentStore(dest)
-    assert isinstance(store, LocalContentStore) or _same_store(deps.content, dest)
-    for desc in img.layers:
-        try:
-            _copy_blob(deps.content, store, desc.digest, desc.size)  # type: ignore[arg-type]
-        except DigestMismatch as e:
-            if e.expected == desc.digest:  # the stored layer is corrupt: the next run rebuilds it
-                from blobchain.workers.verify import mark_damaged
+    """Write ``result`` as an image in the layout at ``dest`` under ``tag``.
 
-                mark_damaged(deps.metadata, desc.digest, result.records)
-            raise
-    _put_bytes(store, img.config, "export-config")  # type: ignore[arg-type]
-    _put_bytes(store, img.manifest, "export-manifest")  # type: ignore[arg-type]
-    _write_index(dest, img.manifest_descriptor, tag)
+    Checked first (options, tag, overlap with the snapshots, the layout's shape and
+    writability); a layout this call created, or found empty, is emptied again if the export
+    fails before its ``index.json`` is written."""
+    img = build_image(result, image)  # first: bad options change nothing
+    check_destination(dest, tag, [r.spec.snapshot for r in result.records])
+    existed, fresh = os.path.lexists(dest), is_fresh(dest)
+    try:
+        _write_layout(deps, dest, img, tag, result.records)
+    except OSError as e:
+        raise from_os_error(e, f"writing the image to {dest}") from e
+    finally:
+        if fresh and not os.path.exists(os.path.join(dest, "index.json")):
+            remove_if_empty(dest, keep_dir=existed)
     deps.metadata.put_manifest(
         tag or img.manifest_descriptor.digest,
         [img.manifest_descriptor.digest, img.config_descriptor.digest] + [d.digest for d in img.layers],
     )
     return img.manifest_descriptor
+
+
+def _write_layout(
+    deps: Deps, dest: str, img: Image, tag: str | None, records: tuple[RefRecord, ...]
+) -> None:
+    os.makedirs(dest, exist_ok=True)
+    same = _same_store(deps.content, dest)
+    store = deps.content if same else LocalContentStore(dest)
+    assert isinstance(store, LocalContentStore)
+    try:
+        for desc in img.layers:
+            try:
+                _copy_blob(deps.content, store, desc.digest, desc.size)
+            except DigestMismatch as e:
+                if e.expected == desc.digest:  # the stored layer is corrupt: the next run rebuilds it
+                    from blobchain.workers.verify import mark_damaged
+
+                    mark_damaged(deps.metadata, desc.digest, records)
+                raise
+        _put_bytes(store, img.config, "export-config")
+        _put_bytes(store, img.manifest, "export-manifest")
+        _write_index(dest, img.manifest_descriptor, tag)
+    finally:
+        if not same:
+            store.close()
 
 
 def _read_json(store: LocalContentStore, digest: str) -> dict[str, Any]:
@@ -189,12 +223,10 @@ def _tagged(index: dict[str, Any], tag: str) -> dict[str, Any]:
 def write_image_index(layout: str, tag: str, tags: list[str], deps: Deps | None = None) -> Descriptor:
     """An image index over the manifests tagged ``tags`` in ``layout``, each with the platform
     its config names and its tag as ref name; stored in the layout and tagged ``tag``."""
-    path = os.path.join(layout, "index.json")
-    try:
-        with open(path, "rb") as f:
-            top = json.load(f)
-    except FileNotFoundError:
-        raise NotFound(f"{layout} is not an OCI layout (no index.json)", path=layout) from None
+    check_tag(tag)
+    top = read_index(layout)
+    if top is None:
+        raise NotFound(f"{layout} is not an OCI layout (no index.json)", path=layout)
     store = LocalContentStore(layout)
     entries: list[IndexEntry] = []
     docker = set()

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 
 from blobchain.config.settings import Settings
+from blobchain.layers.errors import InvalidSetting, StoreNotFound, from_os_error
 from blobchain.workers.deps import Deps
 
 __all__ = ["open_deps", "redis_client"]
 
 
-def open_deps(settings: Settings) -> Deps:
+def open_deps(settings: Settings, *, create: bool = True) -> Deps:
+    """The stores ``settings`` name. ``create=False`` (reading commands) refuses to create an
+    embedded store that does not exist yet (StoreNotFound) instead of making an empty one."""
     common = {
         "roots": settings.roots or None,
         "threads": settings.threads,
@@ -26,8 +29,13 @@ def open_deps(settings: Settings) -> Deps:
         from blobchain.storage.locks.local import LocalLockService
         from blobchain.storage.metadata.sqlite import SqliteMetadataStore
 
-        content = LocalContentStore(settings.store)
         state = os.path.join(settings.store, ".blobchain")
+        if not create and not os.path.isfile(os.path.join(state, "metadata.db")):
+            raise StoreNotFound(f"no blobchain store at {settings.store}", path=settings.store)
+        try:
+            content = LocalContentStore(settings.store)
+        except OSError as e:
+            raise from_os_error(e, f"opening the store {settings.store}") from e
         metadata = SqliteMetadataStore(os.path.join(state, "metadata.db"))
         return Deps(
             content=content, metadata=metadata, leases=metadata, locks=LocalLockService(state), **common
@@ -38,7 +46,7 @@ def open_deps(settings: Settings) -> Deps:
     from blobchain.storage.metadata.redis import RedisMetadataStore
 
     if not settings.s3_endpoint:
-        raise ValueError("distributed mode needs BLOBCHAIN_S3_ENDPOINT")
+        raise InvalidSetting("distributed mode needs BLOBCHAIN_S3_ENDPOINT", setting="BLOBCHAIN_S3_ENDPOINT")
     s3 = make_s3_client(
         settings.s3_endpoint,
         settings.s3_region,

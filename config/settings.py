@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -18,7 +18,13 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["Settings", "load_settings", "redact_url"]
+from blobchain.layers.errors import InvalidSetting
+
+__all__ = ["MAX_JOBS", "Settings", "check_jobs", "check_redis_url", "load_settings", "redact_url"]
+
+# More builds at once than this is a typo, not a machine: each is a process.
+MAX_JOBS = 1024
+_REDIS_SCHEMES = ("redis", "rediss")
 
 
 def _default_store() -> str:
@@ -36,6 +42,40 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
+def check_jobs(jobs: int | None, name: str = "jobs") -> int | None:
+    """``jobs`` if None or 1..MAX_JOBS, else InvalidSetting."""
+    if jobs is None:
+        return None
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise InvalidSetting(f"{name} must be an integer in 1..{MAX_JOBS}, got {jobs!r}", setting=name)
+    return jobs
+
+
+def check_redis_url(url: str, name: str = "broker_url") -> str:
+    """``url`` if it is a usable Redis URL (redis:// or rediss://, a host, a valid port and
+    database), else InvalidSetting. The message never shows the password."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a bad or out-of-range port
+        host = parts.hostname
+        shown = redact_url(url)
+    except ValueError as e:
+        raise InvalidSetting(f"{name}: not a valid URL ({e})", setting=name) from None
+    if parts.scheme not in _REDIS_SCHEMES:
+        raise InvalidSetting(
+            f"{name}={shown}: scheme must be redis:// or rediss://, not {parts.scheme + '://' if parts.scheme else 'none'}",
+            setting=name,
+        )
+    if not host:
+        raise InvalidSetting(f"{name}={shown}: no host", setting=name)
+    if port == 0:
+        raise InvalidSetting(f"{name}={shown}: port 0", setting=name)
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise InvalidSetting(f"{name}={shown}: database {db!r} is not a number", setting=name)
+    return url
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BLOBCHAIN_", extra="ignore", frozen=True)
 
@@ -45,8 +85,10 @@ class Settings(BaseSettings):
     )
     # Snapshot paths must resolve inside one of these (os.pathsep-separated in the env); empty = any.
     roots: Annotated[tuple[str, ...], NoDecode] = ()
-    jobs: int | None = Field(default=None, ge=1, description="layers built in parallel (default: all cores)")
-    threads: int | None = Field(default=None, ge=1, description="compression threads per layer")
+    jobs: int | None = Field(
+        default=None, ge=1, le=MAX_JOBS, description="layers built in parallel (default: all cores)"
+    )
+    threads: int | None = Field(default=None, ge=1, le=MAX_JOBS, description="compression threads per layer")
     compression: str = "gzip"
     level: int | None = None
     lease_ttl_s: float = Field(default=60.0, gt=0)
@@ -82,6 +124,16 @@ class Settings(BaseSettings):
             return tuple(p for p in v.split(os.pathsep) if p)
         return v
 
+    @field_validator("broker_url", "result_url", "lock_url", mode="after")
+    @classmethod
+    def _check_redis_url(cls, v: SecretStr | None, info: Any) -> SecretStr | None:
+        if v is not None:
+            try:
+                check_redis_url(v.get_secret_value(), f"BLOBCHAIN_{info.field_name.upper()}")
+            except InvalidSetting as e:
+                raise ValueError(e.message) from None
+        return v
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -114,5 +166,27 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Settings from the environment (and ``BLOBCHAIN_CONFIG``), overridden by keyword args."""
-    return Settings(**overrides)
+    """Settings from the environment (and ``BLOBCHAIN_CONFIG``), overridden by keyword args.
+
+    A bad value is an InvalidSetting naming the setting (never echoing a secret's value)."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        raise settings_error(e, overrides) from None
+    except (OSError, ValueError) as e:  # the BLOBCHAIN_CONFIG file: unreadable or not TOML
+        where = os.environ.get("BLOBCHAIN_CONFIG", "")
+        raise InvalidSetting(
+            f"BLOBCHAIN_CONFIG={where}: cannot read it as TOML ({e})", setting="BLOBCHAIN_CONFIG"
+        ) from None
+
+
+def settings_error(e: ValidationError, overrides: dict[str, Any] | None = None) -> InvalidSetting:
+    problems = []
+    for err in e.errors(include_url=False, include_input=False):
+        field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        name = field if overrides and field in overrides else f"BLOBCHAIN_{field.upper()}"
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        problems.append(msg if msg.startswith(name) else f"{name}: {msg}")
+    first = problems[0] if problems else "invalid settings"
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return InvalidSetting(f"invalid setting {first}{more}", settings=problems)

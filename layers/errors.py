@@ -8,6 +8,8 @@ Celery boundaries (see :func:`from_code`).
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
 __all__ = [
@@ -22,25 +24,34 @@ __all__ = [
     "FileChanged",
     "InProgress",
     "InvalidArgument",
+    "InvalidLayout",
     "InvalidLevel",
+    "InvalidSetting",
+    "InvalidTag",
     "LeaseLost",
     "MissingLease",
     "MissingParent",
     "NoBlobs",
     "NonAddressableParent",
     "NotFound",
+    "NotWritable",
     "ParentCycle",
     "PathEscapes",
+    "PathTooLong",
     "PoisonRef",
     "RefNotFound",
     "SnapshotNotFound",
     "SnapshotOutsideRoots",
     "StoreFull",
+    "StoreNotFound",
+    "StoreOverlapsSnapshot",
     "Unavailable",
     "UnknownCompression",
     "UnreadableFile",
     "UnsupportedCompression",
+    "UsageError",
     "from_code",
+    "from_os_error",
 ]
 
 
@@ -159,6 +170,51 @@ class UnreadableFile(InvalidArgument):
     code = "unreadable_file"
 
 
+class UsageError(InvalidArgument):
+    """The command line itself is wrong: an unknown option, a missing or malformed value."""
+
+    code = "usage_error"
+
+
+class InvalidSetting(InvalidArgument):
+    """A setting (``BLOBCHAIN_*``, the config file, or a client argument) has a bad value."""
+
+    code = "invalid_setting"
+
+
+class InvalidTag(InvalidArgument):
+    """An image tag that is not an OCI ref name (``org.opencontainers.image.ref.name``)."""
+
+    code = "invalid_tag"
+
+
+class PathTooLong(InvalidArgument):
+    """A path inside a snapshot is longer than the kernel accepts for one lookup (PATH_MAX)."""
+
+    code = "path_too_long"
+
+
+class StoreOverlapsSnapshot(InvalidArgument):
+    """The store or the output layout lies inside a snapshot, or a snapshot inside the store:
+    the layer would contain the store's own files (and change while it is written)."""
+
+    code = "store_overlaps_snapshot"
+
+
+class InvalidLayout(FailedPrecondition):
+    """The output path is not a usable OCI image layout (a regular file, a corrupt or
+    wrongly shaped ``index.json`` or ``oci-layout``)."""
+
+    code = "invalid_layout"
+
+
+class NotWritable(FailedPrecondition):
+    """The store or output path cannot be written (read-only filesystem, permissions,
+    an immutable directory)."""
+
+    code = "not_writable"
+
+
 class FileChanged(FailedPrecondition):
     """A file changed or vanished while the layer was being written; the tar is discarded."""
 
@@ -174,6 +230,12 @@ class CorruptBlob(FailedPrecondition):
 
 class RefNotFound(NotFound):
     code = "ref_not_found"
+
+
+class StoreNotFound(NotFound):
+    """No blobchain store at the given path (reading commands never create one)."""
+
+    code = "store_not_found"
 
 
 class NoBlobs(NotFound):
@@ -209,6 +271,27 @@ class PoisonRef(FailedPrecondition):
     """A ref killed its worker too many times; it is failed instead of retried forever."""
 
     code = "poison_ref"
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def from_os_error(e: OSError, what: str) -> BlobchainError:
+    """A named error for an OSError met while ``what`` (e.g. "creating the store /x"):
+    full disk, read-only or immutable, not a directory, name too long; else Unavailable."""
+    where = f" ({e.filename})" if e.filename else ""
+    reason = f"{what}: {os.strerror(e.errno or 0) if e.errno else e}{where}"
+    if e.errno in _FULL_ERRNOS:
+        return StoreFull(reason, errno=e.errno)
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return NotWritable(reason, errno=e.errno)
+    if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return InvalidLayout(reason, errno=e.errno)
+    if e.errno == errno.ENAMETOOLONG:
+        return PathTooLong(reason, errno=e.errno)
+    if e.errno == errno.ENOENT:
+        return NotFound(reason, errno=e.errno)
+    return Unavailable(reason, errno=e.errno)
 
 
 def _all_classes() -> dict[str, type[BlobchainError]]:

@@ -12,6 +12,7 @@ from blobchain.layers.errors import InvalidArgument, InvalidLevel, UnknownCompre
 __all__ = [
     "DIFF_ID_LABEL",
     "EMPTY_LAYER_DIFF_ID",
+    "MAX_SOURCE_DATE_EPOCH",
     "Compression",
     "Descriptor",
     "LayerBlob",
@@ -24,6 +25,10 @@ __all__ = [
 # The content-store label holding a blob's diffID, as containerd and BuildKit name it.
 DIFF_ID_LABEL = "containerd.io/uncompressed"
 EMPTY_LAYER_DIFF_ID = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
+
+# The last second of year 9999: the image config's ``created`` is RFC 3339, which Go's time
+# encoding (and Python's datetime) stop at; Go's archive/tar encodes any such mtime (PAX).
+MAX_SOURCE_DATE_EPOCH = 253402300799
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _REF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,254}$")
@@ -107,8 +112,14 @@ class LayerOptions:
                     level=self.level,
                     compression=str(self.compression),
                 )
-        if self.source_date_epoch is not None and self.source_date_epoch < 0:
-            raise InvalidArgument("source_date_epoch must be >= 0", source_date_epoch=self.source_date_epoch)
+        sde = self.source_date_epoch
+        if sde is not None and (
+            isinstance(sde, bool) or not isinstance(sde, int) or not 0 <= sde <= MAX_SOURCE_DATE_EPOCH
+        ):
+            raise InvalidArgument(
+                f"source_date_epoch {sde!r} out of range 0..{MAX_SOURCE_DATE_EPOCH} (year 9999)",
+                source_date_epoch=str(sde),
+            )
 
     @property
     def effective_level(self) -> int | None:

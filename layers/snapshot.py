@@ -22,6 +22,7 @@ from blobchain.layers.errors import (
     FileChanged,
     InvalidArgument,
     PathEscapes,
+    PathTooLong,
     SnapshotNotFound,
     SnapshotOutsideRoots,
     UnreadableFile,
@@ -164,7 +165,17 @@ def _raise_open_error(e: OSError, rel: bytes, *, what: str) -> None:
         raise UnreadableFile(f"{what} {_show(rel)}: permission denied", path=rel) from None
     if e.errno in (errno.ENOENT, errno.ENOTDIR):
         raise FileChanged(f"{what} {_show(rel)}: it vanished during the walk", path=rel) from None
+    if e.errno == errno.ENAMETOOLONG:
+        raise _too_long(rel) from None
     raise e
+
+
+def _too_long(rel: bytes) -> PathTooLong:
+    return PathTooLong(
+        f"a path of {len(rel)} bytes in the snapshot is longer than the kernel accepts "
+        f"(PATH_MAX {os.pathconf('/', 'PC_PATH_MAX')}): {_show(rel[:96])}...",
+        path=rel[:4096],
+    )
 
 
 # --- the snapshot -----------------------------------------------------------------------------
@@ -241,6 +252,8 @@ class Snapshot:
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.EXDEV):
                 raise PathEscapes(f"{_show(rel)}: a symlink or '..' is in the way", path=rel) from None
+            if e.errno == errno.ENAMETOOLONG:
+                raise _too_long(rel) from None
             raise
 
     def lstat(self, rel: bytes) -> os.stat_result:
@@ -307,7 +320,13 @@ class Snapshot:
         try:
             if not rel:
                 return os.getxattr(self._fd, name)
-            value = os.getxattr(self._prefix + rel, name, follow_symlinks=False)
+            try:
+                value = os.getxattr(self._prefix + rel, name, follow_symlinks=False)
+            except OSError as e:
+                # Absolute path over PATH_MAX: read through the parent's descriptor below.
+                if e.errno != errno.ENAMETOOLONG or not _PROC_FD:
+                    raise
+                value = b""
             if not _PROC_FD:  # pragma: no cover - no procfs: the path lookup is all there is
                 return value
             parent, _, base = rel.rpartition(b"/")

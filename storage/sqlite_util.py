@@ -7,7 +7,33 @@ import sqlite3
 import time
 from collections.abc import Callable
 
-__all__ = ["ProcessConnection", "connect"]
+__all__ = ["ProcessConnection", "connect", "is_full"]
+
+_SQLITE_FULL = 13
+_SQLITE_IOERR = 10
+_SQLITE_CANTOPEN = 14
+# Less room than this on the database's filesystem: an I/O error there is the disk being full.
+_LOW_SPACE = 1 << 20
+
+
+def is_full(e: sqlite3.Error, path: str | os.PathLike[str]) -> bool:
+    """Whether ``e`` means the disk holding ``path`` is full. SQLite reports ENOSPC as
+    SQLITE_FULL only on some paths; on others (a WAL or journal write, opening the database)
+    it says "disk I/O error" or "unable to open", so those count as full when the filesystem
+    has (almost) no room left."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is None:
+        return False
+    if code & 0xFF == _SQLITE_FULL:
+        return True
+    if code & 0xFF not in (_SQLITE_IOERR, _SQLITE_CANTOPEN):
+        return False
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)) or ".")
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _LOW_SPACE or st.f_favail == 0
+
 
 # Connections inherited through fork() are kept, never closed: closing one in the child could
 # disturb the parent's SQLite locks. (Fork only without other threads running.)

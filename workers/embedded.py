@@ -1,6 +1,7 @@
 """The default executor: one machine, no services. Every ref of a chain is built at once (a
 parent's diff never waits for its child's), each in a process of a pool so Python-heavy walks
-use every core; chain IDs are set in order once all are built.
+use every core; chain IDs are set in order once all are built. The pool starts only when two or
+more layers need building: refs already built, and a lone build, run in this process.
 
 Pool children die with the process that started them: each asks the kernel for SIGKILL when its
 parent goes (``PR_SET_PDEATHSIG``) and also watches its parent pid, so a ``kill -9`` of the CLI
@@ -20,13 +21,19 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_when_event_set,
+    wait_random_exponential,
+)
 
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
 from blobchain.layers.compress import available_cpus
 from blobchain.layers.errors import BlobchainError, InProgress
-from blobchain.layers.records import LayerOptions, RefRecord
+from blobchain.layers.records import Compression, LayerOptions, RefRecord
 from blobchain.workers.chainjob import chain_records, finalize_chain
 from blobchain.workers.deps import Deps
 from blobchain.workers.executor import (
@@ -129,6 +136,14 @@ def _child_build(ref_id: str, opts: LayerOptions, create_if_needed: bool, at_onc
         _child_busy = False
 
 
+def _stops_quickly(opts: LayerOptions) -> bool:
+    """True when a build returns to Python (and so sees a cancel) at least every few hundred
+    milliseconds: gzip and tar work in 1 MiB pieces; zstd from level 10 up has jobs of 16 MiB and
+    more that one call may wait for."""
+    level = opts.effective_level
+    return opts.compression != Compression.ZSTD or level is None or level < 10
+
+
 # --- the main side ------------------------------------------------------------------------
 
 
@@ -175,16 +190,26 @@ class EmbeddedExecutor:
         self._states_lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._events: Any = None
-        if not in_process:
-            ctx = mp.get_context("spawn")  # no fork with threads running
-            self._events = ctx.Queue()
-            self._pool = ProcessPoolExecutor(
-                max_workers=self._jobs,
-                mp_context=ctx,
-                initializer=_child_init,
-                initargs=(settings, self._events, os.getpid()),
-            )
-            threading.Thread(target=self._pump, name="blobchain-events", daemon=True).start()
+        self._in_process = in_process
+        self._pool_lock = threading.Lock()
+        # Set on Ctrl-C: a build running in this process stops at its next progress report.
+        self._cancelled = threading.Event()
+
+    def _ensure_pool(self) -> ProcessPoolExecutor:
+        """The build processes, started on first need: a chain with at most one layer to build
+        (or none) never pays for spawning them and importing the stack again in each."""
+        with self._pool_lock:
+            if self._pool is None:
+                ctx = mp.get_context("spawn")  # no fork with threads running
+                self._events = ctx.Queue()
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self._jobs,
+                    mp_context=ctx,
+                    initializer=_child_init,
+                    initargs=(self.settings, self._events, os.getpid()),
+                )
+                threading.Thread(target=self._pump, name="blobchain-events", daemon=True).start()
+            return self._pool
 
     # events from the pool's processes go to every job that contains the ref
     def _pump(self) -> None:
@@ -210,8 +235,18 @@ class EmbeddedExecutor:
         with self._states_lock:
             self._states.append(state)
         # Only the refs still missing this variant build; the others are answered from the store.
-        at_once = self._builds_at_once(sum(r.blob_for(opts) is None for r in records))
-        builds = [self._threads.submit(self._build_one, r, opts, create_if_needed, at_once) for r in chain]
+        missing = {r.ref_id for r in records if r.blob_for(opts) is None}
+        at_once = self._builds_at_once(len(missing))
+        # Refs already built, and a lone build, run here: no build process is started for them.
+        # Not a lone build at a high zstd level: one libzstd call can then run for seconds, and
+        # only a pool child can be killed when Ctrl-C must not wait for it.
+        lone = len(missing) <= 1 and _stops_quickly(opts)
+        builds = [
+            self._threads.submit(
+                self._build_one, r, opts, create_if_needed, at_once, self._in_process or r not in missing or lone
+            )
+            for r in chain
+        ]
         outer: Future[ChainResult] = Future()
 
         def finish() -> None:
@@ -241,14 +276,14 @@ class EmbeddedExecutor:
         return max(1, min(self._jobs, n_builds))
 
     def _build_one(
-        self, ref_id: str, opts: LayerOptions, create_if_needed: bool, at_once: int = 1
+        self, ref_id: str, opts: LayerOptions, create_if_needed: bool, at_once: int = 1, local: bool = True
     ) -> RefRecord:
-        if self._pool is None:
+        if local:
             self._emit(RefEvent(ref_id, RUNNING))  # pool children announce themselves
         try:
             outcome = self._flight.do(
                 f"{flight_key(ref_id, opts)}-{create_if_needed}",
-                lambda: self._until_free(ref_id, opts, create_if_needed, at_once),
+                lambda: self._until_free(ref_id, opts, create_if_needed, at_once, local),
             )
         except BaseException as e:
             self._emit(RefEvent(ref_id, FAILED, error=error_dict(e)))
@@ -258,28 +293,37 @@ class EmbeddedExecutor:
         return outcome.record
 
     def _until_free(
-        self, ref_id: str, opts: LayerOptions, create_if_needed: bool, at_once: int
+        self, ref_id: str, opts: LayerOptions, create_if_needed: bool, at_once: int, local: bool = True
     ) -> BuildOutcome:
-        """Build; while another process (another CLI run) holds the ref, wait with jittered
-        backoff, up to the wait budget (then the last InProgress is raised)."""
+        """Build (here when ``local``, else in a pool process); while another process (another
+        CLI run) holds the ref, wait with jittered backoff, up to the wait budget (then the
+        last InProgress is raised)."""
 
         def once() -> BuildOutcome:
-            if self._pool is None:
-                progress = _throttled(self._emit, ref_id)
+            if local:
+                emit = _throttled(self._emit, ref_id)
+
+                def progress(files: int, nbytes: int) -> None:
+                    if self._cancelled.is_set():  # Ctrl-C: the ingest aborts, no partial blob
+                        raise KeyboardInterrupt
+                    emit(files, nbytes)
+
                 deps = self.deps.sharing_cores(opts, at_once)
                 return build_ref(ref_id, opts, deps, create_if_needed=create_if_needed, progress=progress)
-            return self._pool.submit(_child_build, ref_id, opts, create_if_needed, at_once).result()
+            return self._ensure_pool().submit(_child_build, ref_id, opts, create_if_needed, at_once).result()
 
         retrying = Retrying(
             retry=retry_if_exception_type(InProgress),
             wait=wait_random_exponential(multiplier=0.05, max=2.0),
-            stop=stop_after_delay(self.settings.wait_budget_s),
+            stop=stop_after_delay(self.settings.wait_budget_s) | stop_when_event_set(self._cancelled),
             before_sleep=lambda _: self._emit(RefEvent(ref_id, WAITING)),
             reraise=True,
         )
         return retrying(once)
 
     def close(self, *, cancel: bool = False) -> None:
+        if cancel:
+            self._cancelled.set()
         if self._pool is not None:
             if cancel:
                 self._stop_children()
@@ -287,7 +331,8 @@ class EmbeddedExecutor:
             self._pool = None
             with contextlib.suppress(OSError, ValueError):
                 self._events.put(None)
-        self._threads.shutdown(wait=not cancel, cancel_futures=cancel)
+        # On cancel too: a build running here stops at its next progress report.
+        self._threads.shutdown(wait=True, cancel_futures=cancel)
 
     def _stop_children(self) -> None:
         """Ctrl-C: children abort their ingests on SIGINT (no partial blob). A child stuck in a

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from blobchain.layers.errors import ConflictingParent, MissingParent, ParentCycle
+from blobchain.layers.errors import ConflictingParent, MissingParent, ParentCycle, RefNotFound
 from blobchain.layers.records import RefRecord, RefSpec
 
 __all__ = ["Plan", "ancestry", "make_plan"]
@@ -32,6 +32,8 @@ def ancestry(ref_id: str, lookup: Callable[[str], RefSpec | None]) -> list[str]:
             raise ParentCycle(f"parent cycle through ref {cur}", ref=cur)
         seen.add(cur)
         spec = lookup(cur)
+        if spec is None and not out:
+            raise RefNotFound(f"unknown ref {cur}", ref=cur)
         if spec is None:
             raise MissingParent(f"ref {out[-1] if out else ref_id} has unknown parent {cur}", ref=cur)
         out.append(cur)

@@ -160,7 +160,6 @@ def build_ref(
         rec = deps.metadata.get(ref_id) or rec
         if (done := _done(deps, rec, opts)) is not None:
             return BuildOutcome(done, "cached")
-        _sweep_dead_holder(deps, key)
         gc_lease = f"build-{uuid.uuid4().hex}"
         deps.leases.create_lease(gc_lease, deps.lease_ttl_s * 10)
         try:
@@ -237,11 +236,12 @@ def _make(
     on_work: OnWork | None,
 ) -> tuple[LayerBlob, str]:
     """Convert an intact existing blob (no walk), else diff the snapshot. ``on_work(action)``
-    before each piece of work starts."""
+    before each piece of work starts (and before anything else that could delay it)."""
     source = rec.blob
     if source is not None and intact(deps, rec, source):
         if on_work is not None:
             on_work("converted")
+        _sweep_dead_holder(deps, key)
         try:
             return _convert(deps, rec.ref_id, source, opts, key, gc_lease, tick), "converted"
         except DigestMismatch as e:
@@ -251,6 +251,7 @@ def _make(
             # now): build from the snapshot instead.
     if on_work is not None:
         on_work("built")
+    _sweep_dead_holder(deps, key)
     return _build(deps, rec.spec, opts, key, gc_lease, tick), "built"
 
 

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -43,7 +44,7 @@ from blobchain.layers.errors import (
 from blobchain.layers.records import check_digest
 from blobchain.storage.content import BlobInfo, ingest_tag
 from blobchain.storage.content.verified import VerifyingReader, drain_verified
-from blobchain.storage.sqlite_util import ProcessConnection
+from blobchain.storage.sqlite_util import ProcessConnection, is_full
 
 __all__ = ["LocalContentStore", "LocalIngest"]
 
@@ -52,7 +53,6 @@ _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _WRITE_BUFFER = 1 << 20
 _SAFE_REF = re.compile(r"[^A-Za-z0-9._-]+")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_SQLITE_FULL = 13
 
 
 def _store_full(err: OSError, what: str) -> StoreFull:
@@ -97,7 +97,8 @@ class LocalIngest:
         # the ref's tag so a new holder of the ref can drop a dead holder's ingests.
         name = f"{_SAFE_REF.sub('_', ref)[:40]}.{ingest_tag(ref)}.p{os.getpid()}.{uuid.uuid4().hex}.tmp"
         self.path = store.ingest_dir / name
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # 0666 less the umask, as containerd creates ingest data; publishing drops the write bits.
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         self._file: io.BufferedWriter | None = io.BufferedWriter(io.FileIO(fd, "wb"), _WRITE_BUFFER)
         self._hash = hashlib.sha256()
         self._offset = 0
@@ -279,7 +280,7 @@ class _LabelDB:
             self._db.close()
 
     def _map(self, e: sqlite3.Error) -> BlobchainError:
-        if getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL:
+        if is_full(e, self._path):
             return StoreFull(f"content label database full: {e}", path=str(self._path))
         return Unavailable(f"content label database error: {e}", path=str(self._path))
 
@@ -306,8 +307,13 @@ class LocalContentStore:
         if marker.exists():
             return
         tmp = self.state_dir / f"oci-layout.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps(OCI_LAYOUT, separators=(",", ":")))
-        os.replace(tmp, marker)  # concurrent initialisers write identical bytes
+        try:
+            tmp.write_text(json.dumps(OCI_LAYOUT, separators=(",", ":")))
+            os.replace(tmp, marker)  # concurrent initialisers write identical bytes
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # a full disk must not leave the temp file behind
+            raise
 
     # --- paths --------------------------------------------------------------------------------
 
@@ -479,7 +485,8 @@ class LocalContentStore:
         """Make the fully written, fsynced ``tmp`` visible as ``digest`` without replacing anything."""
         final = self.blob_path(digest)
         try:
-            os.chmod(tmp, 0o444)
+            # Read-only, honouring the umask the file was created under (containerd: mode &^ 0333).
+            os.chmod(tmp, stat.S_IMODE(os.stat(tmp).st_mode) & ~0o333)
             os.link(tmp, final)
         except FileExistsError:
             # Same digest: keep the existing blob; refresh its age for GC grace. Its fingerprint

@@ -548,7 +548,12 @@ class S3ContentStore:
         except bexc.ClientError as e:
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             code = str(e.response.get("Error", {}).get("Code", ""))
-            if absent_ok and (status == 404 or code in ("404", "NoSuchKey", "NoSuchUpload")):
+            # A missing bucket is also a 404, but never "absent": it is named (FailedPrecondition).
+            if (
+                absent_ok
+                and code != "NoSuchBucket"
+                and (status == 404 or code in ("404", "NoSuchKey", "NoSuchUpload"))
+            ):
                 return _ABSENT
             if exists_ok and (status == 412 or code == "PreconditionFailed"):
                 return _EXISTS

@@ -30,12 +30,11 @@ from blobchain.layers.errors import (
     Unavailable,
 )
 from blobchain.layers.records import LayerBlob, RefRecord, RefSpec, check_digest
-from blobchain.storage.sqlite_util import ProcessConnection
+from blobchain.storage.sqlite_util import ProcessConnection, is_full
 
 __all__ = ["SCHEMA_VERSION", "SqliteMetadataStore"]
 
 SCHEMA_VERSION = 2
-_SQLITE_FULL = 13
 
 _SCHEMA = """
 CREATE TABLE refs (
@@ -144,8 +143,7 @@ class SqliteMetadataStore:
                 raise
 
     def _map(self, e: sqlite3.Error) -> BlobchainError:
-        code = getattr(e, "sqlite_errorcode", None)
-        if code == _SQLITE_FULL:
+        if is_full(e, self.path):
             return StoreFull(f"metadata database full: {e}", path=str(self.path))
         return Unavailable(f"metadata database error: {e}", path=str(self.path))
 

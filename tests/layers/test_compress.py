@@ -30,6 +30,7 @@ from blobchain.layers.compress import (
     gzip_header,
     open_compressor,
     open_decompressor,
+    zstd_job_size,
     zstd_workers,
 )
 from blobchain.layers.errors import InvalidArgument, InvalidLevel
@@ -347,6 +348,29 @@ def test_zstd_frame_parameters(size: int) -> None:
     assert d.eof and d.unused_data == b""  # a single frame
 
 
+def test_zstd_input_ending_on_a_job_boundary_gives_one_frame_every_time() -> None:
+    """Regression: when the input ended exactly on a libzstd MT job boundary, whether the frame
+    got an extra empty last block depended on the workers' timing (the job table full or not:
+    with 16 jobs, 4 runs in 8 had it before the fix); the compressor now always flushes there,
+    so every run ends with that empty block."""
+    level = 1
+    job = zstd_job_size(level)
+    data = random.Random(level).randbytes(16 * job)  # incompressible: the jobs finish fast
+    blobs = {compress(LayerOptions(ZSTD, level), data, threads=1 + i % 2, chunks=MIB) for i in range(8)}
+    assert len(blobs) == 1
+    (blob,) = blobs
+    assert blob[-7:-4] == b"\x01\x00\x00"  # a last raw block of size 0, then the XXH64 checksum
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(blob) == data
+    # Off the boundary nothing changes: no flush, no empty block.
+    off = compress(LayerOptions(ZSTD, level), data[:-512], chunks=MIB)
+    assert off[-7:-4] != b"\x01\x00\x00"
+
+
+def test_zstd_job_sizes_follow_libzstd() -> None:
+    assert [zstd_job_size(lvl) >> 20 for lvl in (1, 3, 9, 19)] == [2, 8, 16, 32]
+    assert zstd_job_size(22) == 1 << 29  # long-distance matching: 8 chain cycles
+
+
 # --- lifecycle --------------------------------------------------------------------------------
 
 
@@ -468,7 +492,7 @@ def test_compressor_id() -> None:
     zs = compressor_id(LayerOptions(ZSTD, 19))
     assert zs.startswith("zstd " + ".".join(map(str, zstandard.ZSTD_VERSION)))
     assert f"python-zstandard {zstandard.__version__}" in zs
-    assert "level=19 mt" in zs
+    assert "level=19 mt checksum end=flush-at-job-boundary" in zs
     assert compressor_id(LayerOptions(TAR)) == "uncompressed"
 
 
