@@ -108,18 +108,20 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 @contextlib.contextmanager
 def workers(
-    settings: Settings, n: int, logdir: Path, client: Client
+    settings: Settings, n: int, logdir: Path, client: Client, cpus: Sequence[int] | None = None
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``n`` ``blobchain worker -c 1`` processes, ready when the block starts, stopped after."""
+    """``n`` ``blobchain worker -c 1`` processes, ready when the block starts, stopped after.
+    ``cpus``: pin worker i (main process and pool) to core ``cpus[i]`` (``taskset``)."""
     procs: list[subprocess.Popen[bytes]] = []
     names = [f"bench{i}-{uuid.uuid4().hex[:6]}@{HOST}" for i in range(n)]
     env = blobchain_env(**settings_env(settings))
     try:
-        for name in names:
+        for i, name in enumerate(names):
+            pin = ["taskset", "-c", str(cpus[i])] if cpus is not None else []
             with open(logdir / f"worker-{name.split('@')[0]}.log", "ab") as log:
                 procs.append(
                     subprocess.Popen(
-                        [BLOBCHAIN, "worker", "-c", "1", "-n", name],
+                        [*pin, BLOBCHAIN, "worker", "-c", "1", "-n", name],
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -160,14 +162,14 @@ class ChainRun:
     digests: list[tuple[str, str]] = field(default_factory=list)  # (diff_id, digest) per layer
 
 
-def run_chain(client: Client, states: Sequence[Path], label: str) -> ChainRun:
+def run_chain(client: Client, states: Sequence[Path], label: str, level: int | None = None) -> ChainRun:
     specs = client.register_chain([str(s) for s in states])
     started: dict[str, float] = {}
     ended: dict[str, float] = {}
     with client.lease() as lease:
         b0 = machine_busy_s()[0]
         t0 = time.perf_counter()
-        job = client.compute_blob_chain(specs[-1].ref_id, compression="gzip", lease=lease)
+        job = client.compute_blob_chain(specs[-1].ref_id, compression="gzip", level=level, lease=lease)
         for ev in job.events():
             now = time.perf_counter()
             if ev.state == RUNNING:
@@ -329,6 +331,249 @@ def bench_overhead(redis: Any, s3: Any, work: Path, n: int, repeat: int, threads
     return out
 
 
+# --- 4. pinned scale-out ------------------------------------------------------------------------
+
+
+def balanced_chain(root: Path, layers: int, mib: int) -> list[Path]:
+    """``layers`` full states, each adding ``mib`` MiB of real file bytes (``/usr/lib`` contents,
+    read in sorted order, so the data compresses like a real layer) in 8 MiB files; earlier
+    files are hard links (unchanged in later layers), so every layer costs about the same."""
+    src: list[Path] = []
+    for top in ("/usr/lib", "/usr/share", "/usr/bin"):
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            src += [Path(dirpath) / f for f in sorted(filenames)]
+
+    def chunks() -> Iterator[bytes]:
+        while True:
+            for f in src:
+                if f.is_symlink() or not f.is_file():
+                    continue
+                with contextlib.suppress(OSError):
+                    yield f.read_bytes()
+
+    data = chunks()
+    buf = b""
+    t = 1_700_000_000 * 10**9
+    states: list[Path] = []
+    for i in range(layers):
+        s = root / f"layer{i:02d}"
+        if not (s / ".done").exists():
+            rm_tree(s)
+            s.mkdir(parents=True)
+            (s / "data").mkdir()
+            if states:  # earlier layers' files: hard links, the same inodes
+                for f in sorted((states[-1] / "data").iterdir()):
+                    os.link(f, s / "data" / f.name)
+            for j in range(max(1, mib // 8)):
+                while len(buf) < 8 << 20:
+                    buf += next(data)
+                f = s / "data" / f"l{i:02d}-{j:02d}.bin"
+                f.write_bytes(buf[: 8 << 20])
+                buf = buf[8 << 20 :]
+                os.utime(f, ns=(t + i, t + i))
+            os.utime(s / "data", ns=(t + i, t + i))
+            (s / ".done").write_bytes(b"")
+            os.utime(s / ".done", ns=(t, t))
+            os.utime(s, ns=(t, t))
+        states.append(s)
+    return states
+
+
+def bench_pinned(redis: Any, s3: Any, work: Path, layers: int, mib: int, repeat: int) -> str:
+    """1 worker pinned to core 0 vs 2 workers pinned to cores 0 and 1, one compression thread
+    each, on a chain of equal layers (fresh key and S3 prefixes every run: every layer is built)."""
+    ncpu = len(os.sched_getaffinity(0))
+    if ncpu < 2:
+        return "(skipped: fewer than 2 cores)"
+    root = work.parent / "balanced"
+    states = balanced_chain(root, layers, mib)
+    runs: dict[int, list[ChainRun]] = {1: [], 2: []}
+    for _ in range(repeat):
+        for n in (1, 2):
+            settings = dist_settings(redis, s3, [str(root)], 1)
+            with Client(settings) as client, workers(settings, n, work, client, cpus=list(range(n))):
+                wait_quiet(timeout_s=60)
+                r = run_chain(client, states, f"{n} worker{'s' * (n > 1)} on {n} core{'s' * (n > 1)}")
+            runs[n].append(r)
+            _say(f"pinned {r.label}: {r.wall_s:.1f} s, layers {[round(x, 1) for x in r.layer_s.values()]}")
+    same = len({tuple(r.digests) for rs in runs.values() for r in rs}) == 1
+
+    def med(rs: list[ChainRun]) -> ChainRun:
+        return sorted(rs, key=lambda r: r.wall_s)[(len(rs) - 1) // 2]
+
+    one, two = med(runs[1]), med(runs[2])
+    rows = [
+        [
+            m.label,
+            f"{m.wall_s:.1f}",
+            f"{m.machine_cpu_s:.1f}",
+            f"{sum(m.layer_s.values()) / max(len(m.layer_s), 1):.2f}",
+            f"{one.wall_s / m.wall_s:.2f}×",
+            " ".join(f"{r.wall_s:.1f}" for r in rs),
+        ]
+        for m, rs in ((one, runs[1]), (two, runs[2]))
+    ]
+    out = md_table(["run", "wall s (median)", "machine CPU s", "mean layer s", "speed-up", "all runs s"], rows)
+    ratio = one.wall_s / two.wall_s
+    out += (
+        f"\n\n{layers} layers × {mib} MiB, gzip (default level), `BLOBCHAIN_THREADS=1`, each worker "
+        f"`taskset -c <core>` (main process and pool child). Scale-out 1 → 2 workers: **{ratio:.2f}×** "
+        f"(goal ≥ 1.8×: {'met' if ratio >= 1.8 else '**not met**'}). redis-server, weed and this client are not "
+        f"pinned and share the two cores. diffIDs and digests equal in every run: {'yes' if same else 'NO'}."
+    )
+    return out
+
+
+# --- 5. Redis latency ---------------------------------------------------------------------------
+
+
+def _netsim() -> Any:
+    _services()
+    import netsim
+
+    return netsim
+
+
+def _via(url: str, host: str, port: int) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts._replace(netloc=f"{host}:{port}").geturl()
+
+
+def bench_latency(redis: Any, s3: Any, work: Path, rtts_ms: Sequence[float], refs: int, repeat: int) -> str:
+    """Per-ref overhead (cached refs) and a small chain's wall time (every layer built) with
+    ``rtts_ms`` of round-trip time to Redis for the workers and the client (a delaying proxy;
+    0 ms = the proxy without delay)."""
+    from pydantic import SecretStr
+
+    netsim = _netsim()
+    rows = []
+    for rtt in rtts_ms:
+        root = work / f"lat-{rtt:g}"
+        rm_tree(root)
+        tiny = tiny_chain(root / "tiny", refs)
+        base = dist_settings(redis, s3, [str(root)], None)
+        with netsim.TcpProxy("127.0.0.1", (redis.host, redis.port), delay_s=rtt / 2000) as px:
+            b, r_, lk = base.redis_urls()
+            settings = base.model_copy(
+                update={
+                    "broker_url": SecretStr(_via(b, px.host, px.port)),
+                    "result_url": SecretStr(_via(r_, px.host, px.port)),
+                    "lock_url": SecretStr(_via(lk, px.host, px.port)),
+                }
+            )
+            with Client(settings) as client, workers(settings, 2, work, client):
+                run_chain(client, tiny, "warm-up")
+                cached = []
+                for _ in range(repeat):
+                    px.reset()
+                    cached.append(run_chain(client, tiny, "cached").wall_s)
+                cached_rt = px.reset() / max(repeat, 1) / refs
+                small = []
+                for k in range(repeat):
+                    fresh = tiny_chain(root / f"small{k}", 5)
+                    px.reset()
+                    small.append(run_chain(client, fresh, "small").wall_s)
+                small_rt = px.reset() / max(repeat, 1) / 5
+        rm_tree(root)
+
+        def med(xs: list[float]) -> float:
+            return sorted(xs)[(len(xs) - 1) // 2]
+
+        rows.append(
+            [
+                f"{rtt:g}",
+                f"{med(cached) / refs * 1000:.1f}",
+                f"{cached_rt:.0f}",
+                f"{med(small):.2f}",
+                f"{small_rt:.0f}",
+                " ".join(f"{x:.2f}" for x in small),
+            ]
+        )
+    out = md_table(
+        [
+            "RTT to Redis ms",
+            f"cached ref ms (chain of {refs})",
+            "Redis round trips per cached ref (all clients)",
+            "5-layer chain, built, wall s",
+            "round trips per built ref (all clients)",
+            "all small-chain runs s",
+        ],
+        rows,
+    )
+    out += (
+        "\n\nEvery Redis connection of the two workers (broker, results, locks) and of the client goes "
+        "through one proxy that delays each chunk by RTT/2 each way (no netem here). Round trips are "
+        "counted by the proxy: a client write after a server reply; they include Celery's own traffic "
+        "(broker fetch and acks, task events, result writes, the client's result polling), not only "
+        "blobchain's (which tests/tasks/test_network.py counts alone: 14 per built ref, 3 per cached ref)."
+    )
+    return out
+
+
+# --- 6. operations per ref (for the scale model) ------------------------------------------------
+
+
+def _commandstats(client: Any) -> dict[str, int]:
+    return {k.split("_", 1)[1] if k.startswith("cmdstat_") else k: int(v["calls"]) for k, v in client.info("commandstats").items()}
+
+
+def bench_ops(redis: Any, s3: Any, work: Path, layers: int, mib: int) -> str:
+    """Redis commands, S3 requests and bytes, broker messages per ref for one build of the
+    balanced chain by 2 workers, and for a resubmission (every ref cached)."""
+    netsim = _netsim()
+    root = work.parent / "balanced"
+    states = balanced_chain(root, layers, mib)
+    rc = redis.client(0)
+    rows = []
+    s3_host, s3_port = s3.endpoint.rsplit("//", 1)[1].split(":")
+    with netsim.TcpProxy("127.0.0.1", (s3_host, int(s3_port))) as sp:
+        settings = dist_settings(redis, s3, [str(root)], None).model_copy(
+            update={"s3_endpoint": f"http://127.0.0.1:{sp.port}"}
+        )
+        with Client(settings) as client, workers(settings, 2, work, client):
+            for label in ("built", "cached"):
+                before = _commandstats(rc)
+                sp.reset()
+                run_chain(client, states, label)
+                after = _commandstats(rc)
+                calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                total = sum(v for k, v in calls.items() if k != "info")
+                pushes = calls.get("lpush", 0) + calls.get("rpush", 0)
+                rows.append(
+                    [
+                        label,
+                        f"{total / layers:.0f}",
+                        f"{calls.get('evalsha', 0) / layers:.1f}",
+                        f"{pushes / layers:.2f}",
+                        f"{calls.get('publish', 0) / layers:.1f}",
+                        f"{sp.round_trips / layers:.1f}",
+                        f"{sp.bytes_up / layers / 2**20:.1f} / {sp.bytes_down / layers / 2**20:.2f}",
+                    ]
+                )
+    rc.close()
+    out = md_table(
+        [
+            "submission",
+            "Redis commands per ref (all, incl. inside scripts)",
+            "of which EVALSHA",
+            "broker messages per ref (LPUSH/RPUSH)",
+            "PUBLISH per ref (events, results)",
+            "S3 requests per ref",
+            "S3 MiB per ref (up / down)",
+        ],
+        rows,
+    )
+    out += (
+        f"\n\n{layers} layers × {mib} MiB through 2 workers; Redis `INFO commandstats` deltas over the "
+        "whole server (broker, results, locks, the client's polling and Flower-style events); S3 "
+        "requests counted by a proxy in front of SeaweedFS."
+    )
+    return out
+
+
 # --- 3. uploads ---------------------------------------------------------------------------------
 
 
@@ -436,20 +681,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--threads", type=int, default=None, help="compression threads per layer (default: all cores)"
     )
-    ap.add_argument("--only", default="scaling,overhead,uploads")
+    ap.add_argument("--pinned-layers", type=int, default=8, help="layers of the pinned scale-out chain")
+    ap.add_argument("--pinned-mib", type=int, default=96, help="MiB each layer of that chain adds")
+    ap.add_argument("--rtts", default="0,1,5", help="RTTs to Redis (ms) for the latency run")
+    ap.add_argument("--only", default="scaling,overhead,uploads,pinned,latency,ops")
     a = ap.parse_args(argv)
     only = set(a.only.split(","))
     workdir = a.workdir or default_workdir()
     svc = _services()
     print_machine("Distributed: Celery workers, Redis, SeaweedFS")
-    chain = build_chain(workdir, scale=a.scale, seed=a.seed)
-    warm(chain.states)
+    chain = None
+    if "scaling" in only:
+        chain = build_chain(workdir, scale=a.scale, seed=a.seed)
+        warm(chain.states)
     base = workdir / "distributed"
     base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="run-", dir=base) as tmp:
         work = Path(tmp)
         with svc.redis_service(work / "redis") as redis, svc.s3_service(work / "s3") as s3:
-            if "scaling" in only:
+            if "scaling" in only and chain is not None:
                 print(f"### 1. Scaling: {len(chain.states)}-layer chain (scale {chain.scale:g}), gzip\n")
                 print(bench_scaling(chain, redis, s3, work, a.threads, a.repeat) + "\n", flush=True)
             if "overhead" in only:
@@ -458,6 +708,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "uploads" in only:
                 print("### 3. Upload throughput, large blobs\n")
                 print(bench_uploads(redis, s3, work, [256 << 20, 1 << 30], 3) + "\n", flush=True)
+            if "pinned" in only:
+                print("### 4. Scale-out, one worker per core\n")
+                print(bench_pinned(redis, s3, work, a.pinned_layers, a.pinned_mib, a.repeat) + "\n", flush=True)
+            if "latency" in only:
+                print("### 5. Latency to Redis\n")
+                rtts = [float(x) for x in a.rtts.split(",")]
+                print(bench_latency(redis, s3, work, rtts, a.refs, max(3, a.repeat)) + "\n", flush=True)
+            if "ops" in only:
+                print("### 6. Operations per ref\n")
+                print(bench_ops(redis, s3, work, a.pinned_layers, a.pinned_mib) + "\n", flush=True)
     return 0
 
 

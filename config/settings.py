@@ -173,6 +173,11 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as e:
         raise settings_error(e, overrides) from None
+    except (OSError, ValueError) as e:  # the BLOBCHAIN_CONFIG file: unreadable or not TOML
+        where = os.environ.get("BLOBCHAIN_CONFIG", "")
+        raise InvalidSetting(
+            f"BLOBCHAIN_CONFIG={where}: cannot read it as TOML ({e})", setting="BLOBCHAIN_CONFIG"
+        ) from None
 
 
 def settings_error(e: ValidationError, overrides: dict[str, Any] | None = None) -> InvalidSetting:

@@ -22,6 +22,8 @@ PEERS=(
   docker-registry:docker-registry
   podman:podman
   qemu-x86_64:qemu-user
+  ip:iproute2
+  taskset:util-linux
 )
 
 missing_peers() {

@@ -133,6 +133,8 @@ class TcpProxy:
         self.host, self.port = self._sock.getsockname()[:2]
         self._lock = threading.Lock()
         self._round_trips = 0
+        self.bytes_up = 0  # client -> server, since the last reset
+        self.bytes_down = 0
         self._conns: set[socket.socket] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept, name=f"proxy-{self.port}", daemon=True)
@@ -149,6 +151,7 @@ class TcpProxy:
     def reset(self) -> int:
         with self._lock:
             n, self._round_trips = self._round_trips, 0
+            self.bytes_up = self.bytes_down = 0
             return n
 
     def start(self) -> TcpProxy:
@@ -212,6 +215,10 @@ class TcpProxy:
                     if side == "client" and state["last"] == "server":
                         self._round_trips += 1
                     state["last"] = side
+                    if side == "client":
+                        self.bytes_up += len(data)
+                    else:
+                        self.bytes_down += len(data)
                 out.put((time.monotonic() + self.delay_s, data))
         except OSError:
             pass

@@ -124,3 +124,14 @@ def test_distributed_needs_an_s3_endpoint(monkeypatch):
             monkeypatch.delenv(k)
     with pytest.raises(InvalidSetting, match="BLOBCHAIN_S3_ENDPOINT"):
         open_deps(Settings(broker_url="redis://h:6379/0"))
+
+
+def test_a_config_file_that_is_not_toml(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("jobs = [\n")
+    monkeypatch.setenv("BLOBCHAIN_CONFIG", str(bad))
+    with pytest.raises(InvalidSetting, match="BLOBCHAIN_CONFIG"):
+        load_settings()
+    bad.write_text("jobs = 0\n")
+    with pytest.raises(InvalidSetting, match="BLOBCHAIN_JOBS"):
+        load_settings()

@@ -140,15 +140,16 @@ def test_kill_9_of_a_whole_worker_is_taken_over_within_the_lease_ttl_with_defaul
         _until(building, 120, "the big layer to be building")
         a = holder[0]
         b = pair[1] if a is pair[0] else pair[0]
-        # The operator's view, through the real CLI: who holds the ref, for how long, which attempt.
-        row = _cli_status(settings, big)[-1]
-        assert row["state"] == "running" and row["holder"] == a.nodename and row["pid"] in a.pids()
-        assert 0 < row["lease_left_s"] <= settings.lease_ttl_s and row["attempts"] == 1
-        assert row["takeovers"] == 0
-        assert _meta(app, tid).get("status") == PROGRESS, "the build ended before the kill"
+        pids = a.pids()
         a.kill()  # SIGKILL to the main process and its pool child: nothing is put back
         killed_wall, killed_at = time.time(), time.monotonic()
         assert not a.alive()
+        # The operator's view, through the real CLI: the dead holder still has its lease (it
+        # expires up to lease_ttl_s after its last refresh), its worker and pid, the attempt.
+        row = _cli_status(settings, big)[-1]
+        assert row["state"] in ("running", "holder-lost") and row["holder"] == a.nodename
+        assert row["pid"] in pids and row["attempts"] == 1 and row["takeovers"] == 0
+        assert 0 <= row["lease_left_s"] <= settings.lease_ttl_s
         on_b: list[RefStatus] = []
 
         def taken_over_by_b() -> bool:
@@ -232,7 +233,8 @@ def test_a_ref_that_kills_every_worker_whole_fails_as_poison_through_takeovers(
         while not job.done() and time.monotonic() < deadline:
             meta = _meta(app, tid)
             w = current[-1]
-            if meta.get("status") == PROGRESS:
+            # Bytes written: the diff itself runs (a takeover announces itself before it starts).
+            if meta.get("status") == PROGRESS and meta["result"].get("bytes"):
                 pid = int(meta["result"].get("pid", -1))
                 if pid not in seen and pid in w.pids():
                     seen.add(pid)
@@ -250,6 +252,10 @@ def test_a_ref_that_kills_every_worker_whole_fails_as_poison_through_takeovers(
         assert client.status(job.ref_id).blob is None
     assert current[-1].alive()
     variant = LayerOptions(compression="gzip", level=9).variant_key()
-    # The base once; the poison ref's diff started once per kill, and never again after.
-    want_counts = {f"{chain_specs(chain)[0].ref_id}#{variant}": 1, f"{job.ref_id}#{variant}": kills}
-    assert built_counts(settings) == want_counts
+    # The base once. The poison ref's diff started on the first attempt and at most once per
+    # later one (a takeover reports progress before its diff starts, so a kill can land first),
+    # and never after the limit.
+    counts = built_counts(settings)
+    assert counts.pop(f"{chain_specs(chain)[0].ref_id}#{variant}") == 1
+    assert 1 <= counts.pop(f"{job.ref_id}#{variant}") <= kills
+    assert counts == {}
