@@ -8,7 +8,8 @@ with Client() as client:
     client.export(result, "out-oci", tag="latest")
 """
 
-from blobchain.client.api import Client, Lease, chain_specs
+from typing import TYPE_CHECKING, Any
+
 from blobchain.layers.errors import (
     BlobchainError,
     Conflict,
@@ -19,7 +20,32 @@ from blobchain.layers.errors import (
 )
 from blobchain.layers.imageconfig import ImageOptions, Platform
 from blobchain.layers.records import Descriptor, LayerBlob, LayerOptions, RefRecord, RefSpec
-from blobchain.workers.executor import ChainResult, Job, RefEvent
+
+if TYPE_CHECKING:
+    from blobchain.client.api import Client, Lease, chain_specs
+    from blobchain.workers.executor import ChainResult, Job, RefEvent
+
+# The client and executor types load on first use (PEP 562), so the CLI's `push` does not
+# import pydantic, Celery and the engine it never uses.
+_LAZY = {
+    "Client": "blobchain.client.api",
+    "Lease": "blobchain.client.api",
+    "chain_specs": "blobchain.client.api",
+    "ChainResult": "blobchain.workers.executor",
+    "Job": "blobchain.workers.executor",
+    "RefEvent": "blobchain.workers.executor",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     # the client

@@ -56,6 +56,7 @@ if TYPE_CHECKING:  # the registry client (httpx) loads only for a push: start-up
 
 __all__ = ["app", "main"]
 
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
 out = Console()
@@ -264,7 +265,10 @@ class _PushDisplay:
         t = self._tasks.get(ev.digest)
         if t is None:
             t = self._tasks[ev.digest] = self._bar.add_task(ev.digest[7:19], total=ev.size or 1, state=ev.state)
-        done = ev.size if ev.state in ("exists", "mounted", "uploaded", "verified", "manifest") else ev.sent
+        if ev.state == "verified":  # keep showing what was done (uploaded, skipped, mounted)
+            self._bar.update(t, completed=ev.size)
+            return
+        done = ev.size if ev.state in ("exists", "mounted", "uploaded", "manifest") else ev.sent
         self._bar.update(t, completed=done, state={"exists": "skipped"}.get(ev.state, ev.state))
 
 
@@ -304,6 +308,7 @@ def _human(n: float) -> str:
 
 def _follow(job: Job, labels: dict[str, str], quiet: bool) -> ChainResult:
     """Live per-layer progress (files, bytes, state) until the job ends."""
+
     if quiet or (not err.is_terminal and os.environ.get("BLOBCHAIN_PROGRESS") != "1"):
         return job.wait()
     cols = (

@@ -212,18 +212,21 @@ class RegistryClient:
         if not challenge.realm.startswith(("https://", "http://")):
             raise Unauthorized(f"registry {self.ref.registry}: bearer challenge without a usable realm")
         creds = self._creds
-        params: list[tuple[str, str]] = []
+        params: list[tuple[str, str | int | float | bool | None]] = []
         if challenge.service:
             params.append(("service", challenge.service))
         params += [("scope", s) for s in scopes]
         try:
             if creds is not None and creds.identity_token:
-                form = dict(params[:1]) | {
+                # OAuth2 refresh-token grant (what `docker login` stores as identitytoken)
+                form = {
                     "grant_type": "refresh_token",
                     "refresh_token": creds.identity_token,
                     "client_id": "blobchain",
                     "scope": " ".join(scopes),
                 }
+                if challenge.service:
+                    form["service"] = challenge.service
                 resp = self._http.post(challenge.realm, data=form)
             else:
                 headers = {"Authorization": creds.basic()} if creds is not None and creds.username else {}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import services
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from blobchain.client import Client
 from blobchain.client.cli import main
@@ -142,7 +144,9 @@ def test_the_peers_accept_every_tag_the_grammar_accepts(tmp_path, chain, capsys)
         assert res.returncode == 0, (tag, res.stderr)
         # (umoci 0.4.7's `stat` panics on any image without history; unpack resolves the tag too)
         bundle = tmp_path / f"bundle{i}"
-        res = subprocess.run([umoci, "unpack", "--image", f"{out}:{tag}", str(bundle)], capture_output=True, text=True)
+        res = subprocess.run(
+            [umoci, "unpack", "--image", f"{out}:{tag}", str(bundle)], capture_output=True, text=True
+        )
         assert res.returncode == 0, (tag, res.stderr)
         assert (bundle / "rootfs" / "etc").is_dir()
 
@@ -544,3 +548,28 @@ def test_a_missing_bucket_is_named(tmp_path, chain, s3_client) -> None:
             export_layout(result, deps, str(tmp_path / "out"))
     assert "does not exist" in e.value.message  # was: "blob ... is missing from the content store"
     assert not (tmp_path / "out").exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from("abcd"), st.sampled_from([None, "t1", "t2", "a/b:c"])), max_size=12)
+)
+def test_index_with_is_a_tag_map(ops) -> None:
+    """Any sequence of exports: each tag names the digest it was last exported with, in the
+    place it was first written; an untagged entry exists only for a digest no tag names."""
+    index = None
+    want: dict[str, str] = {}
+    order: list[str] = []
+    for d, tag in ops:
+        desc = Descriptor(OCI_MANIFEST, "sha256:" + d * 64, 1)
+        index = json.loads(index_with(index, desc, tag))
+        if tag:
+            want[tag] = desc.digest
+            if tag not in order:
+                order.append(tag)
+    manifests = (index or {}).get("manifests", [])
+    tagged = [(m["annotations"][REF_NAME], m["digest"]) for m in manifests if "annotations" in m]
+    assert tagged == [(t, want[t]) for t in order]
+    untagged = [m["digest"] for m in manifests if "annotations" not in m]
+    assert len(untagged) == len(set(untagged))
+    assert not set(untagged) & set(want.values())

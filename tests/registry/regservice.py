@@ -33,6 +33,7 @@ import services
 
 USER = "pusher"
 PASSWORD = "correct-horse-battery-staple"  # a throwaway test password
+REFRESH_TOKEN = "test-refresh-token-0123"  # what `docker login` would store as identitytoken
 
 
 @dataclass
@@ -110,6 +111,19 @@ class TokenIssuer:
             def log_message(self, *a: Any) -> None:
                 return None
 
+            def do_POST(self) -> None:
+                # OAuth2 refresh-token grant: the identity token stands for USER
+                issuer.requests += 1
+                form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode())
+                if form.get("grant_type") != ["refresh_token"] or form.get("refresh_token") != [
+                    REFRESH_TOKEN
+                ]:
+                    issuer.denied += 1
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                self._grant(USER, form.get("scope", []), key="access_token")
+
             def do_GET(self) -> None:
                 issuer.requests += 1
                 q = parse_qs(urlsplit(self.path).query)
@@ -125,8 +139,11 @@ class TokenIssuer:
                         self.wfile.write(b'{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}')
                         return
                     user = u
+                self._grant(user, q.get("scope", []))
+
+            def _grant(self, user: str | None, scopes: list[str], key: str = "token") -> None:
                 access = []
-                for scope in q.get("scope", []):
+                for scope in scopes:
                     for one in scope.split(" "):
                         typ, _, rest = one.partition(":")
                         name, _, actions = rest.rpartition(":")
@@ -134,7 +151,7 @@ class TokenIssuer:
                             actions.split(",") if user else [a for a in actions.split(",") if a == "pull"]
                         )
                         access.append({"type": typ, "name": name, "actions": granted})
-                body = json.dumps({"token": issuer.token(user or "", access), "expires_in": 300}).encode()
+                body = json.dumps({key: issuer.token(user or "", access), "expires_in": 300}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

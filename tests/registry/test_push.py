@@ -248,6 +248,14 @@ def test_bearer_tokens_and_cross_repo_mount(
     assert rc == 0, text
     assert {b["action"] for b in third["blobs"]} == {"mounted"}
     assert token_registry.tags("team/c") == ["v1"]
+    # an identity (refresh) token in the auth file: the OAuth2 refresh grant
+    (tmp_path / "idtoken.json").write_text(
+        json.dumps({"auths": {token_registry.address: {"identitytoken": regservice.REFRESH_TOKEN}}})
+    )
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "idtoken.json"))
+    rc, _, text = _push(capsys, f"{out}:v1", f"{token_registry.address}/team/d:v1", "--insecure")
+    assert rc == 0, text
+    assert regservice.REFRESH_TOKEN not in text
     info = json.loads(
         _skopeo(
             "inspect",
@@ -414,3 +422,68 @@ def test_bad_arguments_are_named_errors(tmp_path, layout, capsys):
     assert rc == 3
     rc, _, text = _push(capsys, f"{out}:v1", "registry.example.com/x:y", "--insecure")
     assert rc == 2 and "only for local registries" in text
+
+
+def test_one_command_from_snapshots_to_a_pushed_image(tmp_path, plain_registry, capsys, monkeypatch):
+    snaps = make_sample_chain(str(tmp_path / "snaps"))
+    target = f"{plain_registry.address}/onecmd/app:v1"
+    capsys.readouterr()
+    rc = main(
+        [
+            "export",
+            *snaps,
+            "--oci",
+            str(tmp_path / "oci"),
+            "--cmd",
+            '["/app"]',
+            "--push",
+            target,
+            "--insecure",
+            "--json",
+            "-q",
+        ]
+    )
+    c = capsys.readouterr()
+    assert rc == 0, c.err
+    data = json.loads(c.out)
+    assert data["pushed"]["digest"] == data["manifest"]
+    assert (
+        json.loads(_skopeo("inspect", "--tls-verify=false", f"docker://{target}"))["Digest"]
+        == data["manifest"]
+    )
+    # submit --push (embedded here; tests/tasks/test_push_from_s3.py covers the workers) gives the same image
+    monkeypatch.setenv("BLOBCHAIN_STORE", str(tmp_path / "store"))
+    rc = main(
+        [
+            "submit",
+            *snaps,
+            "--cmd",
+            '["/app"]',
+            "--push",
+            f"{plain_registry.address}/onecmd/sub:v1",
+            "--insecure",
+            "--json",
+            "-q",
+        ]
+    )
+    c = capsys.readouterr()
+    assert rc == 0, c.err
+    assert json.loads(c.out)["pushed"]["digest"] == data["manifest"]
+    # a bad target fails before any work
+    rc = main(["submit", *snaps, "--push", "Bad Ref", "-q"])
+    assert rc == 2
+
+
+def test_progress_per_blob(tmp_path, plain_registry, layout, capsys, monkeypatch):
+    out, _ = layout
+    target = f"{plain_registry.address}/progress/app:v1"
+    monkeypatch.setenv("BLOBCHAIN_PROGRESS", "1")  # the live display, though stderr is no terminal
+    monkeypatch.setenv("COLUMNS", "200")
+    capsys.readouterr()
+    assert main(["push", f"{out}:v1", target, "--insecure"]) == 0
+    first = capsys.readouterr()
+    assert "uploaded" in first.err and "pushed " in first.out
+    assert main(["push", f"{out}:v1", target, "--insecure"]) == 0
+    second = capsys.readouterr()
+    assert "skipped" in second.err and "uploaded" not in second.err
+    assert "4 skipped" in second.out and "0 B sent" in second.out

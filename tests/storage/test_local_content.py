@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from blobchain.layers.errors import FailedPrecondition, InvalidArgument, StoreFull
+from blobchain.layers.errors import DigestMismatch, FailedPrecondition, InvalidArgument, StoreFull
 from blobchain.layers.records import DIFF_ID_LABEL
 from blobchain.storage.content.local import LocalContentStore
 
@@ -253,3 +253,39 @@ def test_processes_race_on_same_digest(tmp_path: Path) -> None:
     assert _ingest_files(store) == []
     info = store.info(digest)
     assert info is not None and info.labels["by"] in {str(i) for i in range(6)}
+
+
+def test_quick_verify_sees_a_rewrite_that_kept_size_and_mtime(content_store: LocalContentStore) -> None:
+    """The fingerprint recorded at publish includes the ctime, which a rewrite always changes
+    (``touch -r`` can restore the mtime, nothing restores the ctime)."""
+    data = payload(21, 100_000)
+    digest = _commit(content_store, data)
+    assert content_store.verify(digest, quick=True) is not None
+    path = content_store.blob_path(digest)
+    st = path.stat()
+    path.chmod(0o644)
+    with open(path, "r+b") as f:
+        f.seek(50_000)
+        f.write(bytes([data[50_000] ^ 1]))
+    path.chmod(0o444)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(DigestMismatch):
+        content_store.verify(digest, quick=True)
+    assert content_store.info(digest) is None
+
+
+def test_recommit_does_not_launder_a_damaged_copy(content_store: LocalContentStore) -> None:
+    """Committing the same digest again keeps the existing file (and refreshes its age) but does
+    not make a damaged one trusted: the quick check still reads it."""
+    data = payload(22, 50_000)
+    digest = _commit(content_store, data)
+    path = content_store.blob_path(digest)
+    path.chmod(0o644)
+    with open(path, "r+b") as f:
+        f.write(b"\0")
+    path.chmod(0o444)
+    # A racing writer that had the good bytes commits; the link finds the damaged file there.
+    _commit(content_store, data)
+    with pytest.raises(DigestMismatch):
+        content_store.verify(digest, quick=True)

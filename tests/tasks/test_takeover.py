@@ -252,6 +252,10 @@ def test_a_ref_that_kills_every_worker_whole_fails_as_poison_through_takeovers(
         assert client.status(job.ref_id).blob is None
     assert current[-1].alive()
     variant = LayerOptions(compression="gzip", level=9).variant_key()
-    # The base once; the poison ref's diff started once per kill, and never again after.
-    want_counts = {f"{chain_specs(chain)[0].ref_id}#{variant}": 1, f"{job.ref_id}#{variant}": kills}
-    assert built_counts(settings) == want_counts
+    # The base once. The poison ref's diff started on the first attempt and at most once per
+    # later one (a takeover reports progress before its diff starts, so a kill can land first),
+    # and never after the limit.
+    counts = built_counts(settings)
+    assert counts.pop(f"{chain_specs(chain)[0].ref_id}#{variant}") == 1
+    assert 1 <= counts.pop(f"{job.ref_id}#{variant}") <= kills
+    assert counts == {}
