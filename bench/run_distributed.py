@@ -508,7 +508,7 @@ def bench_latency(redis: Any, s3: Any, work: Path, rtts_ms: Sequence[float], ref
         "through one proxy that delays each chunk by RTT/2 each way (no netem here). Round trips are "
         "counted by the proxy: a client write after a server reply; they include Celery's own traffic "
         "(broker fetch and acks, task events, result writes, the client's result polling), not only "
-        "blobchain's (which tests/tasks/test_network.py counts alone: 14 per built ref, 3 per cached ref)."
+        "blobchain's (which tests/tasks/test_network.py counts alone: 14-15 per built ref, 3 per cached ref)."
     )
     return out
 
