@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # the registry client (httpx) loads only for a push: start-up
 __all__ = ["app", "main"]
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
 err = Console(stderr=True)
 out = Console()
 

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 
-from blobchain.client.cli import _EXIT, main
+from blobchain.client.cli import _EXIT, app, main
 from blobchain.client.sample import make_sample_chain
 from blobchain.layers import errors
 
@@ -210,3 +211,12 @@ def test_readme_lists_every_exit_code_and_error_code() -> None:
             continue
         row = rows[_exit_code(errors.from_code(cls.code, "x"))]
         assert f"`{cls.code}`" in row, (cls.code, row)
+
+
+@pytest.mark.parametrize("command", [None, *sorted(typer.main.get_group(app).commands)])
+def test_every_help_page_renders(capsys: pytest.CaptureFixture[str], command: str | None) -> None:
+    """Help text is plain text, not rich markup: ``os/arch[/variant]`` once crashed ``export --help``."""
+    rc = main([*([command] if command else []), "--help"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "Usage:" in text
