@@ -97,8 +97,9 @@ end
 return 0
 """
 
-# Server clock in ms (every worker agrees on when a lease is due).
-_NOW = """
+# Server clock in ms as Lua local `now`, so every worker and client agrees on when a lease
+# (single-flight or GC) is due; shared with the metadata store's GC-lease scripts.
+LUA_NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
@@ -107,7 +108,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # first-found-expired times, KEYS[5] (acquire only) = the acquisitions counter;
 # ARGV[1] = token, ARGV[2] = ttl ms, ARGV[3] = delivery JSON.
 _ACQUIRE_TRACKED = (
-    _NOW
+    LUA_NOW
     + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -124,7 +125,7 @@ return 1
 )
 
 _REFRESH_TRACKED = (
-    _NOW
+    LUA_NOW
     + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -156,7 +157,7 @@ return n
 # after the lease expired lost only its pool process: that worker puts the message back itself
 # (reject on worker lost), so the delivery is dropped, not sent twice.
 _CLAIM_DUE = (
-    _NOW
+    LUA_NOW
     + """
 local out = {}
 local due = redis.call('ZRANGE', KEYS[2], '-inf', now, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[3]), 'WITHSCORES')
@@ -199,7 +200,7 @@ return out
 
 # KEYS[1] = a worker's liveness key; ARGV[1] = ttl ms. The value is the server time of the beat.
 _BEAT = (
-    _NOW
+    LUA_NOW
     + """
 redis.call('SET', KEYS[1], now, 'PX', ARGV[1])
 return now

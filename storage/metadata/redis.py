@@ -34,7 +34,7 @@ from blobchain.layers.errors import (
     RefNotFound,
 )
 from blobchain.layers.records import LayerBlob, RefRecord, RefSpec, check_digest
-from blobchain.storage.locks.redis import describe_redis, lease_key, redis_errors
+from blobchain.storage.locks.redis import LUA_NOW, describe_redis, lease_key, redis_errors
 
 __all__ = ["RedisMetadataStore"]
 
@@ -123,15 +123,9 @@ end
     + _DONE
 )
 
-# Server clock in ms, so that every client agrees on lease expiry.
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
 # KEYS[1] = gc lease zset; ARGV[1] = lease id, ARGV[2] = ttl ms, ARGV[3] = lease set key.
 _CREATE_LEASE = (
-    _NOW
+    LUA_NOW
     + """
 local exp = now + tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], exp, ARGV[1])
@@ -144,7 +138,7 @@ return exp
 
 # KEYS[1] = gc lease zset, KEYS[2] = lease set; ARGV[1] = lease id, ARGV[2] = digest.
 _ADD_RESOURCE = (
-    _NOW
+    LUA_NOW
     + """
 local exp = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if (not exp) or tonumber(exp) <= now then
@@ -158,7 +152,7 @@ return 1
 
 # KEYS[1] = gc lease zset; ARGV[1] = lease set key prefix. Drops expired leases, returns live digests.
 _LIVE = (
-    _NOW
+    LUA_NOW
     + """
 local dead = redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE')
 for _, id in ipairs(dead) do
