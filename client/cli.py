@@ -592,6 +592,36 @@ def push(
 
 
 @app.command()
+def unpack(
+    source: Annotated[str, typer.Argument(help="LAYOUT[:TAG] (or oci:LAYOUT[:TAG]): the image to unpack")],
+    dest: Annotated[str, typer.Argument(help="DIR: a new or empty directory")],
+    platform: Annotated[
+        str | None, typer.Option("--platform", help="os/arch[/variant] of an index (default: this host's)")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Unpack an image from an OCI layout into DIR with blobchain's applier (whiteouts applied,
+    nothing written outside DIR, blobs and diffIDs verified). DIR appears only when complete."""
+    from blobchain.client.image import LayoutImageSource, parse_image_ref, resolve
+    from blobchain.client.unpack import check_target, unpack_layers
+
+    _, layout, tag = parse_image_ref(source if source.startswith("oci:") else "oci:" + source)
+    check_target(os.path.abspath(dest))
+    src = LayoutImageSource(layout, tag)
+    img = resolve(src, platform=Platform.parse(platform) if platform else None)
+    result = unpack_layers(img, lambda layer: src.open_blob(layer.descriptor), dest)
+    data = {"manifest": img.manifest.digest, "chain_id": img.top_chain_id, **result.to_dict()}
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        out.print(
+            f"unpacked {source} ({result.layers} layers, {result.entries} entries, {_human(result.bytes)}) into {dest}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@app.command()
 def index(
     layout: Annotated[str, typer.Argument(help="the OCI layout holding the images")],
     tags: Annotated[list[str], typer.Argument(help="TAG_A TAG_B ...: one image per platform")],

@@ -185,6 +185,7 @@ def test_the_console_script_exits_with_the_code(tmp_path) -> None:
 
 def test_readme_lists_every_exit_code_and_error_code() -> None:
     # every module that defines an error class, so the walk below sees them all
+    import blobchain.client.image
     import blobchain.layers.apply
     import blobchain.layers.imageconfig
     import blobchain.layers.overlay
