@@ -22,7 +22,7 @@ def claim_service(tmp_path: Path) -> LocalClaimService:
     return LocalClaimService(tmp_path / "state")
 
 
-class TestLocalLockService(ClaimServiceContract):
+class TestLocalClaimService(ClaimServiceContract):
     pass
 
 

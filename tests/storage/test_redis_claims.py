@@ -25,7 +25,7 @@ def claim_service(redis_client: Any, redis_prefix: str) -> RedisClaimService:
     return RedisClaimService(redis_client, redis_prefix)
 
 
-class TestRedisLockService(ClaimServiceContract):
+class TestRedisClaimService(ClaimServiceContract):
     pass
 
 
