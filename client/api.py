@@ -280,7 +280,11 @@ class Client:
 
         # The grace period covers blobs committed by a build that has not yet leased them.
         return collect_garbage(
-            self.deps.content, self.deps.metadata, dry_run=dry_run, grace_s=self.settings.lease_ttl_s
+            self.deps.content,
+            self.deps.metadata,
+            self.deps.leases,
+            dry_run=dry_run,
+            grace_s=self.settings.lease_ttl_s,
         )
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from blobchain.layers.errors import InvalidArgument
+from blobchain.layers.errors import InvalidArgument, register
 from blobchain.layers.records import EMPTY_LAYER_DIFF_ID
 
 __all__ = [
@@ -87,6 +87,7 @@ _TOP_KEYS = frozenset(
 )
 
 
+@register
 class InvalidImageOption(InvalidArgument):
     """An image option (platform, command, env, port, created, config fragment) is malformed."""
 

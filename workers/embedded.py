@@ -180,9 +180,7 @@ class EmbeddedExecutor:
     def __init__(self, settings: Settings, *, jobs: int | None = None, in_process: bool = False) -> None:
         self.settings = settings
         self.deps = open_deps(settings)
-        sweep = getattr(self.deps.content, "sweep_orphans", None)
-        if sweep is not None:
-            sweep()  # leftovers of a killed earlier run
+        self.deps.content.sweep_orphans()  # leftovers of a killed earlier run
         self._jobs = jobs or settings.jobs or available_cpus()
         self._flight: Flight[BuildOutcome] = Flight()
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="blobchain-ref")
@@ -349,9 +347,7 @@ class EmbeddedExecutor:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        sweep = getattr(self.deps.content, "sweep_orphans", None)
-        if sweep is not None:
-            sweep()
+        self.deps.content.sweep_orphans()
 
     def __enter__(self) -> EmbeddedExecutor:
         return self
