@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
-from blobchain.layers.errors import AlreadyExists, InvalidArgument, NotFound
+from blobchain.layers.errors import AlreadyExists, InvalidArgument, NotFound, register
 from blobchain.layers.identity import chain_ids
 from blobchain.layers.imageconfig import Platform, host_platform
 from blobchain.layers.oci import REF_NAME
@@ -49,24 +49,28 @@ MANIFEST_TYPES = (
 MAX_JSON = 4 << 20
 
 
+@register
 class InvalidImageReference(InvalidArgument):
     """``IMAGE`` is neither ``oci:DIR[:TAG]`` nor a registry reference."""
 
     code = "invalid_image_reference"
 
 
+@register
 class ImageNotFound(NotFound):
     """The layout or registry has no image under that tag (or no layout is there)."""
 
     code = "image_not_found"
 
 
+@register
 class InvalidImage(InvalidArgument):
     """The manifest or config is malformed, or names a layer type blobchain cannot read."""
 
     code = "invalid_image"
 
 
+@register
 class TargetNotEmpty(AlreadyExists):
     """The directory to unpack into exists and is not empty."""
 
