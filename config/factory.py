@@ -1,8 +1,8 @@
 """The only place that chooses implementations: settings in, :class:`Deps` out.
 
 Embedded mode (the default): the OCI layout at ``settings.store`` is the content store, with
-SQLite metadata and file locks beside it in ``.blobchain/``. Distributed mode (a broker URL is
-set): S3 content and Redis metadata and locks. boto3 and redis are imported only here, lazily.
+SQLite metadata and GC leases and file claims beside it in ``.blobchain/``. Distributed mode (a broker URL is
+set): S3 content and Redis metadata, GC leases and claims. boto3 and redis are imported only here, lazily.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ def open_deps(settings: Settings, *, create: bool = True) -> Deps:
         "lease_ttl_s": settings.lease_ttl_s,
     }
     if not settings.distributed:
+        from blobchain.storage.claims.local import LocalClaimService
         from blobchain.storage.content.local import LocalContentStore
-        from blobchain.storage.locks.local import LocalLockService
+        from blobchain.storage.leases.sqlite import SqliteLeaseManager
         from blobchain.storage.metadata.sqlite import SqliteMetadataStore
 
         state = os.path.join(settings.store, ".blobchain")
@@ -36,13 +37,18 @@ def open_deps(settings: Settings, *, create: bool = True) -> Deps:
             content = LocalContentStore(settings.store)
         except OSError as e:
             raise from_os_error(e, f"opening the store {settings.store}") from e
-        metadata = SqliteMetadataStore(os.path.join(state, "metadata.db"))
+        db = os.path.join(state, "metadata.db")
         return Deps(
-            content=content, metadata=metadata, leases=metadata, locks=LocalLockService(state), **common
+            content=content,
+            metadata=SqliteMetadataStore(db),
+            leases=SqliteLeaseManager(db),
+            claims=LocalClaimService(state),
+            **common,
         )
 
+    from blobchain.storage.claims.redis import RedisClaimService
     from blobchain.storage.content.s3 import S3ContentStore, make_s3_client
-    from blobchain.storage.locks.redis import RedisLockService
+    from blobchain.storage.leases.redis import RedisLeaseManager
     from blobchain.storage.metadata.redis import RedisMetadataStore
 
     if not settings.s3_endpoint:
@@ -57,12 +63,11 @@ def open_deps(settings: Settings, *, create: bool = True) -> Deps:
     )
     content = S3ContentStore(s3, settings.s3_bucket, settings.s3_prefix)
     client = redis_client(settings, settings.redis_urls()[2])
-    metadata = RedisMetadataStore(client, settings.key_prefix)
     return Deps(
         content=content,
-        metadata=metadata,
-        leases=metadata,
-        locks=RedisLockService(client, settings.key_prefix),
+        metadata=RedisMetadataStore(client, settings.key_prefix),
+        leases=RedisLeaseManager(client, settings.key_prefix),
+        claims=RedisClaimService(client, settings.key_prefix),
         **common,
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "AlreadyExists",
@@ -28,7 +28,6 @@ __all__ = [
     "InvalidLevel",
     "InvalidSetting",
     "InvalidTag",
-    "LeaseLost",
     "MissingLease",
     "MissingParent",
     "NoBlobs",
@@ -51,8 +50,30 @@ __all__ = [
     "UnsupportedCompression",
     "UsageError",
     "from_code",
+    "registered_codes",
+    "register",
     "from_os_error",
 ]
+
+
+_E = TypeVar("_E", bound="type[BlobchainError]")
+# code -> class: every error that may cross a process or Celery boundary, registered where it is
+# defined (``@register``), so ``from_code`` knows it whatever was imported first.
+_CODES: dict[str, type[BlobchainError]] = {}
+
+
+def register(cls: _E) -> _E:
+    """Class decorator: make ``cls.code`` rebuildable by :func:`from_code`. One class per code."""
+    have = _CODES.get(cls.code)
+    if have is not None and have is not cls:
+        raise TypeError(f"error code {cls.code!r} is taken by {have.__qualname__}")
+    _CODES[cls.code] = cls
+    return cls
+
+
+def registered_codes() -> dict[str, type[BlobchainError]]:
+    """Every registered code and its class (a copy)."""
+    return dict(_CODES)
 
 
 class BlobchainError(Exception):
@@ -74,33 +95,42 @@ class BlobchainError(Exception):
         return {"code": self.code, "message": self.message, "details": _jsonable(self.details)}
 
 
+register(BlobchainError)
+
+
 # --- action classes -------------------------------------------------------------------------
 
 
+@register
 class InvalidArgument(BlobchainError):
     """The input is wrong; retrying the same request will fail the same way."""
 
     code = "invalid_argument"
 
 
+@register
 class NotFound(BlobchainError):
     code = "not_found"
 
 
+@register
 class AlreadyExists(BlobchainError):
     code = "already_exists"
 
 
+@register
 class FailedPrecondition(BlobchainError):
     """The system is not in the state the operation needs (e.g. an ancestor lacks its blob)."""
 
     code = "failed_precondition"
 
 
+@register
 class Conflict(BlobchainError):
     code = "conflict"
 
 
+@register
 class Unavailable(BlobchainError):
     """A service (S3, Redis) could not be reached; the operation may be retried."""
 
@@ -108,10 +138,12 @@ class Unavailable(BlobchainError):
     retryable = True
 
 
+@register
 class Cancelled(BlobchainError):
     code = "cancelled"
 
 
+@register
 class DigestMismatch(BlobchainError):
     code = "digest_mismatch"
 
@@ -124,76 +156,91 @@ class DigestMismatch(BlobchainError):
 # --- named problems -------------------------------------------------------------------------
 
 
+@register
 class UnknownCompression(InvalidArgument):
     code = "unknown_compression"
 
 
+@register
 class InvalidLevel(InvalidArgument):
     code = "invalid_level"
 
 
+@register
 class UnsupportedCompression(InvalidArgument):
     """A valid compression that this layer kind cannot use (Windows layers: tar and gzip only)."""
 
     code = "unsupported_compression"
 
 
+@register
 class SnapshotNotFound(InvalidArgument):
     code = "snapshot_not_found"
 
 
+@register
 class SnapshotOutsideRoots(InvalidArgument):
     code = "snapshot_outside_roots"
 
 
+@register
 class MissingParent(InvalidArgument):
     code = "missing_parent"
 
 
+@register
 class ParentCycle(InvalidArgument):
     code = "parent_cycle"
 
 
+@register
 class ConflictingParent(InvalidArgument):
     """One ref was given two different parents (or snapshots)."""
 
     code = "conflicting_parent"
 
 
+@register
 class PathEscapes(InvalidArgument):
     """A path would leave its snapshot root (through ``..`` or a symlink)."""
 
     code = "path_escapes"
 
 
+@register
 class UnreadableFile(InvalidArgument):
     code = "unreadable_file"
 
 
+@register
 class UsageError(InvalidArgument):
     """The command line itself is wrong: an unknown option, a missing or malformed value."""
 
     code = "usage_error"
 
 
+@register
 class InvalidSetting(InvalidArgument):
     """A setting (``BLOBCHAIN_*``, the config file, or a client argument) has a bad value."""
 
     code = "invalid_setting"
 
 
+@register
 class InvalidTag(InvalidArgument):
     """An image tag that is not an OCI ref name (``org.opencontainers.image.ref.name``)."""
 
     code = "invalid_tag"
 
 
+@register
 class PathTooLong(InvalidArgument):
     """A path inside a snapshot is longer than the kernel accepts for one lookup (PATH_MAX)."""
 
     code = "path_too_long"
 
 
+@register
 class StoreOverlapsSnapshot(InvalidArgument):
     """The store or the output layout lies inside a snapshot, or a snapshot inside the store:
     the layer would contain the store's own files (and change while it is written)."""
@@ -201,6 +248,7 @@ class StoreOverlapsSnapshot(InvalidArgument):
     code = "store_overlaps_snapshot"
 
 
+@register
 class InvalidLayout(FailedPrecondition):
     """The output path is not a usable OCI image layout (a regular file, a corrupt or
     wrongly shaped ``index.json`` or ``oci-layout``)."""
@@ -208,6 +256,7 @@ class InvalidLayout(FailedPrecondition):
     code = "invalid_layout"
 
 
+@register
 class NotWritable(FailedPrecondition):
     """The store or output path cannot be written (read-only filesystem, permissions,
     an immutable directory)."""
@@ -215,12 +264,14 @@ class NotWritable(FailedPrecondition):
     code = "not_writable"
 
 
+@register
 class FileChanged(FailedPrecondition):
     """A file changed or vanished while the layer was being written; the tar is discarded."""
 
     code = "file_changed"
 
 
+@register
 class CorruptBlob(FailedPrecondition):
     """A stored blob cannot be decoded as its recorded compression (its bytes may still hash to
     its name: it was stored that way)."""
@@ -228,45 +279,49 @@ class CorruptBlob(FailedPrecondition):
     code = "corrupt_blob"
 
 
+@register
 class RefNotFound(NotFound):
     code = "ref_not_found"
 
 
+@register
 class StoreNotFound(NotFound):
     """No blobchain store at the given path (reading commands never create one)."""
 
     code = "store_not_found"
 
 
+@register
 class NoBlobs(NotFound):
     """The ref has no blob and ``create_if_needed`` was false."""
 
     code = "no_blobs"
 
 
+@register
 class MissingLease(FailedPrecondition):
     code = "missing_lease"
 
 
+@register
 class NonAddressableParent(FailedPrecondition):
     code = "non_addressable_parent"
 
 
+@register
 class StoreFull(Unavailable):
     code = "store_full"
     retryable = False
 
 
+@register
 class InProgress(Unavailable):
     """Another worker holds the ref's lease; check again later."""
 
     code = "in_progress"
 
 
-class LeaseLost(Conflict):
-    code = "lease_lost"
-
-
+@register
 class PoisonRef(FailedPrecondition):
     """A ref killed its worker too many times; it is failed instead of retried forever."""
 
@@ -294,19 +349,9 @@ def from_os_error(e: OSError, what: str) -> BlobchainError:
     return Unavailable(reason, errno=e.errno)
 
 
-def _all_classes() -> dict[str, type[BlobchainError]]:
-    out: dict[str, type[BlobchainError]] = {}
-    stack: list[type[BlobchainError]] = [BlobchainError]
-    while stack:
-        cls = stack.pop()
-        out[cls.code] = cls
-        stack.extend(cls.__subclasses__())
-    return out
-
-
 def from_code(code: str, message: str, details: dict[str, Any] | None = None) -> BlobchainError:
     """Rebuild an error from its ``code`` (the inverse of :meth:`BlobchainError.to_dict`)."""
-    cls = _all_classes().get(code, BlobchainError)
+    cls = _CODES.get(code, BlobchainError)
     err = cls.__new__(cls)
     BlobchainError.__init__(err, message, **(details or {}))
     if isinstance(err, DigestMismatch):

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from stat import S_IFCHR, S_IFDIR, S_IFMT
 
 from blobchain.layers.changes import ADD, DELETE, MODIFY, Change, diff_dir, same_file
-from blobchain.layers.errors import FailedPrecondition, InvalidArgument
+from blobchain.layers.errors import FailedPrecondition, InvalidArgument, register
 from blobchain.layers.snapshot import Snapshot
 
 __all__ = ["LowerView", "UnsupportedOverlay", "upper_changes"]
@@ -31,6 +31,7 @@ ROOTFS = "rootfs"
 UPPER = "upper"
 
 
+@register
 class UnsupportedOverlay(FailedPrecondition):
     """The upper directory uses an overlay feature the fast path cannot diff (redirect_dir);
     the caller should fall back to the double walk against a full rootfs."""

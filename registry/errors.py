@@ -21,6 +21,7 @@ from blobchain.layers.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    register,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 
+@register
 class RegistryError(BlobchainError):
     """Mixin-style base: every registry error has ``registry_code`` and ``status``."""
 
@@ -63,6 +65,7 @@ class RegistryError(BlobchainError):
 # The distribution spec's error codes (and TOOMANYREQUESTS, the Docker registry's).
 
 
+@register
 class BlobUnknown(RegistryError, NotFound):
     """The registry does not have this blob."""
 
@@ -70,6 +73,7 @@ class BlobUnknown(RegistryError, NotFound):
     registry_code = "BLOB_UNKNOWN"
 
 
+@register
 class BlobUploadInvalid(RegistryError, InvalidArgument):
     """The upload session is invalid (or was cancelled)."""
 
@@ -77,6 +81,7 @@ class BlobUploadInvalid(RegistryError, InvalidArgument):
     registry_code = "BLOB_UPLOAD_INVALID"
 
 
+@register
 class BlobUploadUnknown(RegistryError, NotFound):
     """The upload session is unknown (expired or cancelled)."""
 
@@ -84,6 +89,7 @@ class BlobUploadUnknown(RegistryError, NotFound):
     registry_code = "BLOB_UPLOAD_UNKNOWN"
 
 
+@register
 class DigestInvalid(RegistryError, InvalidArgument):
     """The uploaded bytes do not match the digest."""
 
@@ -91,6 +97,7 @@ class DigestInvalid(RegistryError, InvalidArgument):
     registry_code = "DIGEST_INVALID"
 
 
+@register
 class ManifestBlobUnknown(RegistryError, NotFound):
     """A blob the manifest references is missing."""
 
@@ -98,6 +105,7 @@ class ManifestBlobUnknown(RegistryError, NotFound):
     registry_code = "MANIFEST_BLOB_UNKNOWN"
 
 
+@register
 class ManifestInvalid(RegistryError, InvalidArgument):
     """The registry rejected the manifest."""
 
@@ -105,6 +113,7 @@ class ManifestInvalid(RegistryError, InvalidArgument):
     registry_code = "MANIFEST_INVALID"
 
 
+@register
 class ManifestUnknown(RegistryError, NotFound):
     """No such manifest."""
 
@@ -112,6 +121,7 @@ class ManifestUnknown(RegistryError, NotFound):
     registry_code = "MANIFEST_UNKNOWN"
 
 
+@register
 class NameInvalid(RegistryError, InvalidArgument):
     """Invalid repository name."""
 
@@ -119,6 +129,7 @@ class NameInvalid(RegistryError, InvalidArgument):
     registry_code = "NAME_INVALID"
 
 
+@register
 class NameUnknown(RegistryError, NotFound):
     """The repository is not known to the registry."""
 
@@ -126,6 +137,7 @@ class NameUnknown(RegistryError, NotFound):
     registry_code = "NAME_UNKNOWN"
 
 
+@register
 class SizeInvalid(RegistryError, InvalidArgument):
     """The content length does not match."""
 
@@ -133,6 +145,7 @@ class SizeInvalid(RegistryError, InvalidArgument):
     registry_code = "SIZE_INVALID"
 
 
+@register
 class Unauthorized(RegistryError, FailedPrecondition):
     """Authentication required, or the credentials were rejected."""
 
@@ -140,6 +153,7 @@ class Unauthorized(RegistryError, FailedPrecondition):
     registry_code = "UNAUTHORIZED"
 
 
+@register
 class Denied(RegistryError, FailedPrecondition):
     """The credentials are valid but not allowed this."""
 
@@ -147,6 +161,7 @@ class Denied(RegistryError, FailedPrecondition):
     registry_code = "DENIED"
 
 
+@register
 class Unsupported(RegistryError, InvalidArgument):
     """The registry does not support the operation."""
 
@@ -154,6 +169,7 @@ class Unsupported(RegistryError, InvalidArgument):
     registry_code = "UNSUPPORTED"
 
 
+@register
 class TooManyRequests(RegistryError, Unavailable):
     """The registry is rate limiting; retried with backoff."""
 
@@ -162,6 +178,7 @@ class TooManyRequests(RegistryError, Unavailable):
     retryable = True
 
 
+@register
 class RegistryUnavailable(RegistryError, Unavailable):
     """The registry could not be reached or failed (connection error, 5xx); retried."""
 
@@ -170,6 +187,7 @@ class RegistryUnavailable(RegistryError, Unavailable):
     retryable = True
 
 
+@register
 class RegistryTLSError(RegistryError, FailedPrecondition):
     """The registry's certificate is not trusted (or TLS failed); not retried."""
 
@@ -177,6 +195,7 @@ class RegistryTLSError(RegistryError, FailedPrecondition):
     registry_code = "TLS"
 
 
+@register
 class InvalidReference(RegistryError, InvalidArgument):
     """An image reference could not be parsed."""
 
@@ -184,6 +203,7 @@ class InvalidReference(RegistryError, InvalidArgument):
     registry_code = "REFERENCE_INVALID"
 
 
+@register
 class RegistryProtocolError(RegistryError, FailedPrecondition):
     """An answer the distribution spec does not allow here."""
 

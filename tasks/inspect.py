@@ -8,7 +8,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from blobchain.storage.locks.redis import RedisLockService, redis_errors
+from blobchain.storage.claims.redis import RedisClaimService
+from blobchain.storage.redis_util import redis_errors
 from blobchain.workers.chainjob import chain_records
 from blobchain.workers.deps import Deps
 
@@ -42,14 +43,14 @@ def _s(v: Any) -> str:
 
 
 def chain_status(deps: Deps, ref_id: str, prefix: str) -> list[RefStatus]:
-    """Each ref of ``ref_id``'s chain, base first. ``deps`` must be distributed (Redis locks)."""
-    locks = deps.locks
-    if not isinstance(locks, RedisLockService):
+    """Each ref of ``ref_id``'s chain, base first. ``deps`` must be distributed (Redis claims)."""
+    claims = deps.claims
+    if not isinstance(claims, RedisClaimService):
         raise TypeError("chain_status needs the Redis lock service (distributed mode)")
     records = chain_records(ref_id, deps.metadata)
-    client = locks.client
+    client = claims.client
     with redis_errors(client, "read deliveries"):
-        raw = client.hgetall(locks.deliveries_key)
+        raw = client.hgetall(claims.deliveries_key)
     flights: dict[str, set[str]] = {}
     by_token: dict[str, dict[str, Any]] = {}
     for tok, body in raw.items():
@@ -67,8 +68,8 @@ def chain_status(deps: Deps, ref_id: str, prefix: str) -> list[RefStatus]:
         for flight in sorted(flights.get(rec.ref_id, ())):
             with redis_errors(client, f"read lease {flight}"):
                 pipe = client.pipeline(transaction=False)
-                pipe.get(locks.redis_key(flight))
-                pipe.pttl(locks.redis_key(flight))
+                pipe.get(claims.redis_key(flight))
+                pipe.pttl(claims.redis_key(flight))
                 pipe.hvals(f"{prefix}attempts:{flight}")
                 pipe.get(f"{prefix}stats:takeovers:{flight}")
                 token, ttl, attempts, takeovers = pipe.execute()

@@ -1,7 +1,7 @@
 """The takeover janitor: a thread in every worker's main process that sends a dead holder's work
 again as soon as its lease expires, instead of waiting for the broker's visibility timeout.
 
-Every build holds a tracked lease (``storage.locks.redis``): the lease carries its task's message.
+Every build holds a tracked claim (``storage.claims.redis``): the claim carries its task's message.
 A holder that dies (``kill -9`` of the whole worker, a lost machine) or is cut off stops
 refreshing; its lease expires ``lease_ttl_s`` after the last refresh and its delivery becomes
 due. Each janitor also beats for its worker (``<prefix>worker:<node>``, 3 polls long): a due
@@ -55,10 +55,10 @@ def takeover_reason(delivery: dict[str, Any], by: str) -> str:
 class Janitor:
     """Claims due deliveries and sends them again (see the module docstring)."""
 
-    def __init__(self, app: Celery, settings: Settings, locks: Any, hostname: str | None = None) -> None:
+    def __init__(self, app: Celery, settings: Settings, claims: Any, hostname: str | None = None) -> None:
         self.app = app
         self.settings = settings
-        self.locks = locks
+        self.claims = claims
         self.hostname = hostname or socket.gethostname()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -67,13 +67,13 @@ class Janitor:
         """One pass: returns the task ids sent again."""
         sent: list[str] = []
         poll = max(self.settings.takeover_poll_s, 0.2)
-        self.locks.beat(self.hostname, max(2.0, 3 * poll))
-        for due in self.locks.claim_due(hold_s=self.settings.lease_ttl_s, recheck_s=poll):
+        self.claims.beat(self.hostname, max(2.0, 3 * poll))
+        for due in self.claims.take_due(hold_s=self.settings.lease_ttl_s, recheck_s=poll):
             d = due.delivery
             task_id = str(d.get("task_id") or "")
             message = d.get("message")
             if not task_id or not isinstance(message, dict):
-                self.locks.forget(due.token)
+                self.claims.forget(due.token)
                 continue
             try:
                 state = self.app.backend.get_task_meta(task_id).get("status", states.PENDING)
@@ -81,7 +81,7 @@ class Janitor:
                 log.warning("takeover of task %s postponed: result backend: %s", task_id, e)
                 continue
             if state in states.READY_STATES:
-                self.locks.forget(due.token)  # the task finished after all (its retry, a duplicate)
+                self.claims.forget(due.token)  # the task finished after all (its retry, a duplicate)
                 continue
             reason = takeover_reason(d, self.hostname)
             kwargs = dict(message.get("kwargs") or {})
@@ -94,7 +94,7 @@ class Janitor:
             }
             sig = self.app.signature({**message, "kwargs": kwargs})
             sig.apply_async()
-            self.locks.forget(due.token)
+            self.claims.forget(due.token)
             self._count(str(d.get("flight") or d.get("key") or task_id))
             log.warning("ref %s (task %s): %s", d.get("ref"), task_id, reason)
             sent.append(task_id)
@@ -103,7 +103,7 @@ class Janitor:
     def _count(self, flight: str) -> None:
         try:
             key = f"{self.settings.key_prefix}stats:takeovers:{flight}"
-            pipe = self.locks.client.pipeline(transaction=True)
+            pipe = self.claims.client.pipeline(transaction=True)
             pipe.incr(key)
             pipe.expire(key, _STATS_TTL_S)
             pipe.execute()
@@ -145,13 +145,13 @@ def _start_janitor(sender: Any = None, **_: Any) -> None:
     from blobchain.config.factory import open_deps
 
     try:
-        locks = open_deps(settings).locks
+        claims = open_deps(settings).claims
     except Exception as e:
         log.error("takeover janitor not started: %s", e)
         return
-    if not hasattr(locks, "claim_due"):
+    if not hasattr(claims, "take_due"):
         return
-    _janitors[id(app)] = Janitor(app, settings, locks, getattr(sender, "hostname", None)).start()
+    _janitors[id(app)] = Janitor(app, settings, claims, getattr(sender, "hostname", None)).start()
 
 
 @worker_shutdown.connect(weak=False)

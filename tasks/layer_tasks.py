@@ -3,7 +3,7 @@
 
 Each task maps the engine's errors to what a queue should do with them:
 
-- ``InProgress`` (another worker holds the ref's lease) and ``LeaseLost``: retry later with capped
+- ``InProgress`` (another worker holds the ref's lease) and ``ClaimLost``: retry later with capped
   exponential backoff and jitter (the worker slot is freed meanwhile), for at most
   ``settings.wait_budget_s`` in total, then fail with ``InProgress``.
 - ``Unavailable`` (S3 or Redis down): a few retries with backoff, then fail with the error.
@@ -16,7 +16,7 @@ Each task maps the engine's errors to what a queue should do with them:
 - the soft time limit: fail with ``RefTimedOut`` (the hard limit's ``TimeLimitExceeded`` is
   mapped to it by the client).
 
-Takeover: the build's lease carries this task's message (``storage.locks.redis``: a tracked
+Takeover: the build's lease carries this task's message (``storage.claims.redis``: a tracked
 lease). If the worker dies (or is cut off) its lease expires without a release, and a worker's
 janitor (``tasks.janitor``) sends the same task (same id, same chord) again at once, with
 ``takeover={"reason", ...}``: the broker's own redelivery, after the visibility timeout, is not
@@ -49,12 +49,13 @@ from blobchain.layers.errors import (
     BlobchainError,
     FailedPrecondition,
     InProgress,
-    LeaseLost,
     PoisonRef,
     Unavailable,
     from_code,
+    register,
 )
 from blobchain.layers.records import LayerOptions
+from blobchain.storage.claims import ClaimLost
 from blobchain.workers.chainjob import finalize_chain
 from blobchain.workers.deps import Deps
 from blobchain.workers.executor import ChainResult, error_dict
@@ -122,6 +123,7 @@ class RefFailed(Exception):
         return f"{self.code}: {self.message}"
 
 
+@register
 class RefTimedOut(FailedPrecondition):
     """Building the ref took longer than the worker's time limit."""
 
@@ -139,7 +141,7 @@ class WorkerContext:
     @property
     def redis(self) -> Any:
         """The Redis client of the lock service (attempt counters and stats live beside the leases)."""
-        return self.deps.locks.client  # type: ignore[attr-defined]
+        return self.deps.claims.client  # type: ignore[attr-defined]
 
     @property
     def prefix(self) -> str:
@@ -182,9 +184,9 @@ def build_deps(ctx: WorkerContext, options: LayerOptions, delivery: dict[str, An
     """``ctx.deps`` for one of the pool's builds (they share the cores); with ``delivery``, the
     build's lease carries it (what to send again if this worker dies)."""
     deps = ctx.deps.sharing_cores(options, _pool_size or 1)
-    tracking = getattr(deps.locks, "tracking", None)
+    tracking = getattr(deps.claims, "tracking", None)
     if delivery is not None and tracking is not None:
-        deps = replace(deps, locks=tracking(delivery))
+        deps = replace(deps, claims=tracking(delivery))
     return deps
 
 
@@ -270,7 +272,7 @@ return n
 
 
 def _redis_call(ctx: WorkerContext, what: str, fn: Any) -> Any:
-    from blobchain.storage.locks.redis import redis_errors
+    from blobchain.storage.redis_util import redis_errors
 
     with redis_errors(ctx.redis, what):
         return fn()
@@ -442,7 +444,7 @@ def build_ref_task(
             on_work=count_work,
         )
         success = True
-    except (InProgress, LeaseLost) as e:
+    except (InProgress, ClaimLost) as e:
         started = wait_since if wait_since is not None else time.time()
         if time.time() - started > settings.wait_budget_s:
             raise RefFailed.of(

@@ -6,9 +6,10 @@ from dataclasses import dataclass, replace
 
 from blobchain.layers.compress import available_cpus, threads_for_share
 from blobchain.layers.records import LayerOptions
+from blobchain.storage.claims import ClaimService
 from blobchain.storage.content import ContentStore
-from blobchain.storage.locks import LockService
-from blobchain.storage.metadata import LeaseStore, MetadataStore
+from blobchain.storage.leases import LeaseManager
+from blobchain.storage.metadata import MetadataStore
 
 __all__ = ["Deps"]
 
@@ -17,8 +18,8 @@ __all__ = ["Deps"]
 class Deps:
     content: ContentStore
     metadata: MetadataStore
-    leases: LeaseStore
-    locks: LockService
+    leases: LeaseManager
+    claims: ClaimService
     # Snapshot paths must resolve inside one of these; None = any path (embedded CLI default).
     roots: tuple[str, ...] | None = None
     # Threads for intra-layer compression; None = all cores.

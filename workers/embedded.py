@@ -180,9 +180,7 @@ class EmbeddedExecutor:
     def __init__(self, settings: Settings, *, jobs: int | None = None, in_process: bool = False) -> None:
         self.settings = settings
         self.deps = open_deps(settings)
-        sweep = getattr(self.deps.content, "sweep_orphans", None)
-        if sweep is not None:
-            sweep()  # leftovers of a killed earlier run
+        self.deps.content.sweep_orphans()  # leftovers of a killed earlier run
         self._jobs = jobs or settings.jobs or available_cpus()
         self._flight: Flight[BuildOutcome] = Flight()
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="blobchain-ref")
@@ -235,7 +233,7 @@ class EmbeddedExecutor:
         with self._states_lock:
             self._states.append(state)
         # Only the refs still missing this variant build; the others are answered from the store.
-        missing = {r.ref_id for r in records if r.blob_for(opts) is None}
+        missing = {r.ref_id for r in records if r.blob_for(opts) is None and not (r.blob and r.blob.from_base)}
         at_once = self._builds_at_once(len(missing))
         # Refs already built, and a lone build, run here: no build process is started for them.
         # Not a lone build at a high zstd level: one libzstd call can then run for seconds, and
@@ -349,9 +347,7 @@ class EmbeddedExecutor:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        sweep = getattr(self.deps.content, "sweep_orphans", None)
-        if sweep is not None:
-            sweep()
+        self.deps.content.sweep_orphans()
 
     def __enter__(self) -> EmbeddedExecutor:
         return self

@@ -1,4 +1,4 @@
-"""Build one ref's blob: fast path, lease, diff -> compress -> ingest -> commit, record.
+"""Build one ref's blob: fast path, claim, diff -> compress -> ingest -> commit, record.
 
 This is BuildKit's per-ref ``computeBlobChain`` flight body, independent of any transport: the
 embedded executor and the Celery task both call :func:`build_ref`.
@@ -32,8 +32,8 @@ from blobchain.layers.layer import LayerSource, LayerStats, check_windows, conve
 from blobchain.layers.overlay import LowerView
 from blobchain.layers.records import DIFF_ID_LABEL, LayerBlob, LayerOptions, RefRecord, RefSpec
 from blobchain.layers.snapshot import open_snapshot
-from blobchain.storage.locks import Lease
-from blobchain.storage.locks.heartbeat import Heartbeat
+from blobchain.storage.claims import Claim
+from blobchain.storage.claims.heartbeat import Heartbeat
 from blobchain.workers.deps import Deps
 from blobchain.workers.plan import ancestry
 
@@ -137,8 +137,8 @@ def build_ref(
     """Make sure ``ref_id`` has a blob (and, with ``opts.force``, one in ``opts``' compression).
 
     Refs with a blob are not recomputed. Raises NoBlobs when there is none and
-    ``create_if_needed`` is false, InProgress when another worker holds the ref's lease.
-    ``on_work("built" | "converted")`` is called under the lease just before the diff (or the
+    ``create_if_needed`` is false, InProgress when another worker holds the ref's claim.
+    ``on_work("built" | "converted")`` is called under the claim just before the diff (or the
     conversion) starts, so work that runs and then fails to commit is seen too.
     """
     rec = deps.metadata.get(ref_id)
@@ -152,8 +152,8 @@ def build_ref(
         check_windows(opts)
 
     key = flight_key(ref_id, opts)
-    lease = deps.locks.try_acquire(key, deps.lease_ttl_s)
-    if lease is None:
+    claim = deps.claims.try_acquire(key, deps.lease_ttl_s)
+    if claim is None:
         raise InProgress(f"ref {ref_id} is being built by another worker", ref=ref_id)
     try:
         # The previous holder may have committed between our first look and the acquire.
@@ -163,7 +163,7 @@ def build_ref(
         gc_lease = f"build-{uuid.uuid4().hex}"
         deps.leases.create_lease(gc_lease, deps.lease_ttl_s * 10)
         try:
-            with Heartbeat(lease, deps.lease_ttl_s / 3, ttl_s=deps.lease_ttl_s) as hb:
+            with Heartbeat(claim, deps.lease_ttl_s / 3, ttl_s=deps.lease_ttl_s) as hb:
 
                 def tick(files: int, nbytes: int) -> None:
                     hb.check()
@@ -173,9 +173,9 @@ def build_ref(
                 try:
                     blob, action = _make(deps, rec, opts, key, gc_lease, tick, on_work)
                 except NotFound:
-                    # Our upload was swept by a new holder of the lease we lost: say so.
+                    # Our upload was swept by a new holder of the claim we lost: say so.
                     hb.check()
-                    lease.refresh()
+                    claim.refresh()
                     raise
                 hb.check()
                 recorded = (deps.metadata.get(ref_id) or rec).blob_for(opts)
@@ -188,24 +188,26 @@ def build_ref(
                         recorded=recorded.digest,
                         rebuilt=blob.digest,
                     )
-                rec = _commit(deps, ref_id, blob, lease)
+                rec = _commit(deps, ref_id, blob, claim)
         finally:
             deps.leases.delete_lease(gc_lease)
         return BuildOutcome(rec, action)
     finally:
-        lease.release()
+        claim.release()
 
 
-def _commit(deps: Deps, ref_id: str, blob: LayerBlob, lease: Lease) -> RefRecord:
-    """Record the blob. Stores that support fencing write only while our lease token still
-    holds (a holder that lost its lease cannot commit over the new one); the others rely on
+def _commit(deps: Deps, ref_id: str, blob: LayerBlob, claim: Claim) -> RefRecord:
+    """Record the blob. Stores that support fencing write only while our claim token still
+    holds (a holder that lost its claim cannot commit over the new one); the others rely on
     the record rules alone (idempotent, same bytes from any worker)."""
-    lease.refresh()
-    return deps.metadata.set_blob(ref_id, blob, token=lease.token, lease_key=lease.key)
+    claim.refresh()
+    return deps.metadata.set_blob(ref_id, blob, token=claim.token, claim_key=claim.key)
 
 
 def _done(deps: Deps, rec: RefRecord, opts: LayerOptions) -> RefRecord | None:
     """The record if nothing needs doing: an intact blob (and the forced variant, if asked)."""
+    if rec.blob is not None and rec.blob.from_base:
+        return rec  # a base image's layer: its blob exists already, fetched only when needed
     if not intact(deps, rec, rec.blob):
         return None
     if opts.force and not intact(deps, rec, rec.blob_for(opts)):
@@ -216,7 +218,7 @@ def _done(deps: Deps, rec: RefRecord, opts: LayerOptions) -> RefRecord | None:
 
 
 def _sweep_dead_holder(deps: Deps, key: str) -> None:
-    """We hold the ref's lease, so any ingest under its name is a dead (or ousted) holder's."""
+    """We hold the ref's claim, so any ingest under its name is a dead (or ousted) holder's."""
     try:
         n = deps.content.sweep(0, ref=key)
     except BlobchainError as e:  # the age-based sweep (gc) gets them later
@@ -271,7 +273,7 @@ def _build(
     deps: Deps, spec: RefSpec, opts: LayerOptions, key: str, gc_lease: str, tick: Progress
 ) -> LayerBlob:
     src = layer_source(deps, spec)
-    # The ingest is named by the flight key: only the lease holder writes under that name.
+    # The ingest is named by the flight key: only the claim holder writes under that name.
     with deps.content.ingest(key) as ing:
         stats = write_layer(src, opts, ing.write, threads=deps.threads, progress=tick)
         # Leased before it is published (containerd ties an ingest to its lease): GC running

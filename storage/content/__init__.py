@@ -121,6 +121,16 @@ class ContentStore(BlobReader, BlobWriter, Protocol):
         given: a new holder of a ref's lease drops a dead holder's uploads); returns how many."""
         ...
 
+    def sweep_orphans(self) -> int:
+        """Remove leftover ingests whose writer is known to be dead (local: its process is gone);
+        returns how many. A store that cannot tell removes none (``sweep`` by age gets them)."""
+        ...
+
+    def pinned(self) -> set[str]:
+        """Digests the store itself keeps alive, whatever the records say (GC roots; local: all
+        that the layout's ``index.json`` reaches)."""
+        ...
+
     def quarantine(self, digest: str, *, reason: str = "") -> str | None:
         """Move a blob aside (local ``.blobchain/quarantine/``, S3 ``quarantine/``), out of
         every reader's and GC's sight; returns where it went, None if it was absent."""

@@ -31,12 +31,13 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from blobchain.layers.errors import (
     BlobchainError,
     DigestMismatch,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     StoreFull,
     Unavailable,
@@ -46,7 +47,7 @@ from blobchain.storage.content import BlobInfo, ingest_tag
 from blobchain.storage.content.verified import VerifyingReader, drain_verified
 from blobchain.storage.sqlite_util import ProcessConnection, is_full
 
-__all__ = ["LocalContentStore", "LocalIngest"]
+__all__ = ["LocalContentStore", "LocalIngest", "layout_digests"]
 
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -476,6 +477,10 @@ class LocalContentStore:
                 continue
         return removed
 
+    def pinned(self) -> set[str]:
+        """Everything the layout's ``index.json`` reaches: exported images survive GC."""
+        return layout_digests(self)
+
     def close(self) -> None:
         self._labels.close()
 
@@ -519,3 +524,74 @@ class LocalContentStore:
             raise
         with contextlib.suppress(FileNotFoundError):
             self._labels.set_fingerprint(digest, _fingerprint(final.stat()))
+
+
+# Descriptors worth opening to follow further (everything else is a leaf: config, layer, ...).
+_TRAVERSABLE = frozenset(
+    {
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    }
+)
+
+
+def layout_digests(store: LocalContentStore) -> set[str]:
+    """Digests reachable from the layout's ``index.json`` (empty if there is none).
+
+    An unreadable index or manifest raises FailedPrecondition: deleting without knowing what the
+    exported images need would be worse than not collecting.
+    """
+    index_path = store.root / "index.json"
+    try:
+        index = _json_doc(index_path.read_bytes(), str(index_path))
+    except FileNotFoundError:
+        return set()
+    seen: set[str] = set()
+    stack: list[Any] = list(_children(index, str(index_path)))
+    while stack:
+        desc = stack.pop()
+        if not isinstance(desc, dict):
+            continue
+        digest = desc.get("digest")
+        try:
+            check_digest(digest)  # type: ignore[arg-type]
+        except InvalidArgument:
+            continue  # another algorithm, or junk: nothing our store could hold
+        if digest in seen:
+            continue
+        seen.add(digest)
+        if desc.get("mediaType") not in _TRAVERSABLE:
+            continue
+        try:
+            with store.open(digest) as f:
+                doc = _json_doc(f.read(), digest)
+        except NotFound:
+            continue  # the layout points at a blob it lacks; nothing below it to keep
+        stack.extend(_children(doc, digest))
+    return seen
+
+
+def _json_doc(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise FailedPrecondition(
+            f"cannot collect garbage: {where} is not valid JSON ({e})", path=where
+        ) from e
+    if not isinstance(doc, dict):
+        raise FailedPrecondition(f"cannot collect garbage: {where} is not a JSON object", path=where)
+    return doc
+
+
+def _children(doc: dict[str, Any], where: str) -> list[Any]:
+    out: list[Any] = []
+    for key in ("manifests", "layers", "blobs"):
+        items = doc.get(key)
+        if isinstance(items, list):
+            out.extend(items)
+    for key in ("config", "subject"):
+        if isinstance(doc.get(key), dict):
+            out.append(doc[key])
+    return out

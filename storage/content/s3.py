@@ -52,6 +52,7 @@ from blobchain.layers.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    register,
 )
 from blobchain.layers.records import check_digest
 from blobchain.storage.content import BlobInfo, ingest_tag
@@ -84,6 +85,7 @@ _AUTH_CODES = frozenset(
 _RETRY_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"})
 
 
+@register
 class S3AccessDenied(FailedPrecondition):
     """The endpoint rejected our credentials or permissions; fix the configuration, don't retry."""
 
@@ -402,6 +404,14 @@ class S3ContentStore:
         return removed
 
     # --- internals ----------------------------------------------------------------------------
+
+    def sweep_orphans(self) -> int:
+        # An upload's writer may run on any host: whether it is alive is not knowable here. A
+        # new claim holder sweeps a dead holder's uploads (``sweep(ref=...)``), GC the old ones.
+        return 0
+
+    def pinned(self) -> set[str]:
+        return set()  # no layout index in the bucket: the records and manifests are the roots
 
     def _head(self, key: str) -> dict[str, Any] | None:
         resp = self._call("head_object", absent_ok=True, Bucket=self.bucket, Key=key)

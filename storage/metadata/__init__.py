@@ -11,11 +11,11 @@ Rules shared by every implementation (embedded SQLite, Redis), each done atomica
 - ``mark_damaged(ref, digest)``: records that the ref's blob ``digest`` was found corrupt (it is
   then in ``RefRecord.damaged``); ``set_blob`` of a blob with that digest (the rebuild) or
   ``clear_damaged`` (a full re-verification passed) removes the mark. Unknown ref: RefNotFound.
-- ``token``: when given, the write happens only if the lock service still holds that lease token
-  for ``lease_key`` (default: the ref id) (fencing); otherwise LeaseLost. Embedded stores may
+- ``token``: when given, the write happens only if the claim service still holds that claim token
+  for ``claim_key`` (default: the ref id) (fencing); otherwise ClaimLost. Embedded stores may
   ignore it (their file locks die with their holder).
 
-Leases (``LeaseStore``) hold blobs against GC while they are being written or referenced.
+GC leases are another contract: :mod:`blobchain.storage.leases`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Protocol, runtime_checkable
 
 from blobchain.layers.records import LayerBlob, RefRecord, RefSpec
 
-__all__ = ["LeaseStore", "MetadataStore"]
+__all__ = ["MetadataStore"]
 
 
 @runtime_checkable
@@ -35,9 +35,9 @@ class MetadataStore(Protocol):
     def register(self, spec: RefSpec) -> RefRecord: ...
 
     def set_blob(
-        self, ref_id: str, blob: LayerBlob, *, token: str | None = None, lease_key: str | None = None
+        self, ref_id: str, blob: LayerBlob, *, token: str | None = None, claim_key: str | None = None
     ) -> RefRecord:
-        """``token``/``lease_key``: fence the write on that lock lease (see the module doc)."""
+        """``token``/``claim_key``: fence the write on that claim (see the module doc)."""
         ...
 
     def set_chain(self, ref_id: str, chain_id: str, blob_chain_id: str) -> RefRecord: ...
@@ -54,15 +54,3 @@ class MetadataStore(Protocol):
 
     def manifest_digests(self) -> set[str]: ...
 
-
-@runtime_checkable
-class LeaseStore(Protocol):
-    def create_lease(self, lease_id: str, ttl_s: float) -> None: ...
-
-    def add_resource(self, lease_id: str, digest: str) -> None: ...
-
-    def delete_lease(self, lease_id: str) -> None: ...
-
-    def live_digests(self) -> set[str]:
-        """Digests referenced by leases that have not expired."""
-        ...

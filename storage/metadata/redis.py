@@ -1,4 +1,4 @@
-"""Per-ref records, GC leases and manifests in Redis; every rule of the contract in one Lua script.
+"""Per-ref records and manifests in Redis; every write one Lua script.
 
 Layout (``P`` = prefix, default ``blobchain:``):
 
@@ -7,19 +7,17 @@ Layout (``P`` = prefix, default ``blobchain:``):
   main included), ``chain_id``, ``blob_chain_id``, ``dmg:<digest>`` markers (blobs found corrupt,
   until rebuilt or re-verified).
 - ``P refs``: the set of ref ids (so listing never SCANs the keyspace).
-- ``P lease:<key>``: the single-flight lease token (written by ``RedisLockService``); writes given
+- ``P lease:<key>``: the single-flight claim token (written by ``RedisClaimService``); writes given
   ``token=`` are fenced on it.
-- ``P gcleases``: ZSET lease id -> expiry (ms, Redis server clock); ``P gclease:<id>``: its digests.
 - ``P manifests``: hash manifest name -> JSON list of digests.
 
-Scripts touch keys computed from the prefix (GC leases), so this targets a single Redis node, not
+GC leases live in :mod:`blobchain.storage.leases.redis`. This targets a single Redis node, not
 Redis Cluster.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -29,17 +27,17 @@ from blobchain.layers.errors import (
     Conflict,
     ConflictingParent,
     InvalidArgument,
-    LeaseLost,
-    MissingLease,
     RefNotFound,
 )
 from blobchain.layers.records import LayerBlob, RefRecord, RefSpec, check_digest
-from blobchain.storage.locks.redis import LUA_NOW, describe_redis, lease_key, redis_errors
+from blobchain.storage.claims import ClaimLost
+from blobchain.storage.claims.redis import claim_key
+from blobchain.storage.redis_util import describe_redis, redis_errors
 
 __all__ = ["RedisMetadataStore"]
 
-# Shared head of the write scripts: KEYS[1] = ref hash, KEYS[2] = lease key; ARGV[1] = fencing
-# token ('' = unfenced), ARGV[2] = '1' to release the lease in the same step.
+# Shared head of the write scripts: KEYS[1] = ref hash, KEYS[2] = claim key; ARGV[1] = fencing
+# token ('' = unfenced), ARGV[2] = '1' to release the claim in the same step.
 _FENCE = """
 local token = ARGV[1]
 if token ~= '' and redis.call('GET', KEYS[2]) ~= token then
@@ -123,53 +121,6 @@ end
     + _DONE
 )
 
-# KEYS[1] = gc lease zset; ARGV[1] = lease id, ARGV[2] = ttl ms, ARGV[3] = lease set key.
-_CREATE_LEASE = (
-    LUA_NOW
-    + """
-local exp = now + tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], exp, ARGV[1])
-if redis.call('EXISTS', ARGV[3]) == 1 then
-  redis.call('PEXPIREAT', ARGV[3], exp)
-end
-return exp
-"""
-)
-
-# KEYS[1] = gc lease zset, KEYS[2] = lease set; ARGV[1] = lease id, ARGV[2] = digest.
-_ADD_RESOURCE = (
-    LUA_NOW
-    + """
-local exp = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if (not exp) or tonumber(exp) <= now then
-  return 0
-end
-redis.call('SADD', KEYS[2], ARGV[2])
-redis.call('PEXPIREAT', KEYS[2], exp)
-return 1
-"""
-)
-
-# KEYS[1] = gc lease zset; ARGV[1] = lease set key prefix. Drops expired leases, returns live digests.
-_LIVE = (
-    LUA_NOW
-    + """
-local dead = redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE')
-for _, id in ipairs(dead) do
-  redis.call('DEL', ARGV[1] .. id)
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local out = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], '(' .. now, '+inf', 'BYSCORE')) do
-  for _, d in ipairs(redis.call('SMEMBERS', ARGV[1] .. id)) do
-    table.insert(out, d)
-  end
-end
-return out
-"""
-)
-
-
 # KEYS[1] = ref key prefix; ARGV[1] = ref id, ARGV[2] = most refs to return. Walks parent links
 # server-side: a ref's whole ancestry in one round trip, whatever the chain's depth.
 _CHAIN_SPECS = """
@@ -217,7 +168,7 @@ def _record(flat: Sequence[Any]) -> RefRecord:
 
 
 class RedisMetadataStore:
-    """:class:`MetadataStore` + :class:`LeaseStore` on one Redis node (redis-py client passed in)."""
+    """:class:`MetadataStore` on one Redis node (redis-py client passed in)."""
 
     def __init__(self, client: redis.Redis, prefix: str = "blobchain:") -> None:
         self.client = client
@@ -226,9 +177,6 @@ class RedisMetadataStore:
         self._set_blob = client.register_script(_SET_BLOB)
         self._set_chain = client.register_script(_SET_CHAIN)
         self._damaged = client.register_script(_DAMAGED)
-        self._create_lease = client.register_script(_CREATE_LEASE)
-        self._add_resource = client.register_script(_ADD_RESOURCE)
-        self._live = client.register_script(_LIVE)
         self._chain_specs = client.register_script(_CHAIN_SPECS)
 
     # --- keys ---------------------------------------------------------------------------------
@@ -239,13 +187,6 @@ class RedisMetadataStore:
     @property
     def _refs(self) -> str:
         return f"{self.prefix}refs"
-
-    @property
-    def _gcleases(self) -> str:
-        return f"{self.prefix}gcleases"
-
-    def _gclease(self, lease_id: str) -> str:
-        return f"{self.prefix}gclease:{lease_id}"
 
     @property
     def _manifests(self) -> str:
@@ -303,14 +244,14 @@ class RedisMetadataStore:
         blob: LayerBlob,
         *,
         token: str | None = None,
-        lease_key: str | None = None,
+        claim_key: str | None = None,
         release: bool = False,
     ) -> RefRecord:
         """Add a blob (first = main, other variants appended; different diffID -> Conflict).
 
-        With ``token``, the write is fenced on the lease of ``lease_key`` (default: the ref id)
-        and raises LeaseLost if that lease is not held by ``token``; ``release=True`` deletes the
-        lease in the same atomic step (commit-and-release).
+        With ``token``, the write is fenced on the claim of ``claim_key`` (default: the ref id)
+        and raises ClaimLost if that claim is not held by ``token``; ``release=True`` deletes the
+        claim in the same atomic step (commit-and-release).
         """
         check_digest(blob.digest)
         check_digest(blob.diff_id)
@@ -321,7 +262,7 @@ class RedisMetadataStore:
             "set blob",
             ref_id,
             token,
-            lease_key,
+            claim_key,
             release,
             [_canon(blob.to_dict()), blob.diff_id, blob.variant, blob.digest],
         )
@@ -341,14 +282,14 @@ class RedisMetadataStore:
         blob_chain_id: str,
         *,
         token: str | None = None,
-        lease_key: str | None = None,
+        claim_key: str | None = None,
         release: bool = False,
     ) -> RefRecord:
         """Set the chain IDs once (an already set chain ID is kept and returned). Fencing as set_blob."""
         check_digest(chain_id)
         check_digest(blob_chain_id)
         out = self._write(
-            self._set_chain, "set chain", ref_id, token, lease_key, release, [chain_id, blob_chain_id]
+            self._set_chain, "set chain", ref_id, token, claim_key, release, [chain_id, blob_chain_id]
         )
         return _record(out[1:])
 
@@ -372,15 +313,15 @@ class RedisMetadataStore:
     ) -> list[Any]:
         if token is not None and not token:
             raise InvalidArgument("empty fencing token", ref=ref_id)
-        keys = [self._ref(ref_id), lease_key(self.prefix, lkey if lkey is not None else ref_id)]
+        keys = [self._ref(ref_id), claim_key(self.prefix, lkey if lkey is not None else ref_id)]
         with redis_errors(self.client, f"{what} for ref {ref_id}"):
             out = script(keys=keys, args=[token or "", "1" if release else "0", *args])
         status = _s(out[0])
         if status == "lease_lost":
-            raise LeaseLost(
-                f"{what} for ref {ref_id} refused: the lease is no longer held by this worker",
+            raise ClaimLost(
+                f"{what} for ref {ref_id} refused: the claim is no longer held by this worker",
                 ref=ref_id,
-                lease_key=lkey if lkey is not None else ref_id,
+                claim_key=lkey if lkey is not None else ref_id,
             )
         if status == "not_found":
             raise RefNotFound(f"ref {ref_id} is not registered", ref=ref_id)
@@ -415,39 +356,6 @@ class RedisMetadataStore:
         with redis_errors(self.client, "read manifests"):
             vals = self.client.hvals(self._manifests)
         return {d for v in vals for d in json.loads(_s(v))}
-
-    # --- GC leases ----------------------------------------------------------------------------
-
-    def create_lease(self, lease_id: str, ttl_s: float) -> None:
-        """Create or extend a GC lease to expire ``ttl_s`` from now (Redis server clock)."""
-        if not lease_id:
-            raise InvalidArgument("lease id must not be empty")
-        if not isinstance(ttl_s, (int, float)) or math.isnan(ttl_s) or ttl_s < 0:
-            raise InvalidArgument(f"invalid lease ttl {ttl_s!r}", lease=lease_id)
-        with redis_errors(self.client, f"create lease {lease_id}"):
-            self._create_lease(
-                keys=[self._gcleases],
-                args=[lease_id, round(ttl_s * 1000), self._gclease(lease_id)],
-            )
-
-    def add_resource(self, lease_id: str, digest: str) -> None:
-        check_digest(digest)
-        with redis_errors(self.client, f"add {digest} to lease {lease_id}"):
-            ok = self._add_resource(keys=[self._gcleases, self._gclease(lease_id)], args=[lease_id, digest])
-        if not int(ok):
-            raise MissingLease(f"lease {lease_id} does not exist or has expired", lease=lease_id)
-
-    def delete_lease(self, lease_id: str) -> None:
-        with redis_errors(self.client, f"delete lease {lease_id}"):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.zrem(self._gcleases, lease_id)
-            pipe.delete(self._gclease(lease_id))
-            pipe.execute()
-
-    def live_digests(self) -> set[str]:
-        with redis_errors(self.client, "read live leases"):
-            out = self._live(keys=[self._gcleases], args=[f"{self.prefix}gclease:"])
-        return {_s(d) for d in out}
 
     def __repr__(self) -> str:
         return f"RedisMetadataStore({describe_redis(self.client)!r}, prefix={self.prefix!r})"

@@ -1,4 +1,5 @@
-"""The embedded metadata store: one SQLite file holding ref records, manifests and leases.
+"""The embedded metadata store: one SQLite file holding ref records and manifests (GC leases
+share the file: :mod:`blobchain.storage.leases.sqlite`).
 
 WAL journal with ``synchronous=FULL``, so a crash leaves either no record or a whole one. Every
 write is a single ``BEGIN IMMEDIATE`` transaction that reads, checks the rules of
@@ -9,12 +10,10 @@ database lock (waiting up to the busy timeout) and never interleave a read-modif
 from __future__ import annotations
 
 import json
-import math
 import os
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from blobchain.layers.errors import (
     ConflictingParent,
     FailedPrecondition,
     InvalidArgument,
-    MissingLease,
     RefNotFound,
     StoreFull,
     Unavailable,
@@ -62,16 +60,6 @@ CREATE TABLE manifest_blobs (
     digest TEXT NOT NULL,
     PRIMARY KEY (name, digest)
 ) WITHOUT ROWID;
-CREATE TABLE leases (
-    lease_id   TEXT PRIMARY KEY,
-    expires_at REAL NOT NULL
-);
-CREATE INDEX leases_expires_at ON leases (expires_at);
-CREATE TABLE lease_resources (
-    lease_id TEXT NOT NULL REFERENCES leases (lease_id) ON DELETE CASCADE,
-    digest   TEXT NOT NULL,
-    PRIMARY KEY (lease_id, digest)
-) WITHOUT ROWID;
 """
 
 # Version 2: digests of a ref's blobs found corrupt, until rebuilt or re-verified.
@@ -89,10 +77,9 @@ def _blob_json(blob: LayerBlob) -> str:
 
 
 class SqliteMetadataStore:
-    """MetadataStore + LeaseStore in one SQLite file (thread- and process-safe).
+    """MetadataStore in one SQLite file (thread- and process-safe).
 
-    ``clock`` gives lease times (wall clock by default, shared across processes). The fencing
-    ``token`` of the contract is accepted and ignored: local locks are kernel-held, and the
+    The fencing ``token`` of the contract is accepted and ignored: local locks are kernel-held, and the
     records are written under the same rules either way.
     """
 
@@ -101,11 +88,9 @@ class SqliteMetadataStore:
         path: str | os.PathLike[str],
         *,
         busy_timeout_s: float = 30.0,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._clock = clock
         self._lock = threading.RLock()
         self._db = ProcessConnection(
             self.path, busy_timeout_s, lambda conn: conn.execute("PRAGMA foreign_keys=ON")
@@ -229,7 +214,7 @@ class SqliteMetadataStore:
             return RefRecord(spec=spec)
 
     def set_blob(
-        self, ref_id: str, blob: LayerBlob, *, token: str | None = None, lease_key: str | None = None
+        self, ref_id: str, blob: LayerBlob, *, token: str | None = None, claim_key: str | None = None
     ) -> RefRecord:
         check_digest(blob.digest)
         check_digest(blob.diff_id)
@@ -324,45 +309,3 @@ class SqliteMetadataStore:
     def manifest_digests(self) -> set[str]:
         with self._tx(write=False) as conn:
             return {d for (d,) in conn.execute("SELECT DISTINCT digest FROM manifest_blobs")}
-
-    # --- leases -------------------------------------------------------------------------------
-
-    def create_lease(self, lease_id: str, ttl_s: float) -> None:
-        """Create a lease, or extend an existing one to ``now + ttl_s`` (its resources kept)."""
-        if not lease_id:
-            raise InvalidArgument("lease id must not be empty")
-        if not isinstance(ttl_s, (int, float)) or math.isnan(ttl_s) or ttl_s < 0:
-            raise InvalidArgument(f"invalid lease ttl {ttl_s!r}", lease=lease_id)
-        now = self._clock()
-        with self._tx(write=True) as conn:
-            # Expired leases protect nothing; dropping them here keeps the table small.
-            conn.execute("DELETE FROM leases WHERE expires_at <= ? AND lease_id != ?", (now, lease_id))
-            conn.execute(
-                "INSERT INTO leases (lease_id, expires_at) VALUES (?, ?)"
-                " ON CONFLICT (lease_id) DO UPDATE SET expires_at = excluded.expires_at",
-                (lease_id, now + ttl_s),
-            )
-
-    def add_resource(self, lease_id: str, digest: str) -> None:
-        check_digest(digest)
-        with self._tx(write=True) as conn:
-            row = conn.execute("SELECT expires_at FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
-            if row is None or row[0] <= self._clock():
-                raise MissingLease(f"lease {lease_id} does not exist or has expired", lease=lease_id)
-            conn.execute(
-                "INSERT OR IGNORE INTO lease_resources (lease_id, digest) VALUES (?, ?)", (lease_id, digest)
-            )
-
-    def delete_lease(self, lease_id: str) -> None:
-        with self._tx(write=True) as conn:
-            conn.execute("DELETE FROM lease_resources WHERE lease_id = ?", (lease_id,))
-            conn.execute("DELETE FROM leases WHERE lease_id = ?", (lease_id,))
-
-    def live_digests(self) -> set[str]:
-        with self._tx(write=False) as conn:
-            rows = conn.execute(
-                "SELECT DISTINCT r.digest FROM lease_resources r JOIN leases l ON l.lease_id = r.lease_id"
-                " WHERE l.expires_at > ?",
-                (self._clock(),),
-            )
-            return {d for (d,) in rows}

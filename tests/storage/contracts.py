@@ -6,9 +6,9 @@ methods of :mod:`blobchain.storage`:
 - :class:`ContentStoreContract` needs ``content_store`` (an empty ContentStore) and
   ``damage_blob`` (``damage_blob(store, digest, data)`` replaces a stored blob's bytes behind the
   store's back, as a disk error or another client would);
-- :class:`MetadataStoreContract` and :class:`LeaseStoreContract` need ``metadata_store`` (an empty
-  store implementing MetadataStore and LeaseStore);
-- :class:`LockServiceContract` needs ``lock_service`` (a LockService with no held keys).
+- :class:`MetadataStoreContract` needs ``metadata_store`` (an empty MetadataStore);
+- :class:`LeaseManagerContract` needs ``lease_manager`` (a LeaseManager with no leases);
+- :class:`ClaimServiceContract` needs ``claim_service`` (a ClaimService with no held keys).
 
 Example::
 
@@ -34,20 +34,20 @@ from blobchain.layers.errors import (
     DigestMismatch,
     FailedPrecondition,
     InvalidArgument,
-    LeaseLost,
     MissingLease,
     NotFound,
     RefNotFound,
 )
 from blobchain.layers.records import DIFF_ID_LABEL, Compression, LayerBlob, RefSpec
+from blobchain.storage.claims import Claim, ClaimLost, ClaimService
 from blobchain.storage.content import BlobInfo, ContentStore, Ingest
-from blobchain.storage.locks import Lease, LockService
-from blobchain.storage.metadata import LeaseStore, MetadataStore
+from blobchain.storage.leases import LeaseManager
+from blobchain.storage.metadata import MetadataStore
 
 __all__ = [
     "ContentStoreContract",
-    "LeaseStoreContract",
-    "LockServiceContract",
+    "LeaseManagerContract",
+    "ClaimServiceContract",
     "MetadataStoreContract",
     "digest_of",
     "layer_blob",
@@ -659,143 +659,143 @@ def _wait_for(cond: Callable[[], bool], timeout_s: float = 20.0) -> bool:
     return cond()
 
 
-class LeaseStoreContract:
-    def test_implements_protocol(self, metadata_store: LeaseStore) -> None:
-        assert isinstance(metadata_store, LeaseStore)
+class LeaseManagerContract:
+    def test_implements_protocol(self, lease_manager: LeaseManager) -> None:
+        assert isinstance(lease_manager, LeaseManager)
 
-    def test_lease_holds_digests(self, metadata_store: LeaseStore) -> None:
+    def test_lease_holds_digests(self, lease_manager: LeaseManager) -> None:
         d1, d2 = digest_of(b"1"), digest_of(b"2")
-        assert metadata_store.live_digests() == set()
-        metadata_store.create_lease("l1", 3600)
-        metadata_store.add_resource("l1", d1)
-        metadata_store.add_resource("l1", d2)
-        metadata_store.add_resource("l1", d2)
-        assert metadata_store.live_digests() == {d1, d2}
-        metadata_store.delete_lease("l1")
-        assert metadata_store.live_digests() == set()
-        metadata_store.delete_lease("l1")  # deleting an absent lease is fine
+        assert lease_manager.live_digests() == set()
+        lease_manager.create_lease("l1", 3600)
+        lease_manager.add_resource("l1", d1)
+        lease_manager.add_resource("l1", d2)
+        lease_manager.add_resource("l1", d2)
+        assert lease_manager.live_digests() == {d1, d2}
+        lease_manager.delete_lease("l1")
+        assert lease_manager.live_digests() == set()
+        lease_manager.delete_lease("l1")  # deleting an absent lease is fine
 
-    def test_digest_in_two_leases(self, metadata_store: LeaseStore) -> None:
+    def test_digest_in_two_leases(self, lease_manager: LeaseManager) -> None:
         d = digest_of(b"shared")
         for lease in ("a", "b"):
-            metadata_store.create_lease(lease, 3600)
-            metadata_store.add_resource(lease, d)
-        metadata_store.delete_lease("a")
-        assert metadata_store.live_digests() == {d}
+            lease_manager.create_lease(lease, 3600)
+            lease_manager.add_resource(lease, d)
+        lease_manager.delete_lease("a")
+        assert lease_manager.live_digests() == {d}
 
-    def test_expired_lease_ignored(self, metadata_store: LeaseStore) -> None:
+    def test_expired_lease_ignored(self, lease_manager: LeaseManager) -> None:
         d_short, d_long = digest_of(b"short"), digest_of(b"long")
-        metadata_store.create_lease("long", 3600)
-        metadata_store.add_resource("long", d_long)
+        lease_manager.create_lease("long", 3600)
+        lease_manager.add_resource("long", d_long)
         # Shorten only after adding: a stall between the calls must not expire it first.
-        metadata_store.create_lease("short", 3600)
-        metadata_store.add_resource("short", d_short)
-        metadata_store.create_lease("short", 0.2)
-        assert _wait_for(lambda: d_short not in metadata_store.live_digests())
-        assert metadata_store.live_digests() == {d_long}
+        lease_manager.create_lease("short", 3600)
+        lease_manager.add_resource("short", d_short)
+        lease_manager.create_lease("short", 0.2)
+        assert _wait_for(lambda: d_short not in lease_manager.live_digests())
+        assert lease_manager.live_digests() == {d_long}
 
-    def test_recreate_extends_lease(self, metadata_store: LeaseStore) -> None:
+    def test_recreate_extends_lease(self, lease_manager: LeaseManager) -> None:
         d = digest_of(b"extended")
-        metadata_store.create_lease("l", 3600)
-        metadata_store.add_resource("l", d)
-        metadata_store.create_lease("l", 7200)
-        assert metadata_store.live_digests() == {d}
+        lease_manager.create_lease("l", 3600)
+        lease_manager.add_resource("l", d)
+        lease_manager.create_lease("l", 7200)
+        assert lease_manager.live_digests() == {d}
 
-    def test_add_resource_to_unknown_lease(self, metadata_store: LeaseStore) -> None:
+    def test_add_resource_to_unknown_lease(self, lease_manager: LeaseManager) -> None:
         with pytest.raises(MissingLease):
-            metadata_store.add_resource("no-such-lease", digest_of(b"x"))
-        assert metadata_store.live_digests() == set()
+            lease_manager.add_resource("no-such-lease", digest_of(b"x"))
+        assert lease_manager.live_digests() == set()
 
-    def test_add_resource_rejects_invalid_digest(self, metadata_store: LeaseStore) -> None:
-        metadata_store.create_lease("l", 3600)
+    def test_add_resource_rejects_invalid_digest(self, lease_manager: LeaseManager) -> None:
+        lease_manager.create_lease("l", 3600)
         with pytest.raises(InvalidArgument):
-            metadata_store.add_resource("l", "sha256:nope")
+            lease_manager.add_resource("l", "sha256:nope")
 
 
-# --- locks --------------------------------------------------------------------------------------
+# --- claims --------------------------------------------------------------------------------------
 
 
-class LockServiceContract:
-    def test_implements_protocol(self, lock_service: LockService) -> None:
-        assert isinstance(lock_service, LockService)
-        lease = lock_service.try_acquire("proto", 30)
-        assert lease is not None
+class ClaimServiceContract:
+    def test_implements_protocol(self, claim_service: ClaimService) -> None:
+        assert isinstance(claim_service, ClaimService)
+        claim = claim_service.try_acquire("proto", 30)
+        assert claim is not None
         try:
-            assert isinstance(lease, Lease)
+            assert isinstance(claim, Claim)
         finally:
-            lease.release()
+            claim.release()
 
-    def test_exclusive_acquire(self, lock_service: LockService) -> None:
-        a = lock_service.try_acquire("ref/a:gzip-6", 30)
+    def test_exclusive_acquire(self, claim_service: ClaimService) -> None:
+        a = claim_service.try_acquire("ref/a:gzip-6", 30)
         assert a is not None and a.key == "ref/a:gzip-6" and a.token
         try:
-            assert lock_service.try_acquire("ref/a:gzip-6", 30) is None
-            other = lock_service.try_acquire("ref/a:zstd-3", 30)
+            assert claim_service.try_acquire("ref/a:gzip-6", 30) is None
+            other = claim_service.try_acquire("ref/a:zstd-3", 30)
             assert other is not None
             other.release()
         finally:
             a.release()
 
-    def test_release_then_reacquire(self, lock_service: LockService) -> None:
-        a = lock_service.try_acquire("k", 30)
+    def test_release_then_reacquire(self, claim_service: ClaimService) -> None:
+        a = claim_service.try_acquire("k", 30)
         assert a is not None
         a.release()
-        b = lock_service.try_acquire("k", 30)
+        b = claim_service.try_acquire("k", 30)
         assert b is not None
         try:
             assert b.token != a.token
         finally:
             b.release()
 
-    def test_holder_reports_token(self, lock_service: LockService) -> None:
-        assert lock_service.holder("k") is None
-        a = lock_service.try_acquire("k", 30)
+    def test_holder_reports_token(self, claim_service: ClaimService) -> None:
+        assert claim_service.holder("k") is None
+        a = claim_service.try_acquire("k", 30)
         assert a is not None
-        assert lock_service.holder("k") == a.token
+        assert claim_service.holder("k") == a.token
         a.release()
-        assert lock_service.holder("k") is None
+        assert claim_service.holder("k") is None
 
-    def test_release_is_idempotent(self, lock_service: LockService) -> None:
-        a = lock_service.try_acquire("k", 30)
+    def test_release_is_idempotent(self, claim_service: ClaimService) -> None:
+        a = claim_service.try_acquire("k", 30)
         assert a is not None
         a.release()
         a.release()
-        b = lock_service.try_acquire("k", 30)
+        b = claim_service.try_acquire("k", 30)
         assert b is not None
-        a.release()  # a stale lease's release must not free someone else's
-        assert lock_service.holder("k") == b.token
-        assert lock_service.try_acquire("k", 30) is None
+        a.release()  # a stale claim's release must not free someone else's
+        assert claim_service.holder("k") == b.token
+        assert claim_service.try_acquire("k", 30) is None
         b.release()
 
-    def test_refresh_while_held(self, lock_service: LockService) -> None:
-        a = lock_service.try_acquire("k", 30)
+    def test_refresh_while_held(self, claim_service: ClaimService) -> None:
+        a = claim_service.try_acquire("k", 30)
         assert a is not None
         a.refresh()
         a.refresh()
-        assert lock_service.holder("k") == a.token
+        assert claim_service.holder("k") == a.token
         a.release()
 
-    def test_refresh_after_release_raises(self, lock_service: LockService) -> None:
-        a = lock_service.try_acquire("k", 30)
+    def test_refresh_after_release_raises(self, claim_service: ClaimService) -> None:
+        a = claim_service.try_acquire("k", 30)
         assert a is not None
         a.release()
-        with pytest.raises(LeaseLost):
+        with pytest.raises(ClaimLost):
             a.refresh()
 
-    def test_odd_keys(self, lock_service: LockService) -> None:
+    def test_odd_keys(self, claim_service: ClaimService) -> None:
         keys = ["a/b/../c", "ü-ß:zstd-22@sde=0", "x" * 1000, "sha256:" + "0" * 64]
-        leases = [lock_service.try_acquire(k, 30) for k in keys]
+        claims = [claim_service.try_acquire(k, 30) for k in keys]
         try:
-            assert all(lease is not None for lease in leases)
-            assert [lock_service.holder(k) for k in keys] == [lease.token for lease in leases if lease]
+            assert all(claim is not None for claim in claims)
+            assert [claim_service.holder(k) for k in keys] == [claim.token for claim in claims if claim]
         finally:
-            for lease in leases:
-                if lease:
-                    lease.release()
+            for claim in claims:
+                if claim:
+                    claim.release()
 
-    def test_threads_race_single_winner(self, lock_service: LockService) -> None:
-        leases = _race(THREADS, lambda i: lock_service.try_acquire("contended", 30))
-        winners = [lease for lease in leases if lease is not None]
+    def test_threads_race_single_winner(self, claim_service: ClaimService) -> None:
+        claims = _race(THREADS, lambda i: claim_service.try_acquire("contended", 30))
+        winners = [claim for claim in claims if claim is not None]
         assert len(winners) == 1
-        assert lock_service.holder("contended") == winners[0].token
+        assert claim_service.holder("contended") == winners[0].token
         winners[0].release()

@@ -15,6 +15,7 @@ from blobchain.layers.errors import FailedPrecondition
 from blobchain.layers.records import LayerBlob, RefSpec
 from blobchain.storage.content.local import LocalContentStore
 from blobchain.storage.gc import GCReport, collect_garbage
+from blobchain.storage.leases.sqlite import SqliteLeaseManager
 from blobchain.storage.metadata.sqlite import SqliteMetadataStore
 
 from .contracts import digest_of, payload
@@ -29,6 +30,7 @@ LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 class Env:
     content: LocalContentStore
     meta: SqliteMetadataStore
+    leases: SqliteLeaseManager
     skew: float = 0.0  # added to the lease clock, to expire leases without waiting
 
     def put(self, data: bytes) -> str:
@@ -44,13 +46,13 @@ class Env:
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     content = LocalContentStore(tmp_path / "layout")
-    env = Env(content, None)  # type: ignore[arg-type]
-    env.meta = SqliteMetadataStore(
-        tmp_path / "layout" / ".blobchain" / "metadata.db", clock=lambda: time.time() + env.skew
-    )
+    db = tmp_path / "layout" / ".blobchain" / "metadata.db"
+    env = Env(content, SqliteMetadataStore(db), None)  # type: ignore[arg-type]  # the clock needs env
+    env.leases = SqliteLeaseManager(db, clock=lambda: time.time() + env.skew)
     yield env
     content.close()
     env.meta.close()
+    env.leases.close()
 
 
 def _blob(digest: str, size: int, variant: str) -> LayerBlob:
@@ -72,8 +74,8 @@ def _populate(env: Env) -> tuple[set[str], dict[str, int]]:
     keep.add(recorded)
     # A live lease (a writer mid-way).
     leased = env.put(b"leased")
-    env.meta.create_lease("writer", 3600)
-    env.meta.add_resource("writer", leased)
+    env.leases.create_lease("writer", 3600)
+    env.leases.add_resource("writer", leased)
     keep.add(leased)
     # An exported image, reachable only through index.json: index -> nested index -> manifest.
     layer, config = env.put(b"exported layer"), env.put(b"{}")
@@ -102,23 +104,23 @@ def _populate(env: Env) -> tuple[set[str], dict[str, int]]:
     # Garbage: unreferenced, and a blob whose lease has expired.
     garbage = {env.put(payload(1, 5000)): 5000, env.put(payload(2, 777)): 777}
     expired = env.put(b"expired lease")
-    env.meta.create_lease("gone", 60)
-    env.meta.add_resource("gone", expired)
+    env.leases.create_lease("gone", 60)
+    env.leases.add_resource("gone", expired)
     env.skew = 120.0  # two minutes later: "gone" has expired, "writer" has not
-    assert env.meta.live_digests() == {leased}
+    assert env.leases.live_digests() == {leased}
     garbage[expired] = len(b"expired lease")
     return keep, garbage
 
 
 def test_keeps_every_root_and_deletes_the_rest(env: Env) -> None:
     keep, garbage = _populate(env)
-    report = collect_garbage(env.content, env.meta)
+    report = collect_garbage(env.content, env.meta, env.leases)
     assert report == GCReport(kept=len(keep), deleted=sorted(garbage), freed_bytes=sum(garbage.values()))
     assert set(env.content.list_digests()) == keep
     for d in keep:
         with env.content.open(d) as f:
             assert digest_of(f.read()) == d
-    again = collect_garbage(env.content, env.meta)
+    again = collect_garbage(env.content, env.meta, env.leases)
     assert again == GCReport(kept=len(keep), deleted=[], freed_bytes=0)
 
 
@@ -128,7 +130,7 @@ def test_dry_run_deletes_nothing(env: Env) -> None:
     old_ingest = env.content.ingest_dir / "old.tmp"
     old_ingest.write_bytes(b"x")
     os.utime(old_ingest, (time.time() - 3 * 86400,) * 2)
-    report = collect_garbage(env.content, env.meta, dry_run=True)
+    report = collect_garbage(env.content, env.meta, env.leases, dry_run=True)
     assert report.deleted == sorted(garbage)
     assert report.freed_bytes == sum(garbage.values())
     assert report.kept == len(keep)
@@ -138,18 +140,18 @@ def test_dry_run_deletes_nothing(env: Env) -> None:
 
 def test_lease_release_makes_blob_collectable(env: Env) -> None:
     d = env.put(b"temporarily held")
-    env.meta.create_lease("l", 3600)
-    env.meta.add_resource("l", d)
-    assert collect_garbage(env.content, env.meta).deleted == []
-    env.meta.delete_lease("l")
-    assert collect_garbage(env.content, env.meta).deleted == [d]
+    env.leases.create_lease("l", 3600)
+    env.leases.add_resource("l", d)
+    assert collect_garbage(env.content, env.meta, env.leases).deleted == []
+    env.leases.delete_lease("l")
+    assert collect_garbage(env.content, env.meta, env.leases).deleted == [d]
 
 
 def test_grace_spares_young_blobs(env: Env) -> None:
     young, old = env.put(b"young"), env.put(b"old")
     past = time.time() - 7200
     os.utime(env.content.blob_path(old), (past, past))
-    report = collect_garbage(env.content, env.meta, grace_s=3600)
+    report = collect_garbage(env.content, env.meta, env.leases, grace_s=3600)
     assert report.deleted == [old]
     assert list(env.content.list_digests()) == [young]
 
@@ -159,7 +161,7 @@ def test_recommit_refreshes_grace(env: Env) -> None:
     past = time.time() - 7200
     os.utime(env.content.blob_path(d), (past, past))
     env.put(b"deduplicated")  # a writer committed the same bytes again just now
-    assert collect_garbage(env.content, env.meta, grace_s=3600).deleted == []
+    assert collect_garbage(env.content, env.meta, env.leases, grace_s=3600).deleted == []
 
 
 def test_sweeps_only_old_ingests(env: Env) -> None:
@@ -167,7 +169,7 @@ def test_sweeps_only_old_ingests(env: Env) -> None:
     old.write_bytes(b"left by a killed writer")
     fresh.write_bytes(b"in flight")
     os.utime(old, (time.time() - 2 * 86400,) * 2)
-    collect_garbage(env.content, env.meta)
+    collect_garbage(env.content, env.meta, env.leases)
     assert not old.exists()
     assert fresh.exists()
 
@@ -177,7 +179,7 @@ def test_unreadable_index_refuses_to_collect(env: Env, index: bytes) -> None:
     garbage = env.put(b"would be garbage")
     (env.content.root / "index.json").write_bytes(index)
     with pytest.raises(FailedPrecondition, match=r"index\.json"):
-        collect_garbage(env.content, env.meta)
+        collect_garbage(env.content, env.meta, env.leases)
     assert list(env.content.list_digests()) == [garbage]
 
 
@@ -187,5 +189,5 @@ def test_unreadable_manifest_refuses_to_collect(env: Env) -> None:
     index = {"schemaVersion": 2, "manifests": [{"mediaType": MANIFEST, "digest": bad, "size": 14}]}
     (env.content.root / "index.json").write_text(json.dumps(index))
     with pytest.raises(FailedPrecondition):
-        collect_garbage(env.content, env.meta)
+        collect_garbage(env.content, env.meta, env.leases)
     assert len(list(env.content.list_digests())) == 2

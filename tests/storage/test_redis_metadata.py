@@ -1,4 +1,4 @@
-"""RedisMetadataStore against a real redis-server: the conformance suites, fencing with lease
+"""RedisMetadataStore against a real redis-server: the conformance suites, fencing with claim
 tokens, atomicity across processes, and outages (Redis stopped or restarted mid-test)."""
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from services import RedisService
 
-from blobchain.layers.errors import LeaseLost, Unavailable
+from blobchain.layers.errors import Unavailable
 from blobchain.layers.records import RefSpec
-from blobchain.storage.locks.redis import RedisAuthError, RedisLockService
+from blobchain.storage.claims import ClaimLost
+from blobchain.storage.claims.redis import RedisClaimService
 from blobchain.storage.metadata.redis import RedisMetadataStore
+from blobchain.storage.redis_util import RedisAuthError
 
 from . import expect_line, spawn_python
-from .contracts import LeaseStoreContract, MetadataStoreContract, digest_of, layer_blob
+from .contracts import MetadataStoreContract, digest_of, layer_blob
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +31,7 @@ def metadata_store(redis_client: Any, redis_prefix: str) -> RedisMetadataStore:
     return RedisMetadataStore(redis_client, redis_prefix)
 
 
-class TestRedisMetadataStore(MetadataStoreContract, LeaseStoreContract):
+class TestRedisMetadataStore(MetadataStoreContract):
     pass
 
 
@@ -48,12 +50,8 @@ def test_keys_stay_under_the_prefix(metadata_store: RedisMetadataStore, redis_cl
     metadata_store.register(RefSpec("r1", "/s"))
     metadata_store.set_blob("r1", layer_blob(1))
     metadata_store.put_manifest("m", [digest_of(b"m")])
-    metadata_store.create_lease("l", 60)
-    metadata_store.add_resource("l", digest_of(b"x"))
     keys = sorted(k.decode() for k in redis_client.keys("*"))
-    assert keys == sorted([f"{p}ref:r1", f"{p}refs", f"{p}manifests", f"{p}gcleases", f"{p}gclease:l"])
-    # The lease set expires with its lease (no leak if nobody calls live_digests again).
-    assert 0 < redis_client.pttl(f"{p}gclease:l") <= 60_000
+    assert keys == sorted([f"{p}ref:r1", f"{p}refs", f"{p}manifests"])
 
 
 def test_prefixes_isolate_stores(redis_client: Any) -> None:
@@ -83,53 +81,53 @@ def test_decode_responses_client_works_too(
 
 
 def test_fenced_writes_need_the_current_lease(metadata_store: RedisMetadataStore, redis_client: Any) -> None:
-    locks = RedisLockService(redis_client, metadata_store.prefix)
+    claims = RedisClaimService(redis_client, metadata_store.prefix)
     metadata_store.register(RefSpec("r", "/s"))
-    mine = locks.try_acquire("r", 30)
+    mine = claims.try_acquire("r", 30)
     assert mine is not None
     rec = metadata_store.set_blob("r", layer_blob(1), token=mine.token)
     assert rec.blob == layer_blob(1)
 
     # We stall past the TTL (shortened here); another worker takes the lease over.
     redis_client.pexpire(mine.redis_key, 50)
-    wait_for(lambda: locks.holder("r") is None)
-    thief = locks.try_acquire("r", 30)
+    wait_for(lambda: claims.holder("r") is None)
+    thief = claims.try_acquire("r", 30)
     assert thief is not None
     before = metadata_store.get("r")
-    with pytest.raises(LeaseLost):
+    with pytest.raises(ClaimLost):
         metadata_store.set_blob("r", layer_blob(1, "zstd-3", diff_seed=1), token=mine.token)
-    with pytest.raises(LeaseLost):
+    with pytest.raises(ClaimLost):
         metadata_store.set_chain("r", digest_of(b"c"), digest_of(b"b"), token=mine.token)
     assert metadata_store.get("r") == before  # nothing written
 
     # The current holder writes, and can commit-and-release in one step.
     rec = metadata_store.set_chain("r", digest_of(b"c"), digest_of(b"b"), token=thief.token, release=True)
     assert rec.chain_id == digest_of(b"c")
-    assert locks.holder("r") is None
-    with pytest.raises(LeaseLost):  # released: the token fences nothing any more
+    assert claims.holder("r") is None
+    with pytest.raises(ClaimLost):  # released: the token fences nothing any more
         metadata_store.set_blob("r", layer_blob(1, "zstd-3", diff_seed=1), token=thief.token)
 
 
 def test_fencing_on_a_named_lease_key(metadata_store: RedisMetadataStore, redis_client: Any) -> None:
     # Workers lease a flight key (ref + variant), not the bare ref id.
-    locks = RedisLockService(redis_client, metadata_store.prefix)
+    claims = RedisClaimService(redis_client, metadata_store.prefix)
     metadata_store.register(RefSpec("r", "/s"))
-    lease = locks.try_acquire("r/gzip-6", 30)
+    lease = claims.try_acquire("r/gzip-6", 30)
     assert lease is not None
-    with pytest.raises(LeaseLost):  # default lease key is the ref id, which nobody holds
+    with pytest.raises(ClaimLost):  # default lease key is the ref id, which nobody holds
         metadata_store.set_blob("r", layer_blob(1), token=lease.token)
-    rec = metadata_store.set_blob("r", layer_blob(1), token=lease.token, lease_key="r/gzip-6", release=True)
+    rec = metadata_store.set_blob("r", layer_blob(1), token=lease.token, claim_key="r/gzip-6", release=True)
     assert rec.blob == layer_blob(1)
-    assert locks.holder("r/gzip-6") is None
+    assert claims.holder("r/gzip-6") is None
 
 
 def test_unfenced_writes_ignore_leases(metadata_store: RedisMetadataStore, redis_client: Any) -> None:
-    locks = RedisLockService(redis_client, metadata_store.prefix)
+    claims = RedisClaimService(redis_client, metadata_store.prefix)
     metadata_store.register(RefSpec("r", "/s"))
-    held = locks.try_acquire("r", 30)
+    held = claims.try_acquire("r", 30)
     assert held is not None
     assert metadata_store.set_blob("r", layer_blob(1)).blob == layer_blob(1)
-    assert locks.holder("r") == held.token  # and a write without release leaves the lease alone
+    assert claims.holder("r") == held.token  # and a write without release leaves the lease alone
 
 
 # --- atomicity across processes -----------------------------------------------------------------
@@ -140,6 +138,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from blobchain.storage.metadata.redis import RedisMetadataStore
+from blobchain.storage.redis_util import RedisAuthError
 url, prefix, i = sys.argv[1], sys.argv[2], int(sys.argv[3])
 store = RedisMetadataStore(redis.Redis.from_url(url), prefix)
 chain = "sha256:" + f"{i:064x}"
@@ -182,10 +181,6 @@ def _every_operation(store: RedisMetadataStore) -> list[Callable[[], object]]:
         lambda: list(store.list_refs()),
         lambda: store.put_manifest("m", [digest_of(b"m")]),
         lambda: store.manifest_digests(),
-        lambda: store.create_lease("l", 60),
-        lambda: store.add_resource("l", digest_of(b"x")),
-        lambda: store.delete_lease("l"),
-        lambda: store.live_digests(),
     ]
 
 
@@ -203,9 +198,6 @@ def test_redis_down_is_unavailable_then_recovers(private_redis: RedisService) ->
     assert store.get("r") is None
     store.register(RefSpec("r", "/s"))
     assert store.set_blob("r", layer_blob(1)).blob == layer_blob(1)
-    store.create_lease("l", 60)
-    store.add_resource("l", digest_of(b"x"))
-    assert store.live_digests() == {digest_of(b"x")}
 
 
 def test_redis_restart_mid_run(private_redis: RedisService) -> None:

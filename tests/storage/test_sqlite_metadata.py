@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from blobchain.layers.errors import FailedPrecondition, MissingLease, StoreFull
+from blobchain.layers.errors import FailedPrecondition, StoreFull
 from blobchain.layers.records import RefSpec
 from blobchain.storage.metadata.sqlite import SCHEMA_VERSION, SqliteMetadataStore
 
 from . import expect_line, spawn_python, tmpfs
-from .contracts import LeaseStoreContract, MetadataStoreContract, digest_of, layer_blob
+from .contracts import MetadataStoreContract, digest_of, layer_blob
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def metadata_store(tmp_path: Path) -> Iterator[SqliteMetadataStore]:
     store.close()
 
 
-class TestSqliteMetadataStore(MetadataStoreContract, LeaseStoreContract):
+class TestSqliteMetadataStore(MetadataStoreContract):
     pass
 
 
@@ -37,7 +37,7 @@ def test_database_settings(metadata_store: SqliteMetadataStore) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert {"refs", "variants", "manifest_blobs", "leases", "lease_resources"} <= tables
+        assert {"refs", "variants", "manifest_blobs", "damaged"} <= tables
     finally:
         conn.close()
 
@@ -66,27 +66,6 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(FailedPrecondition, match="schema version"):
         SqliteMetadataStore(path)
-
-
-def test_lease_expiry_follows_the_clock(tmp_path: Path) -> None:
-    now = [1000.0]
-    store = SqliteMetadataStore(tmp_path / "m.db", clock=lambda: now[0])
-    d = digest_of(b"held")
-    store.create_lease("l", 10)
-    store.add_resource("l", d)
-    now[0] = 1009.0
-    assert store.live_digests() == {d}
-    now[0] = 1010.0
-    assert store.live_digests() == set()
-    with pytest.raises(MissingLease):
-        store.add_resource("l", d)
-    # Creating another lease purges the expired one with its resources.
-    store.create_lease("other", 10)
-    conn = sqlite3.connect(store.path)
-    assert conn.execute("SELECT lease_id FROM leases").fetchall() == [("other",)]
-    assert conn.execute("SELECT COUNT(*) FROM lease_resources").fetchone()[0] == 0
-    conn.close()
-    store.close()
 
 
 def test_put_manifest_repoints_a_name(metadata_store: SqliteMetadataStore) -> None:

@@ -57,7 +57,7 @@ def test_a_held_ref_waits_without_failing_then_builds_once(
         specs = client.register_chain(chain)
         top = specs[-1].ref_id
         # Another "worker" holds the top ref's lease.
-        held = open_deps(settings).locks.try_acquire(flight_key(top, opts), 120)
+        held = open_deps(settings).claims.try_acquire(flight_key(top, opts), 120)
         assert held is not None
         with client.lease() as lease:
             job = client.compute_blob_chain(top, lease=lease)
@@ -80,7 +80,7 @@ def test_the_wait_budget_bounds_the_wait(make_settings: Any, chain: list[Path]) 
     settings = make_settings(wait_budget_s=0.5)
     with inproc_worker(make_app(settings)), Client(settings) as client:
         specs = client.register_chain(chain)
-        held = open_deps(settings).locks.try_acquire(flight_key(specs[0].ref_id, LayerOptions()), 120)
+        held = open_deps(settings).claims.try_acquire(flight_key(specs[0].ref_id, LayerOptions()), 120)
         assert held is not None
         try:
             with client.lease() as lease, pytest.raises(InProgress) as info:
@@ -125,7 +125,7 @@ def test_closing_with_cancel_stops_following(settings: Settings, chain: list[Pat
     ex = CeleryExecutor(settings)
     client = Client(settings, executor=ex)
     specs = client.register_chain(chain)
-    held = open_deps(settings).locks.try_acquire(flight_key(specs[-1].ref_id, LayerOptions()), 120)
+    held = open_deps(settings).claims.try_acquire(flight_key(specs[-1].ref_id, LayerOptions()), 120)
     assert held is not None
     try:
         job = ex.submit(specs[-1].ref_id, LayerOptions())

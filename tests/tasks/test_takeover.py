@@ -17,7 +17,7 @@ from blobchain.client.api import Client, chain_specs
 from blobchain.config.settings import Settings
 from blobchain.layers.errors import PoisonRef
 from blobchain.layers.records import LayerOptions
-from blobchain.storage.locks.redis import RedisLockService
+from blobchain.storage.claims.redis import RedisClaimService
 from blobchain.tasks.app import make_app, timing
 from blobchain.tasks.inspect import RefStatus, chain_status
 from blobchain.tasks.layer_tasks import PROGRESS
@@ -35,20 +35,20 @@ RECOVERY_BOUND_S = 120.0
 def test_a_tracked_lease_is_due_only_after_it_expires_unreleased(
     redis_client: Any, redis_prefix: str
 ) -> None:
-    locks = RedisLockService(redis_client, redis_prefix)
+    locks = RedisClaimService(redis_client, redis_prefix)
     tracked = locks.tracking({"task_id": "t1", "ref": "r", "message": {"task": "x"}})
     lease = tracked.try_acquire("r#gzip", 0.4)
     assert lease is not None and tracked.try_acquire("r#gzip", 0.4) is None
     info = locks.holder_info("r#gzip")
     assert info is not None and info.token == lease.token and 0 < info.ttl_ms <= 400
     assert info.delivery is not None and info.delivery["task_id"] == "t1" and info.delivery["key"] == "r#gzip"
-    assert locks.claim_due(hold_s=5) == []  # held
+    assert locks.take_due(hold_s=5) == []  # held
     lease.refresh()
-    assert locks.claim_due(hold_s=5) == []
+    assert locks.take_due(hold_s=5) == []
     time.sleep(0.6)  # the holder "died": no refresh, no release
-    due = locks.claim_due(hold_s=5)
+    due = locks.take_due(hold_s=5)
     assert [d.delivery["task_id"] for d in due] == ["t1"]
-    assert locks.claim_due(hold_s=5) == []  # claimed once: another janitor gets nothing
+    assert locks.take_due(hold_s=5) == []  # claimed once: another janitor gets nothing
     locks.forget(due[0].token)
     assert redis_client.hlen(locks.deliveries_key) == 0 and redis_client.zcard(locks.due_key) == 0
 
@@ -60,41 +60,41 @@ def test_a_tracked_lease_is_due_only_after_it_expires_unreleased(
 
 
 def test_a_due_delivery_waits_while_another_holder_has_the_ref(redis_client: Any, redis_prefix: str) -> None:
-    from blobchain.layers.errors import LeaseLost
+    from blobchain.storage.claims import ClaimLost
 
-    locks = RedisLockService(redis_client, redis_prefix)
+    locks = RedisClaimService(redis_client, redis_prefix)
     dead = locks.tracking({"task_id": "dead", "message": {"task": "x"}}).try_acquire("k", 0.3)
     assert dead is not None
     time.sleep(0.5)
     other = locks.tracking({"task_id": "other", "message": {"task": "x"}}).try_acquire("k", 5)
     assert other is not None
     # "dead"'s task still has to run (its chain waits for it), but not while "other" builds.
-    assert locks.claim_due(hold_s=5) == []
-    with pytest.raises(LeaseLost):
+    assert locks.take_due(hold_s=5) == []
+    with pytest.raises(ClaimLost):
         dead.refresh()
     other.release()
     redis_client.zadd(locks.due_key, {dead.token: 0})  # make it due now rather than in 5 s
-    assert [d.delivery["task_id"] for d in locks.claim_due(hold_s=5)] == ["dead"]
+    assert [d.delivery["task_id"] for d in locks.take_due(hold_s=5)] == ["dead"]
 
 
 def test_a_due_delivery_of_a_live_worker_is_dropped_not_sent_twice(redis_client: Any, redis_prefix: str) -> None:
     # Only the pool process died: the worker (still beating) puts the message back itself.
-    locks = RedisLockService(redis_client, redis_prefix)
+    locks = RedisClaimService(redis_client, redis_prefix)
     locks.beat("w1@h", 10)
     lease = locks.tracking({"task_id": "t", "host": "w1@h", "message": {"task": "x"}}).try_acquire("k", 0.3)
     assert lease is not None
     time.sleep(0.5)
-    assert locks.claim_due(hold_s=5, recheck_s=0.1) == []  # last beat before the expiry: not sure yet
+    assert locks.take_due(hold_s=5, recheck_s=0.1) == []  # last beat before the expiry: not sure yet
     assert redis_client.hlen(locks.deliveries_key) == 1
     locks.beat("w1@h", 10)
     time.sleep(0.15)
-    assert locks.claim_due(hold_s=5, recheck_s=0.1) == []
+    assert locks.take_due(hold_s=5, recheck_s=0.1) == []
     assert redis_client.hlen(locks.deliveries_key) == 0  # dropped: the worker is alive
     # A worker that stopped beating is gone: its delivery is claimed.
     gone = locks.tracking({"task_id": "t2", "host": "w2@h", "message": {"task": "x"}}).try_acquire("k2", 0.3)
     assert gone is not None
     time.sleep(0.5)
-    assert [d.delivery["task_id"] for d in locks.claim_due(hold_s=5)] == ["t2"]
+    assert [d.delivery["task_id"] for d in locks.take_due(hold_s=5)] == ["t2"]
     assert locks.worker_alive("w1@h") and not locks.worker_alive("w2@h")
 
 

@@ -33,7 +33,7 @@ def _held_ref(tmp_path: Path, wait_budget_s: float) -> Iterator[tuple[Client, st
     try:
         client = Client(settings, executor=ex)
         ref = client.register_chain([str(snap)])[-1].ref_id
-        held = open_deps(settings).locks.try_acquire(flight_key(ref, LayerOptions()), 120)
+        held = open_deps(settings).claims.try_acquire(flight_key(ref, LayerOptions()), 120)
         assert held is not None
         try:
             yield client, ref, held

@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 
 from blobchain.layers.records import LayerOptions, RefSpec
+from blobchain.storage.claims.local import LocalClaimService
 from blobchain.storage.content import BlobInfo, ContentStore
 from blobchain.storage.content.local import LocalContentStore
 from blobchain.storage.content.s3 import S3ContentStore
 from blobchain.storage.gc import collect_garbage
-from blobchain.storage.locks.local import LocalLockService
+from blobchain.storage.leases.sqlite import SqliteLeaseManager
 from blobchain.storage.metadata.sqlite import SqliteMetadataStore
 from blobchain.workers.deps import Deps
 from blobchain.workers.refjob import build_ref
@@ -45,8 +46,8 @@ def metadata(tmp_path: Path) -> Iterator[SqliteMetadataStore]:
 
 
 def _deps(content: Any, metadata: SqliteMetadataStore, tmp_path: Path) -> Deps:
-    locks = LocalLockService(str(tmp_path / "state"))
-    return Deps(content=content, metadata=metadata, leases=metadata, locks=locks, threads=1)
+    claims = LocalClaimService(str(tmp_path / "state"))
+    return Deps(content=content, metadata=metadata, leases=SqliteLeaseManager(metadata.path), claims=claims, threads=1)
 
 
 def _refs(tmp_path: Path, metadata: SqliteMetadataStore, n: int) -> list[str]:
@@ -89,7 +90,7 @@ class _GCRightAfterPublish:
 
             def commit(self, **kw: Any) -> BlobInfo:
                 info = ing.commit(**kw)
-                outer.collected += collect_garbage(outer._store, outer._metadata, grace_s=0).deleted
+                outer.collected += collect_garbage(outer._store, outer._metadata, SqliteLeaseManager(outer._metadata.path), grace_s=0).deleted
                 return info
 
         return _Ingest()
@@ -123,7 +124,7 @@ def test_gc_in_a_loop_while_builds_commit(
     def collect() -> None:
         while not stop.is_set():
             try:
-                collect_garbage(content, metadata, grace_s=0)
+                collect_garbage(content, metadata, SqliteLeaseManager(metadata.path), grace_s=0)
                 runs.append(1)
             except BaseException as e:  # reported below
                 errors.append(e)
@@ -143,7 +144,7 @@ def test_gc_in_a_loop_while_builds_commit(
     for ref, rec in results.items():
         assert rec.blob is not None and content.info(rec.blob.digest) is not None, ref
     # Recorded blobs are roots; one more collection keeps all of them.
-    collect_garbage(content, metadata, grace_s=0)
+    collect_garbage(content, metadata, SqliteLeaseManager(metadata.path), grace_s=0)
     assert {r.blob.digest for r in results.values() if r.blob} <= set(content.list_digests())
 
 
@@ -155,7 +156,7 @@ def test_grace_period_spares_young_blobs_on_every_store(
         digest = ing.commit().digest
     info = content.info(digest)
     assert info is not None and info.created is not None
-    report = collect_garbage(content, metadata, grace_s=3600)
+    report = collect_garbage(content, metadata, SqliteLeaseManager(metadata.path), grace_s=3600)
     assert digest not in report.deleted and content.info(digest) is not None
-    report = collect_garbage(content, metadata, grace_s=0)
+    report = collect_garbage(content, metadata, SqliteLeaseManager(metadata.path), grace_s=0)
     assert report.deleted == [digest] and content.info(digest) is None

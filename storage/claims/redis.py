@@ -1,18 +1,18 @@
-"""Single-flight leases in Redis: ``SET <prefix>lease:<key> <token> NX PX`` plus token-checked Lua.
+"""Single-flight claims in Redis: ``SET <prefix>lease:<key> <token> NX PX`` plus token-checked Lua.
 
-One :class:`RedisLease` object per acquisition (no shared, thread-local state: a heartbeat thread
-refreshes the same object the worker releases). The key naming (:func:`lease_key`) is shared with
+One :class:`RedisClaim` object per acquisition (no shared, thread-local state: a heartbeat thread
+refreshes the same object the worker releases). The key naming (:func:`claim_key`) is shared with
 :class:`blobchain.storage.metadata.redis.RedisMetadataStore`, whose writes are fenced by the token.
 
-The lease only saves work (Redis is one node, leases are timed): correctness comes from
+The claim only saves work (Redis is one node, claims are timed): correctness comes from
 content-addressed blobs, conditional creates and the fenced metadata writes.
 
-A lease may carry a *delivery* (:meth:`RedisLockService.tracking`): what to send again if its
+A claim may carry a *delivery* (:meth:`RedisClaimService.tracking`): what to send again if its
 holder dies (the task's message, the holder's host and pid). Acquire, refresh and release keep
 ``<prefix>deliveries`` (token -> delivery JSON) and ``<prefix>deliveries:due`` (token -> the
-lease's expiry, Redis server clock) in the same atomic step as the lease itself, so a delivery
-is due exactly when its lease expired without a release: its holder died or was cut off.
-:meth:`RedisLockService.claim_due` hands each such delivery to one caller (the takeover janitor).
+claim's expiry, Redis server clock) in the same atomic step as the claim itself, so a delivery
+is due exactly when its claim expired without a release: its holder died or was cut off.
+:meth:`RedisClaimService.take_due` hands each such delivery to one caller (the takeover janitor).
 """
 
 from __future__ import annotations
@@ -21,67 +21,29 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-import redis.exceptions
 
-from blobchain.layers.errors import FailedPrecondition, InvalidArgument, LeaseLost, Unavailable
-from blobchain.storage.locks.heartbeat import Heartbeat
+from blobchain.layers.errors import InvalidArgument
+from blobchain.storage.claims import ClaimLost
+from blobchain.storage.claims.heartbeat import Heartbeat
+from blobchain.storage.redis_util import LUA_NOW, describe_redis, redis_errors
+from blobchain.storage.redis_util import text as _text
 
-__all__ = [
-    "Due",
-    "Heartbeat",
-    "HolderInfo",
-    "RedisAuthError",
-    "RedisLease",
-    "RedisLockService",
-    "TrackedLocks",
-    "describe_redis",
-    "lease_key",
-    "redis_errors",
-]
+__all__ = ["Due", "HolderInfo", "RedisClaim", "RedisClaimService", "TrackedClaims", "claim_key"]
 
 log = logging.getLogger(__name__)
 
 
-class RedisAuthError(FailedPrecondition):
-    """Redis refused our credentials or ACL; retrying will not help until the config is fixed."""
-
-    code = "redis_auth"
-
-
-def lease_key(prefix: str, key: str) -> str:
-    """The Redis key holding the lease token for ``key`` (shared with the metadata fencing)."""
+def claim_key(prefix: str, key: str) -> str:
+    """The Redis key holding the claim token for ``key`` (shared with the metadata fencing).
+    Spelled ``lease:`` as before: running workers and stored data agree on it."""
     return f"{prefix}lease:{key}"
 
 
-def describe_redis(client: redis.Redis) -> str:
-    """``host:port/db`` (or the socket path) of a client, for messages. Never the password."""
-    kw = client.connection_pool.connection_kwargs
-    where = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', '?')}"
-    return f"redis://{where}/{kw.get('db', 0)}"
-
-
-@contextlib.contextmanager
-def redis_errors(client: redis.Redis, what: str) -> Iterator[None]:
-    """Map redis-py errors to blobchain errors (after redis-py's own retries gave up)."""
-    try:
-        yield
-    except redis.exceptions.AuthenticationError as e:
-        raise RedisAuthError(f"redis at {describe_redis(client)} refused authentication ({what}): {e}") from e
-    except redis.exceptions.NoPermissionError as e:
-        raise RedisAuthError(f"redis at {describe_redis(client)} denied {what} by ACL: {e}") from e
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-        # BusyLoadingError (restart replaying data) is a ConnectionError: also retryable.
-        raise Unavailable(
-            f"redis at {describe_redis(client)} unavailable ({what}): {e}", endpoint=describe_redis(client)
-        ) from e
-
-
-# Refresh resets the TTL of a lease we still hold. A lease that expired (or was released) is
+# Refresh resets the TTL of a claim we still hold. A claim that expired (or was released) is
 # lost even if nobody took it yet: someone may have taken, finished and released it meanwhile.
 _REFRESH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -97,14 +59,8 @@ end
 return 0
 """
 
-# Server clock in ms as Lua local `now`, so every worker and client agrees on when a lease
-# (single-flight or GC) is due; shared with the metadata store's GC-lease scripts.
-LUA_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
 
-# Tracked leases: KEYS[1] = lease, KEYS[2] = deliveries hash, KEYS[3] = due zset, KEYS[4] = their
+# Tracked claims: KEYS[1] = claim, KEYS[2] = deliveries hash, KEYS[3] = due zset, KEYS[4] = their
 # first-found-expired times, KEYS[5] (acquire only) = the acquisitions counter;
 # ARGV[1] = token, ARGV[2] = ttl ms, ARGV[3] = delivery JSON.
 _ACQUIRE_TRACKED = (
@@ -136,7 +92,7 @@ return 0
 """
 )
 
-# A released lease's delivery is finished with (its task goes on: success, failure or retry).
+# A released claim's delivery is finished with (its task goes on: success, failure or retry).
 _RELEASE_TRACKED = """
 local n = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -148,13 +104,13 @@ redis.call('HDEL', KEYS[4], ARGV[1])
 return n
 """
 
-# KEYS[1] = deliveries hash, KEYS[2] = due zset, KEYS[3] = hash token -> when its lease was first
-# found expired with its worker still beating; ARGV[1] = lease key prefix, ARGV[2] = how long a
+# KEYS[1] = deliveries hash, KEYS[2] = due zset, KEYS[3] = hash token -> when its claim was first
+# found expired with its worker still beating; ARGV[1] = claim key prefix, ARGV[2] = how long a
 # claim holds (ms), ARGV[3] = limit, ARGV[4] = worker key prefix, ARGV[5] = recheck delay (ms).
-# Returns token, delivery pairs whose lease is gone and whose worker is gone too. A due delivery
-# whose ref is held by someone else (a duplicate took it) is looked at again when that lease is
+# Returns token, delivery pairs whose claim is gone and whose worker is gone too. A due delivery
+# whose ref is held by someone else (a duplicate took it) is looked at again when that claim is
 # due: its own task still has to finish (it will find the blob). A due delivery whose worker beat
-# after the lease expired lost only its pool process: that worker puts the message back itself
+# after the claim expired lost only its pool process: that worker puts the message back itself
 # (reject on worker lost), so the delivery is dropped, not sent twice.
 _CLAIM_DUE = (
     LUA_NOW
@@ -177,7 +133,7 @@ for i = 1, #due, 2 do
     elseif left == -1 then
       redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), tok)
     elseif beat then
-      -- when the lease was first found expired: rechecks move the score, not this
+      -- when the claim was first found expired: rechecks move the score, not this
       redis.call('HSETNX', KEYS[3], tok, at)
       if tonumber(beat) > tonumber(redis.call('HGET', KEYS[3], tok)) then
         redis.call('HDEL', KEYS[1], tok)
@@ -210,19 +166,14 @@ return now
 
 def _ttl_ms(ttl_s: float) -> int:
     if not ttl_s > 0:
-        raise InvalidArgument(f"lease ttl must be > 0 (got {ttl_s})", ttl_s=ttl_s)
+        raise InvalidArgument(f"claim ttl must be > 0 (got {ttl_s})", ttl_s=ttl_s)
     return max(1, round(ttl_s * 1000))
 
-
-def _text(v: Any) -> str | None:
-    if v is None:
-        return None
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 @dataclass(frozen=True)
 class Due:
-    """A delivery whose lease expired without a release (claimed for one caller)."""
+    """A delivery whose claim expired without a release (taken by one caller)."""
 
     token: str
     delivery: dict[str, Any]
@@ -230,18 +181,18 @@ class Due:
 
 @dataclass(frozen=True)
 class HolderInfo:
-    """Who holds a lease now: its token, the delivery it carries (if tracked), ms left."""
+    """Who holds a claim now: its token, the delivery it carries (if tracked), ms left."""
 
     token: str
     ttl_ms: int
     delivery: dict[str, Any] | None
 
 
-class RedisLease:
-    """One acquisition of a lease. Thread-safe: refresh from a heartbeat, release from the worker."""
+class RedisClaim:
+    """One acquisition of a claim. Thread-safe: refresh from a heartbeat, release from the worker."""
 
     def __init__(
-        self, service: RedisLockService, key: str, token: str, ttl_s: float, *, tracked: bool = False
+        self, service: RedisClaimService, key: str, token: str, ttl_s: float, *, tracked: bool = False
     ) -> None:
         self._service = service
         self._key = key
@@ -266,8 +217,8 @@ class RedisLease:
         return self._service.redis_key(self._key)
 
     def refresh(self) -> None:
-        """Reset the lease to its full TTL; LeaseLost if it expired, was released or was taken over."""
-        with redis_errors(self._service.client, f"refresh lease {self._key}"):
+        """Reset the claim to its full TTL; ClaimLost if it expired, was released or was taken over."""
+        with redis_errors(self._service.client, f"refresh claim {self._key}"):
             if self._tracked:
                 ok = self._service._refresh_tracked(
                     keys=self._service.tracked_keys(self._key), args=[self._token, _ttl_ms(self._ttl_s)]
@@ -275,34 +226,34 @@ class RedisLease:
             else:
                 ok = self._service._refresh(keys=[self.redis_key], args=[self._token, _ttl_ms(self._ttl_s)])
         if not int(ok):
-            raise LeaseLost(f"lease on {self._key!r} expired, was released or was taken over", key=self._key)
+            raise ClaimLost(f"claim on {self._key!r} expired, was released or was taken over", key=self._key)
 
     def release(self) -> None:
-        """Delete the lease if we still hold it. Releasing a lost lease is a no-op (never the new holder's)."""
-        with redis_errors(self._service.client, f"release lease {self._key}"):
+        """Delete the claim if we still hold it. Releasing a lost claim is a no-op (never the new holder's)."""
+        with redis_errors(self._service.client, f"release claim {self._key}"):
             if self._tracked:
                 n = self._service._release_tracked(keys=self._service.tracked_keys(self._key), args=[self._token])
             else:
                 n = self._service._release(keys=[self.redis_key], args=[self._token])
         if not int(n):
-            log.info("lease on %r was no longer ours at release", self._key)
+            log.info("claim on %r was no longer ours at release", self._key)
 
     def heartbeat(self, interval_s: float | None = None) -> Heartbeat:
-        """A :class:`Heartbeat` refreshing this lease every ttl/3 (or ``interval_s``)."""
+        """A :class:`Heartbeat` refreshing this claim every ttl/3 (or ``interval_s``)."""
         return Heartbeat(self, interval_s if interval_s is not None else self._ttl_s / 3, ttl_s=self._ttl_s)
 
-    def __enter__(self) -> RedisLease:
+    def __enter__(self) -> RedisClaim:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
     def __repr__(self) -> str:
-        return f"RedisLease(key={self._key!r}, ttl_s={self._ttl_s})"
+        return f"RedisClaim(key={self._key!r}, ttl_s={self._ttl_s})"
 
 
-class RedisLockService:
-    """:class:`blobchain.storage.locks.LockService` on one Redis node (redis-py client passed in)."""
+class RedisClaimService:
+    """:class:`blobchain.storage.claims.ClaimService` on one Redis node (redis-py client passed in)."""
 
     def __init__(self, client: redis.Redis, prefix: str = "blobchain:") -> None:
         self.client = client
@@ -316,7 +267,7 @@ class RedisLockService:
         self._beat = client.register_script(_BEAT)
 
     def redis_key(self, key: str) -> str:
-        return lease_key(self.prefix, key)
+        return claim_key(self.prefix, key)
 
     @property
     def deliveries_key(self) -> str:
@@ -329,18 +280,18 @@ class RedisLockService:
     def tracked_keys(self, key: str) -> list[str]:
         return [self.redis_key(key), self.deliveries_key, self.due_key, self.due_key + ":expired"]
 
-    def tracking(self, delivery: dict[str, Any]) -> TrackedLocks:
-        """This service, with every lease it grants carrying ``delivery`` (JSON-serializable;
-        the lease key is added as ``key``)."""
-        return TrackedLocks(self, delivery)
+    def tracking(self, delivery: dict[str, Any]) -> TrackedClaims:
+        """This service, with every claim it grants carrying ``delivery`` (JSON-serializable;
+        the claim key is added as ``key``)."""
+        return TrackedClaims(self, delivery)
 
-    def try_acquire_tracked(self, key: str, ttl_s: float, delivery: dict[str, Any]) -> RedisLease | None:
+    def try_acquire_tracked(self, key: str, ttl_s: float, delivery: dict[str, Any]) -> RedisClaim | None:
         token = uuid.uuid4().hex
         body = json.dumps({**delivery, "key": key}, separators=(",", ":"), sort_keys=True)
-        with redis_errors(self.client, f"acquire lease {key}"):
+        with redis_errors(self.client, f"acquire claim {key}"):
             keys = [*self.tracked_keys(key), f"{self.prefix}stats:leased:{key}"]
             ok = self._acquire_tracked(keys=keys, args=[token, _ttl_ms(ttl_s), body])
-        return RedisLease(self, key, token, ttl_s, tracked=True) if int(ok) else None
+        return RedisClaim(self, key, token, ttl_s, tracked=True) if int(ok) else None
 
     def worker_key(self, node: str) -> str:
         return f"{self.prefix}worker:{node}"
@@ -354,11 +305,11 @@ class RedisLockService:
         with redis_errors(self.client, f"read worker {node}"):
             return bool(self.client.exists(self.worker_key(node)))
 
-    def claim_due(self, hold_s: float, recheck_s: float = 1.0, limit: int = 100) -> list[Due]:
-        """Deliveries whose lease expired without a release while their worker is gone (no
+    def take_due(self, hold_s: float, recheck_s: float = 1.0, limit: int = 100) -> list[Due]:
+        """Deliveries whose claim expired without a release while their worker is gone (no
         :meth:`beat`), each handed to one caller: the claim holds for ``hold_s`` (a caller that
         dies meanwhile leaves it due again). While the worker's last beat is older than the
-        lease's expiry, the delivery is looked at again after ``recheck_s``."""
+        claim's expiry, the delivery is looked at again after ``recheck_s``."""
         with redis_errors(self.client, "claim due deliveries"):
             flat = self._claim_due(
                 keys=[self.deliveries_key, self.due_key, self.due_key + ":expired"],
@@ -389,9 +340,9 @@ class RedisLockService:
             pipe.execute()
 
     def holder_info(self, key: str) -> HolderInfo | None:
-        """The lease's holder, the delivery it carries and the time it has left (one round trip)."""
+        """The claim's holder, the delivery it carries and the time it has left (one round trip)."""
         rkey = self.redis_key(key)
-        with redis_errors(self.client, f"read lease {key}"):
+        with redis_errors(self.client, f"read claim {key}"):
             pipe = self.client.pipeline(transaction=True)
             pipe.get(rkey)
             pipe.pttl(rkey)
@@ -406,32 +357,32 @@ class RedisLockService:
                 delivery = json.loads(_text(raw) or "")
         return HolderInfo(token, max(0, int(ttl)), delivery)
 
-    def try_acquire(self, key: str, ttl_s: float) -> RedisLease | None:
-        """Take the lease if free (never blocks); None if another token holds it."""
+    def try_acquire(self, key: str, ttl_s: float) -> RedisClaim | None:
+        """Take the claim if free (never blocks); None if another token holds it."""
         token = uuid.uuid4().hex
         rkey = self.redis_key(key)
-        with redis_errors(self.client, f"acquire lease {key}"):
+        with redis_errors(self.client, f"acquire claim {key}"):
             if self.client.set(rkey, token, nx=True, px=_ttl_ms(ttl_s)):
-                return RedisLease(self, key, token, ttl_s)
+                return RedisClaim(self, key, token, ttl_s)
             # redis-py retries a command whose reply was lost; the retried SET NX then sees our
             # own token. Treat that as acquired rather than leave the key held until its TTL.
             if _text(self.client.get(rkey)) == token:
-                return RedisLease(self, key, token, ttl_s)
+                return RedisClaim(self, key, token, ttl_s)
         return None
 
     def holder(self, key: str) -> str | None:
-        with redis_errors(self.client, f"read lease {key}"):
+        with redis_errors(self.client, f"read claim {key}"):
             return _text(self.client.get(self.redis_key(key)))
 
     def __repr__(self) -> str:
-        return f"RedisLockService({describe_redis(self.client)!r}, prefix={self.prefix!r})"
+        return f"RedisClaimService({describe_redis(self.client)!r}, prefix={self.prefix!r})"
 
 
-class TrackedLocks:
-    """A :class:`~blobchain.storage.locks.LockService` view of a RedisLockService whose leases
+class TrackedClaims:
+    """A :class:`~blobchain.storage.claims.ClaimService` view of a RedisClaimService whose claims
     carry one delivery (see the module docstring)."""
 
-    def __init__(self, service: RedisLockService, delivery: dict[str, Any]) -> None:
+    def __init__(self, service: RedisClaimService, delivery: dict[str, Any]) -> None:
         self.service = service
         self.delivery = delivery
 
@@ -439,11 +390,11 @@ class TrackedLocks:
     def client(self) -> redis.Redis:
         return self.service.client
 
-    def try_acquire(self, key: str, ttl_s: float) -> RedisLease | None:
+    def try_acquire(self, key: str, ttl_s: float) -> RedisClaim | None:
         return self.service.try_acquire_tracked(key, ttl_s, self.delivery)
 
     def holder(self, key: str) -> str | None:
         return self.service.holder(key)
 
     def __repr__(self) -> str:
-        return f"TrackedLocks({self.service!r})"
+        return f"TrackedClaims({self.service!r})"

@@ -1,14 +1,14 @@
-"""Local single-flight leases: ``flock`` on one file per key, across threads and processes.
+"""Local single-flight claims: ``flock`` on one file per key, across threads and processes.
 
 Each acquisition opens its own file description and takes ``LOCK_EX | LOCK_NB`` on it, so two
 threads of one process conflict just as two processes do. Liveness is the kernel's job: the lock
-lives exactly as long as the holder's file description, so a SIGKILLed holder's lease is free at
+lives exactly as long as the holder's file description, so a SIGKILLed holder's claim is free at
 once and ``ttl_s`` is accepted only for interface compatibility. The holder's token is written
-into the file so :meth:`LocalLockService.holder` can report it.
+into the file so :meth:`LocalClaimService.holder` can report it.
 
 Lock files are never unlinked (unlinking races with a concurrent open); they are a few bytes
 each under ``<state_dir>/locks/``. A forked child shares its parent's file descriptions, and with
-them any lease the parent holds: release leases before forking workers.
+them any claim the parent holds: release claims before forking workers.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ import threading
 import uuid
 from pathlib import Path
 
-from blobchain.layers.errors import InvalidArgument, LeaseLost
+from blobchain.layers.errors import InvalidArgument
+from blobchain.storage.claims import ClaimLost
 
-__all__ = ["LocalLease", "LocalLockService"]
+__all__ = ["LocalClaim", "LocalClaimService"]
 
 _TOKEN_BYTES = 32  # uuid4().hex
 
 
-class LocalLease:
+class LocalClaim:
     """A held ``flock``; ``release()`` is idempotent."""
 
     def __init__(self, key: str, token: str, path: Path, fd: int) -> None:
@@ -40,7 +41,7 @@ class LocalLease:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"LocalLease(key={self._key!r}, token={self._token!r}, held={self._fd is not None})"
+        return f"LocalClaim(key={self._key!r}, token={self._token!r}, held={self._fd is not None})"
 
     @property
     def key(self) -> str:
@@ -60,12 +61,12 @@ class LocalLease:
         return os.pread(fd, _TOKEN_BYTES + 1, 0).decode("ascii", "replace") == self._token
 
     def refresh(self) -> None:
-        """Nothing to extend (the kernel holds the lock); check the lease is still ours."""
+        """Nothing to extend (the kernel holds the lock); check the claim is still ours."""
         with self._lock:
             if self._fd is None:
-                raise LeaseLost(f"lease on {self._key!r} was released", key=self._key)
+                raise ClaimLost(f"claim on {self._key!r} was released", key=self._key)
             if not self._still_ours(self._fd):
-                raise LeaseLost(f"lock file of {self._key!r} was replaced", key=self._key)
+                raise ClaimLost(f"lock file of {self._key!r} was replaced", key=self._key)
 
     def release(self) -> None:
         with self._lock:
@@ -79,31 +80,31 @@ class LocalLease:
             finally:
                 os.close(fd)
 
-    def __enter__(self) -> LocalLease:
+    def __enter__(self) -> LocalClaim:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
 
-class LocalLockService:
-    """:class:`~blobchain.storage.locks.LockService` for one machine (lock files under ``state_dir``)."""
+class LocalClaimService:
+    """:class:`~blobchain.storage.claims.ClaimService` for one machine (lock files under ``state_dir``)."""
 
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
         self.lock_dir = Path(state_dir) / "locks"
         self.lock_dir.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
-        return f"LocalLockService({str(self.lock_dir)!r})"
+        return f"LocalClaimService({str(self.lock_dir)!r})"
 
     def _path(self, key: str) -> Path:
         if not isinstance(key, str) or not key:
             raise InvalidArgument(f"invalid lock key {key!r}")
         return self.lock_dir / (hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest() + ".lock")
 
-    def try_acquire(self, key: str, ttl_s: float) -> LocalLease | None:
+    def try_acquire(self, key: str, ttl_s: float) -> LocalClaim | None:
         if not ttl_s > 0:
-            raise InvalidArgument(f"lease ttl must be positive, got {ttl_s!r}", key=key)
+            raise InvalidArgument(f"claim ttl must be positive, got {ttl_s!r}", key=key)
         path = self._path(key)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -130,7 +131,7 @@ class LocalLockService:
             # One pwrite overwrites a dead holder's token whole (tokens have a fixed length).
             os.pwrite(fd, token.encode("ascii"), 0)
             os.ftruncate(fd, len(token))
-            return LocalLease(key, token, path, fd)
+            return LocalClaim(key, token, path, fd)
         except BaseException:
             os.close(fd)
             raise
@@ -145,7 +146,7 @@ class LocalLockService:
             if not token:
                 return None
             # Probe for a live holder. Only reached when a token is present, so the brief shared
-            # lock can make a racing try_acquire miss only a lease that was held or stale.
+            # lock can make a racing try_acquire miss only a claim that was held or stale.
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -1,4 +1,4 @@
-"""Keep a lease alive while work runs; notice when it is lost. Works with any ``Lease``."""
+"""Keep a claim alive while work runs; notice when it is lost. Works with any ``Claim``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import logging
 import threading
 import time
 
-from blobchain.layers.errors import InvalidArgument, LeaseLost, Unavailable
-from blobchain.storage.locks import Lease
+from blobchain.layers.errors import InvalidArgument, Unavailable
+from blobchain.storage.claims import Claim, ClaimLost
 
 __all__ = ["Heartbeat"]
 
@@ -15,18 +15,18 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """Refresh a lease from a daemon thread until the ``with`` block ends.
+    """Refresh a claim from a daemon thread until the ``with`` block ends.
 
-    ``lost`` becomes true when a refresh raises LeaseLost, or when refreshes kept failing
-    (service unavailable) for longer than ``ttl_s`` since the last good one (the lease has
+    ``lost`` becomes true when a refresh raises ClaimLost, or when refreshes kept failing
+    (service unavailable) for longer than ``ttl_s`` since the last good one (the claim has
     expired by then). The work loop calls :meth:`check` between steps. Works with any
-    :class:`blobchain.storage.locks.Lease`.
+    :class:`blobchain.storage.claims.Claim`.
     """
 
-    def __init__(self, lease: Lease, interval_s: float, *, ttl_s: float | None = None) -> None:
+    def __init__(self, claim: Claim, interval_s: float, *, ttl_s: float | None = None) -> None:
         if not interval_s > 0:
             raise InvalidArgument(f"heartbeat interval must be > 0 (got {interval_s})")
-        self.lease = lease
+        self.claim = claim
         self.interval_s = interval_s
         self.ttl_s = ttl_s if ttl_s is not None else 3 * interval_s
         self._stop = threading.Event()
@@ -39,12 +39,12 @@ class Heartbeat:
         return self._lost.is_set()
 
     def check(self) -> None:
-        """Raise LeaseLost if the heartbeat found the lease lost."""
+        """Raise ClaimLost if the heartbeat found the claim lost."""
         if self._lost.is_set():
-            raise LeaseLost(f"lease on {self.lease.key!r} lost: {self.error}", key=self.lease.key)
+            raise ClaimLost(f"claim on {self.claim.key!r} lost: {self.error}", key=self.claim.key)
 
     def start(self) -> Heartbeat:
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat:{self.lease.key}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat:{self.claim.key}", daemon=True)
         self._thread.start()
         return self
 
@@ -57,16 +57,16 @@ class Heartbeat:
         last_ok = time.monotonic()
         while not self._stop.wait(self.interval_s):
             try:
-                self.lease.refresh()
+                self.claim.refresh()
                 last_ok = time.monotonic()
-            except LeaseLost as e:
+            except ClaimLost as e:
                 self._mark_lost(e)
                 return
             except Unavailable as e:
                 if time.monotonic() - last_ok >= self.ttl_s:
                     self._mark_lost(e)
                     return
-                log.warning("heartbeat for %r failed, will retry: %s", self.lease.key, e)
+                log.warning("heartbeat for %r failed, will retry: %s", self.claim.key, e)
             except Exception as e:  # never let the thread die silently
                 self._mark_lost(e)
                 return
@@ -74,7 +74,7 @@ class Heartbeat:
     def _mark_lost(self, e: BaseException) -> None:
         self.error = e
         self._lost.set()
-        log.warning("lease on %r lost: %s", self.lease.key, e)
+        log.warning("claim on %r lost: %s", self.claim.key, e)
 
     def __enter__(self) -> Heartbeat:
         return self.start()

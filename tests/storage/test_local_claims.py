@@ -1,4 +1,4 @@
-"""LocalLockService: the conformance suite plus cross-process exclusion and takeover."""
+"""LocalClaimService: the conformance suite plus cross-process exclusion and takeover."""
 
 from __future__ import annotations
 
@@ -9,24 +9,25 @@ from pathlib import Path
 
 import pytest
 
-from blobchain.layers.errors import InvalidArgument, LeaseLost
-from blobchain.storage.locks.local import LocalLockService
+from blobchain.layers.errors import InvalidArgument
+from blobchain.storage.claims import ClaimLost
+from blobchain.storage.claims.local import LocalClaimService
 
 from . import expect_line, spawn_python
-from .contracts import LockServiceContract
+from .contracts import ClaimServiceContract
 
 
 @pytest.fixture
-def lock_service(tmp_path: Path) -> LocalLockService:
-    return LocalLockService(tmp_path / "state")
+def claim_service(tmp_path: Path) -> LocalClaimService:
+    return LocalClaimService(tmp_path / "state")
 
 
-class TestLocalLockService(LockServiceContract):
+class TestLocalClaimService(ClaimServiceContract):
     pass
 
 
 def test_lock_file_holds_the_token(tmp_path: Path) -> None:
-    svc = LocalLockService(tmp_path)
+    svc = LocalClaimService(tmp_path)
     lease = svc.try_acquire("ref:gzip-6", 30)
     assert lease is not None
     path = tmp_path / "locks" / (hashlib.sha256(b"ref:gzip-6").hexdigest() + ".lock")
@@ -36,7 +37,7 @@ def test_lock_file_holds_the_token(tmp_path: Path) -> None:
 
 
 def test_two_services_on_one_dir_exclude_each_other(tmp_path: Path) -> None:
-    a, b = LocalLockService(tmp_path), LocalLockService(tmp_path)
+    a, b = LocalClaimService(tmp_path), LocalClaimService(tmp_path)
     lease = a.try_acquire("k", 30)
     assert lease is not None
     assert b.try_acquire("k", 30) is None
@@ -47,20 +48,20 @@ def test_two_services_on_one_dir_exclude_each_other(tmp_path: Path) -> None:
     again.release()
 
 
-def test_ttl_must_be_positive(lock_service: LocalLockService) -> None:
+def test_ttl_must_be_positive(claim_service: LocalClaimService) -> None:
     with pytest.raises(InvalidArgument):
-        lock_service.try_acquire("k", 0)
+        claim_service.try_acquire("k", 0)
     with pytest.raises(InvalidArgument):
-        lock_service.try_acquire("", 30)
+        claim_service.try_acquire("", 30)
 
 
 def test_refresh_detects_a_replaced_lock_file(tmp_path: Path) -> None:
-    svc = LocalLockService(tmp_path)
+    svc = LocalClaimService(tmp_path)
     lease = svc.try_acquire("k", 30)
     assert lease is not None
     (path,) = (tmp_path / "locks").iterdir()
     os.unlink(path)  # e.g. someone cleaned the state dir
-    with pytest.raises(LeaseLost):
+    with pytest.raises(ClaimLost):
         lease.refresh()
     other = svc.try_acquire("k", 30)  # a new file, a new holder
     assert other is not None and svc.holder("k") == other.token
@@ -71,15 +72,15 @@ def test_refresh_detects_a_replaced_lock_file(tmp_path: Path) -> None:
 
 _HOLDER_CHILD = """
 import sys, time
-from blobchain.storage.locks.local import LocalLockService
-lease = LocalLockService(sys.argv[1]).try_acquire(sys.argv[2], 30)
+from blobchain.storage.claims.local import LocalClaimService
+lease = LocalClaimService(sys.argv[1]).try_acquire(sys.argv[2], 30)
 print("token", lease.token if lease else "none", flush=True)
 time.sleep(600)
 """
 
 
 def test_other_process_excluded_then_takeover_after_sigkill(tmp_path: Path) -> None:
-    svc = LocalLockService(tmp_path)
+    svc = LocalClaimService(tmp_path)
     proc = spawn_python(_HOLDER_CHILD, str(tmp_path), "ref-1")
     try:
         child_token = expect_line(proc, "token")
@@ -101,7 +102,7 @@ def test_other_process_excluded_then_takeover_after_sigkill(tmp_path: Path) -> N
 
 
 def test_child_process_cannot_take_a_held_lease(tmp_path: Path) -> None:
-    svc = LocalLockService(tmp_path)
+    svc = LocalClaimService(tmp_path)
     lease = svc.try_acquire("ref-2", 30)
     assert lease is not None
     proc = spawn_python(_HOLDER_CHILD, str(tmp_path), "ref-2")

@@ -1,0 +1,136 @@
+"""Unpack an image's layers, base first, into a directory with the OCI applier (``layers/apply.py``).
+
+The layers are applied in a scratch directory beside the target, which is renamed into place
+only once every layer is on disk and every blob and diffID matched: a failed unpack leaves no
+partial tree at the target. Blobs are verified while they stream (compressed bytes against the
+manifest's digest, uncompressed bytes against the config's diffID).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from blobchain.client.image import ImageLayer, ResolvedImage, TargetNotEmpty
+from blobchain.layers.apply import apply_layer
+from blobchain.layers.compress import open_decompressor
+from blobchain.layers.digest import HashingReader
+from blobchain.layers.errors import DigestMismatch, from_os_error
+
+__all__ = ["UnpackResult", "unpack_layers"]
+
+_CHUNK = 1 << 20
+
+OpenLayer = Callable[[ImageLayer], BinaryIO]
+
+
+@dataclass(frozen=True)
+class UnpackResult:
+    """What an unpack did: the directory, layers applied, tar entries, content bytes written."""
+
+    path: str
+    layers: int
+    entries: int
+    bytes: int
+    whiteouts: int
+    skipped: int
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def _drain(stream: BinaryIO) -> None:
+    while stream.read(_CHUNK):
+        pass
+
+
+def _apply_one(
+    layer: ImageLayer, opener: OpenLayer, dest: str, same_owner: bool
+) -> tuple[int, int, int, int]:
+    with opener(layer) as raw:
+        with open_decompressor(raw, layer.compression) as plain:
+            hashed = HashingReader(plain)
+            stats = apply_layer(hashed, dest, same_owner=same_owner)  # type: ignore[arg-type]
+            _drain(hashed)  # the tar's trailing blocks count towards the diffID
+        _drain(raw)  # the compressed digest is checked at the blob's last byte
+    if hashed.digest != layer.diff_id:
+        raise DigestMismatch(
+            f"layer {layer.descriptor.digest} uncompresses to {hashed.digest}, but the config says"
+            f" its diffID is {layer.diff_id}",
+            expected=layer.diff_id,
+            got=hashed.digest,
+            digest=layer.descriptor.digest,
+        )
+    return stats.entries, stats.bytes, stats.whiteouts, stats.skipped
+
+
+def _remove_tree(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
+
+
+def check_target(dest: str) -> None:
+    """``dest`` must not exist or be an empty directory."""
+    if not os.path.lexists(dest):
+        return
+    if os.path.islink(dest) or not os.path.isdir(dest):
+        raise TargetNotEmpty(f"{dest} exists and is not a directory", path=dest)
+    if any(os.scandir(dest)):
+        raise TargetNotEmpty(f"{dest} is not empty (unpack needs a new or empty directory)", path=dest)
+
+
+def unpack_layers(
+    image: ResolvedImage,
+    opener: OpenLayer,
+    dest: str,
+    *,
+    same_owner: bool | None = None,
+    exist_ok: bool = False,
+) -> UnpackResult:
+    """Apply ``image``'s layers into ``dest`` (new or empty), reading each through ``opener``.
+
+    ``same_owner`` (default: when running as root) restores owners. ``exist_ok``: if another
+    process publishes ``dest`` first (a shared cache), keep theirs and drop ours."""
+    dest = os.path.abspath(dest)
+    if same_owner is None:
+        same_owner = os.geteuid() == 0
+    if exist_ok and os.path.isdir(dest) and not os.path.islink(dest) and any(os.scandir(dest)):
+        return UnpackResult(dest, 0, 0, 0, 0, 0)  # published by another run: nothing to do
+    check_target(dest)
+    parent = os.path.dirname(dest)
+    scratch = os.path.join(parent, f".{os.path.basename(dest)}.unpack-{uuid.uuid4().hex[:12]}")
+    totals = [0, 0, 0, 0]
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(scratch, 0o755)
+        os.chmod(scratch, 0o755)  # not narrowed by the umask
+        for layer in image.layers:
+            for i, n in enumerate(_apply_one(layer, opener, scratch, same_owner)):
+                totals[i] += n
+        _publish(scratch, dest, exist_ok)
+    except OSError as e:
+        _remove_tree(scratch)
+        raise from_os_error(e, f"unpacking into {dest}") from e
+    except BaseException:
+        _remove_tree(scratch)
+        raise
+    return UnpackResult(dest, len(image.layers), *totals)
+
+
+def _publish(scratch: str, dest: str, exist_ok: bool) -> None:
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(dest)  # an empty target directory (checked above) gives way to ours
+        os.rename(scratch, dest)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        _remove_tree(scratch)  # another run published it first
+        if not exist_ok:
+            raise TargetNotEmpty(f"{dest} was filled by someone else during the unpack", path=dest) from None
