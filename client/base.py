@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, BinaryIO
@@ -26,14 +27,25 @@ from blobchain.client.image import ImageLayer, ImageSource, ResolvedImage, open_
 from blobchain.client.unpack import unpack_layers
 from blobchain.layers.errors import DigestMismatch, SnapshotNotFound, SnapshotOutsideRoots
 from blobchain.layers.imageconfig import ImageOptions, Platform
+from blobchain.layers.layer import convert_blob
 from blobchain.layers.records import BASE_VARIANT, DIFF_ID_LABEL, LayerBlob, RefSpec
 from blobchain.storage.content import ContentStore
+from blobchain.workers.chainjob import chain_records
 from blobchain.workers.deps import Deps
+from blobchain.workers.executor import ChainResult
 
 if TYPE_CHECKING:
     from blobchain.registry.client import TransportOptions
 
-__all__ = ["BaseImage", "base_ref_id", "base_specs", "default_cache", "open_base", "prepare_base"]
+__all__ = [
+    "BaseImage",
+    "base_ref_id",
+    "base_specs",
+    "default_cache",
+    "open_base",
+    "prepare_base",
+    "recompress_base",
+]
 
 _CHUNK = 1 << 20
 CACHE_DIR = os.path.join(".blobchain", "base-rootfs")
@@ -197,6 +209,43 @@ def prepare_base(
         unpack_layers(img, lambda la: base.open(deps.content, la.descriptor.digest), top, exist_ok=True)
         base.unpacked = True
     return base
+
+
+def recompress_base(deps: Deps, base: BaseImage, result: ChainResult) -> ChainResult:
+    """Give each of the base's layers a blob in ``result.options``' compression too (BuildKit's
+    ``force-compression``): the base blob is fetched (once) and converted, not diffed; the diffID
+    is checked. The base blob stays the ref's main blob, so chain IDs do not change; the export
+    then uses the converted variant. Returns the chain's records as they are now."""
+    opts = result.options
+    by_ref = {s.ref_id for s in base.specs}
+    for rec in result.records:
+        if rec.ref_id not in by_ref or rec.blob is None or rec.blob.compression == opts.compression:
+            continue
+        done = rec.blob_for(opts)
+        if done is not None and deps.content.info(done.digest) is not None:
+            continue
+        source = rec.blob
+        base.fetch(deps.content, source.digest)
+        gc_lease = f"base-convert-{uuid.uuid4().hex}"
+        deps.leases.create_lease(gc_lease, deps.lease_ttl_s * 10)
+        try:
+            with deps.content.open(source.digest) as reader, deps.content.ingest(f"convert-{rec.ref_id}") as ing:
+                stats = convert_blob(reader, source.compression, source.diff_id, opts, ing.write, threads=deps.threads)
+                deps.leases.add_resource(gc_lease, ing.digest)  # before it is visible: GC cannot take it
+                info = ing.commit(labels={DIFF_ID_LABEL: stats.diff_id})
+            blob = LayerBlob(
+                digest=info.digest,
+                size=info.size,
+                media_type=opts.media_type,
+                diff_id=stats.diff_id,
+                compression=opts.compression,
+                compressor=stats.compressor,
+                variant=opts.variant_key(),
+            )
+            deps.metadata.set_blob(rec.ref_id, blob)
+        finally:
+            deps.leases.delete_lease(gc_lease)
+    return ChainResult(result.ref_id, tuple(chain_records(result.ref_id, deps.metadata)), opts)
 
 
 def _close(src: ImageSource) -> None:

@@ -22,6 +22,7 @@ from blobchain.client.image import LayoutImageSource, resolve
 from blobchain.client.unpack import unpack_layers
 from blobchain.config.settings import Settings
 from blobchain.layers.identity import chain_ids
+from blobchain.workers.verify import verify_store
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -207,6 +208,9 @@ def test_base_refs_are_cached_never_built_and_a_given_snapshot_skips_the_unpack(
         assert base.fetched == [] and not (store / ".blobchain/base-rootfs").exists()
         for b in blobs[:2]:
             assert client.deps.content.info(b.digest) is None
+        # `blobchain verify` does not call the unfetched base blobs missing
+        report = verify_store(client.deps.content, client.deps.metadata)
+        assert not report.bad and report.to_dict()["missing"] == 0
         out = tmp_path / "oci"
         client.export(result, out, tag="app", base=base)
         assert sorted(base.fetched) == sorted(b.digest for b in blobs[:2])  # copied into the layout
@@ -259,3 +263,41 @@ def test_bad_base_input_is_a_named_error_and_writes_nothing(tmp_path: Path, caps
         assert rc == code, err
         assert err.startswith(f"error ({name}): ") and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+@services.needs_root("unpacks with owners, as umoci")
+def test_base_recompress_converts_the_base_layers_without_diffing(
+    tmp_path: Path, base_layout: Path, capsys
+) -> None:
+    top = _top_of(base_layout, tmp_path)
+    ours = _ours(top, tmp_path)
+    out = tmp_path / "oci"
+    args = [
+        "export", *map(str, ours), "--oci", str(out), "--tag", "z", "-q", "--json", "--compression", "zstd",
+        "--base", f"oci:{base_layout}:base", "--base-snapshot", str(top), "--base-recompress",
+    ]  # fmt: skip
+    rc, stdout, err = _cli(capsys, *args)
+    assert rc == 0, err
+    data = json.loads(stdout)
+    base_man, base_cfg = _manifest(base_layout, "base")
+    man, cfg = _manifest(out, "z")
+    assert [la["mediaType"] for la in man["layers"]] == ["application/vnd.oci.image.layer.v1.tar+zstd"] * 4
+    # converted: new blobs, the same diffIDs, so the same chain IDs as without conversion
+    assert {la["digest"] for la in man["layers"][:2]}.isdisjoint(la["digest"] for la in base_man["layers"])
+    assert cfg["rootfs"]["diff_ids"][:2] == base_cfg["rootfs"]["diff_ids"]
+    diff_ids = [la["diff_id"] for la in data["layers"]]
+    assert [la["chain_id"] for la in data["layers"]] == chain_ids(diff_ids)
+    # the base's blobs were fetched for it (a --base-snapshot: no unpack needed them)
+    assert data["base"]["unpacked"] is False
+    assert sorted(data["base"]["fetched"]) == sorted(la["digest"] for la in base_man["layers"])
+    # our applier reads zstd (umoci 0.4 does not): the result is our top snapshot
+    rc, _, err = _cli(capsys, "unpack", f"{out}:z", str(tmp_path / "u"))
+    assert rc == 0, err
+    assert comparable(tmp_path / "u") == comparable(ours[-1])
+    skopeo = services.require_tool("skopeo", "skopeo")
+    subprocess.run([skopeo, "inspect", f"oci:{out}:z"], check=True, capture_output=True)
+    # a second run converts nothing again: the variants are recorded
+    rc, stdout2, err = _cli(capsys, *args)
+    assert rc == 0, err
+    again = json.loads(stdout2)
+    assert again["manifest"] == data["manifest"] and again["base"]["fetched"] == []
