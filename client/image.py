@@ -183,6 +183,10 @@ def _json(data: bytes, where: str) -> dict[str, Any]:
     return doc
 
 
+def _platform_name(p: dict[str, Any]) -> str:
+    return "/".join(str(p[k]) for k in ("os", "architecture", "variant") if isinstance(p.get(k), str))
+
+
 def _platform_matches(entry: dict[str, Any], want: Platform) -> bool:
     p = entry.get("platform") or {}
     if p.get("os") != want.os or p.get("architecture") != want.architecture:
@@ -202,10 +206,7 @@ def resolve(source: ImageSource, *, platform: Platform | None = None) -> Resolve
             entries = [m for m in doc.get("manifests") or [] if isinstance(m, dict)]
             match = [m for m in entries if _platform_matches(m, want)]
             if not match:
-                have = sorted(
-                    "/".join(str(v) for v in (m.get("platform") or {}).values() if isinstance(v, str))
-                    for m in entries
-                )
+                have = sorted(_platform_name(m.get("platform") or {}) for m in entries)
                 raise ImageNotFound(
                     f"{source.name}: the index has no image for {want} (it has: {', '.join(have) or 'none'})",
                     image=source.name,

@@ -301,3 +301,37 @@ def test_base_recompress_converts_the_base_layers_without_diffing(
     assert rc == 0, err
     again = json.loads(stdout2)
     assert again["manifest"] == data["manifest"] and again["base"]["fetched"] == []
+
+
+def test_a_multi_platform_base_resolves_to_the_platform_asked_for(tmp_path: Path, capsys) -> None:
+    layout = tmp_path / "multi"
+    for arch in ("amd64", "arm64"):
+        s = tmp_path / f"base-{arch}"
+        s.mkdir()
+        (s / "arch").write_text(arch)
+        rc, _, err = _cli(
+            capsys, "export", str(s), "--oci", str(layout), "--tag", arch, "-q", "--platform", f"linux/{arch}"
+        )
+        assert rc == 0, err
+    assert _cli(capsys, "index", str(layout), "amd64", "arm64", "--tag", "multi")[0] == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "arch").write_text("arm64")
+    (mine / "extra").write_text("x")
+    out = tmp_path / "oci"
+    rc, stdout, err = _cli(
+        capsys, "export", str(mine), "--oci", str(out), "--tag", "t", "-q", "--json",
+        "--base", f"oci:{layout}:multi", "--platform", "linux/arm64",
+    )  # fmt: skip
+    assert rc == 0, err
+    data = json.loads(stdout)
+    arm_man, _ = _manifest(layout, "arm64")
+    assert data["layers"][0]["digest"] == arm_man["layers"][0]["digest"]
+    _, cfg = _manifest(out, "t")
+    assert cfg["architecture"] == "arm64"
+    # a platform the index does not have: a named error
+    rc, _, err = _cli(
+        capsys, "export", str(mine), "--oci", str(tmp_path / "o2"), "-q",
+        "--base", f"oci:{layout}:multi", "--platform", "linux/s390x",
+    )  # fmt: skip
+    assert rc == 3 and "image_not_found" in err and "linux/amd64" in err, err
