@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from blobchain.client.image import ImageLayer, ImageSource, ResolvedImage, open_image, resolve
 from blobchain.client.unpack import unpack_layers
 from blobchain.layers.errors import DigestMismatch, SnapshotNotFound, SnapshotOutsideRoots
+from blobchain.layers.identity import next_ids
 from blobchain.layers.imageconfig import ImageOptions, Platform
 from blobchain.layers.layer import convert_blob
 from blobchain.layers.records import BASE_VARIANT, DIFF_ID_LABEL, LayerBlob, RefSpec
@@ -55,11 +56,13 @@ def default_cache(store: str) -> str:
     return os.path.join(store, CACHE_DIR)
 
 
-def base_ref_id(chain_id: str, snapshot: str) -> str:
-    """A base layer's ref id: from its chainID and the path standing for its state, so the same
-    base (and top snapshot) gives the same refs on every run."""
-    h = hashlib.sha256(f"base\0{chain_id}\0{snapshot}".encode("utf-8", "surrogateescape"))
-    return "b-" + h.hexdigest()[:24]
+def base_ref_id(chain_id: str, blob_chain_id: str, snapshot: str) -> str:
+    """A base layer's ref id: from its chainID, its blobChainID (two bases with the same
+    content in other blobs, e.g. gzip and zstd, are other refs: each keeps its own blobs) and
+    the path standing for its state. The same base (and top snapshot) gives the same refs on
+    every run."""
+    key = f"base\0{chain_id}\0{blob_chain_id}\0{snapshot}"
+    return "b-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
 def base_specs(image: ResolvedImage, top_snapshot: str, cache: str) -> list[RefSpec]:
@@ -69,9 +72,11 @@ def base_specs(image: ResolvedImage, top_snapshot: str, cache: str) -> list[RefS
     specs: list[RefSpec] = []
     parent: str | None = None
     ids = image.chain_ids
-    for i, cid in enumerate(ids):
+    pair: tuple[str | None, str | None] | None = None
+    for i, (cid, layer) in enumerate(zip(ids, image.layers, strict=True)):
+        pair = next_ids(pair, layer.descriptor.digest, layer.diff_id)
         snap = top_snapshot if i == len(ids) - 1 else os.path.join(cache, cid[7:])
-        spec = RefSpec(ref_id=base_ref_id(cid, snap), snapshot=snap, parent=parent)
+        spec = RefSpec(ref_id=base_ref_id(cid, pair[1], snap), snapshot=snap, parent=parent)
         specs.append(spec)
         parent = spec.ref_id
     return specs

@@ -151,14 +151,22 @@ def parse_image_ref(value: str) -> tuple[str, str, str | None]:
     return "registry", value, None
 
 
+def read_small(reader: BinaryIO | VerifyingReader, size: int) -> bytes:
+    """All of a small verified blob: raw reads may return short, so read to the end (a
+    mismatch, or a blob longer or shorter than ``size``, raises on the way)."""
+    parts: list[bytes] = []
+    got = 0
+    while chunk := reader.read(max(1, size + 1 - got)):
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
 def _verified_bytes(raw: BinaryIO, desc: Descriptor, where: str, limit: int) -> bytes:
     if desc.size > limit:
         raise InvalidImage(f"{where}: {desc.digest} is {desc.size} bytes, over the {limit} a manifest may be")
     with VerifyingReader(raw, desc.digest, size=desc.size, where=where) as r:
-        data = r.read(desc.size + 1)
-        if len(data) == desc.size:
-            r.read()  # end of stream: a short blob raises here
-    return data
+        return read_small(r, desc.size)
 
 
 def _descriptor(d: Any, where: str) -> Descriptor:

@@ -97,9 +97,13 @@ class RegistryImageSource:
                 f"{self.name}: {desc.digest} is {desc.size} bytes, too big for a config"
             )
         with self.open_blob(desc) as f:
-            data = f.read(desc.size + 1)
-            f.read()
-        return data
+            parts: list[bytes] = []
+            got = 0
+            # raw reads may return short: read to the end (the verifier raises on a bad blob)
+            while chunk := f.read(max(1, desc.size + 1 - got)):
+                parts.append(chunk)
+                got += len(chunk)
+        return b"".join(parts)
 
     def open_blob(self, desc: Descriptor) -> BinaryIO:
         with self._lock:

@@ -335,3 +335,32 @@ def test_a_multi_platform_base_resolves_to_the_platform_asked_for(tmp_path: Path
         "--base", f"oci:{layout}:multi", "--platform", "linux/s390x",
     )  # fmt: skip
     assert rc == 3 and "image_not_found" in err and "linux/amd64" in err, err
+
+
+def test_two_bases_with_the_same_content_in_other_blobs_keep_their_own(tmp_path: Path, capsys) -> None:
+    """Regression: base refs were keyed by chainID alone, so a zstd copy of a gzip base (same
+    diffIDs) reused the gzip base's records, and its export named blobs it never fetched."""
+    s = tmp_path / "s"
+    (s / "etc").mkdir(parents=True)
+    (s / "etc/conf").write_text("base")
+    layouts = {}
+    for comp in ("gzip", "zstd"):
+        layouts[comp] = tmp_path / f"base-{comp}"
+        rc, _, err = _cli(
+            capsys, "export", str(s), "--oci", str(layouts[comp]), "--tag", "b", "-q", "-c", comp
+        )
+        assert rc == 0, err
+    mine = _copy(s, tmp_path / "mine")
+    (mine / "app").write_text("app")
+    store = tmp_path / "store"
+    for comp in ("gzip", "zstd"):
+        out = tmp_path / f"out-{comp}"
+        rc, _, err = _cli(
+            capsys, "export", str(mine), "--oci", str(out), "--store", str(store), "--tag", "t", "-q", "--json",
+            "--base", f"oci:{layouts[comp]}:b",
+        )  # fmt: skip
+        assert rc == 0, err
+        base_man, _ = _manifest(layouts[comp], "b")
+        man, _ = _manifest(out, "t")
+        assert man["layers"][0] == base_man["layers"][0]
+        assert _blob(out, man["layers"][0]["digest"]) == _blob(layouts[comp], base_man["layers"][0]["digest"])
