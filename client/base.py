@@ -271,8 +271,7 @@ def open_base(
     """:func:`prepare_base` with a registry reached through ``options`` (TLS, --insecure)."""
     source: ImageSource | None = None
     if not image.startswith("oci:"):
-        from blobchain.client.image import parse_image_ref
-        from blobchain.registry.pull import RegistryImageSource
+        from blobchain.client.image import RegistryImageSource, parse_image_ref
 
         parse_image_ref(image)  # a bad reference is InvalidImageReference, as for a layout
         source = RegistryImageSource(image, options)
