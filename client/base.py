@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, BinaryIO
@@ -25,15 +26,27 @@ from typing import TYPE_CHECKING, BinaryIO
 from blobchain.client.image import ImageLayer, ImageSource, ResolvedImage, open_image, resolve
 from blobchain.client.unpack import unpack_layers
 from blobchain.layers.errors import DigestMismatch, SnapshotNotFound, SnapshotOutsideRoots
+from blobchain.layers.identity import next_ids
 from blobchain.layers.imageconfig import ImageOptions, Platform
+from blobchain.layers.layer import convert_blob
 from blobchain.layers.records import BASE_VARIANT, DIFF_ID_LABEL, LayerBlob, RefSpec
 from blobchain.storage.content import ContentStore
+from blobchain.workers.chainjob import chain_records
 from blobchain.workers.deps import Deps
+from blobchain.workers.executor import ChainResult
 
 if TYPE_CHECKING:
     from blobchain.registry.client import TransportOptions
 
-__all__ = ["BaseImage", "base_ref_id", "base_specs", "default_cache", "open_base", "prepare_base"]
+__all__ = [
+    "BaseImage",
+    "base_ref_id",
+    "base_specs",
+    "default_cache",
+    "open_base",
+    "prepare_base",
+    "recompress_base",
+]
 
 _CHUNK = 1 << 20
 CACHE_DIR = os.path.join(".blobchain", "base-rootfs")
@@ -43,11 +56,13 @@ def default_cache(store: str) -> str:
     return os.path.join(store, CACHE_DIR)
 
 
-def base_ref_id(chain_id: str, snapshot: str) -> str:
-    """A base layer's ref id: from its chainID and the path standing for its state, so the same
-    base (and top snapshot) gives the same refs on every run."""
-    h = hashlib.sha256(f"base\0{chain_id}\0{snapshot}".encode("utf-8", "surrogateescape"))
-    return "b-" + h.hexdigest()[:24]
+def base_ref_id(chain_id: str, blob_chain_id: str, snapshot: str) -> str:
+    """A base layer's ref id: from its chainID, its blobChainID (two bases with the same
+    content in other blobs, e.g. gzip and zstd, are other refs: each keeps its own blobs) and
+    the path standing for its state. The same base (and top snapshot) gives the same refs on
+    every run."""
+    key = f"base\0{chain_id}\0{blob_chain_id}\0{snapshot}"
+    return "b-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
 def base_specs(image: ResolvedImage, top_snapshot: str, cache: str) -> list[RefSpec]:
@@ -57,9 +72,11 @@ def base_specs(image: ResolvedImage, top_snapshot: str, cache: str) -> list[RefS
     specs: list[RefSpec] = []
     parent: str | None = None
     ids = image.chain_ids
-    for i, cid in enumerate(ids):
+    pair: tuple[str | None, str | None] | None = None
+    for i, (cid, layer) in enumerate(zip(ids, image.layers, strict=True)):
+        pair = next_ids(pair, layer.descriptor.digest, layer.diff_id)
         snap = top_snapshot if i == len(ids) - 1 else os.path.join(cache, cid[7:])
-        spec = RefSpec(ref_id=base_ref_id(cid, snap), snapshot=snap, parent=parent)
+        spec = RefSpec(ref_id=base_ref_id(cid, pair[1], snap), snapshot=snap, parent=parent)
         specs.append(spec)
         parent = spec.ref_id
     return specs
@@ -199,6 +216,43 @@ def prepare_base(
     return base
 
 
+def recompress_base(deps: Deps, base: BaseImage, result: ChainResult) -> ChainResult:
+    """Give each of the base's layers a blob in ``result.options``' compression too (BuildKit's
+    ``force-compression``): the base blob is fetched (once) and converted, not diffed; the diffID
+    is checked. The base blob stays the ref's main blob, so chain IDs do not change; the export
+    then uses the converted variant. Returns the chain's records as they are now."""
+    opts = result.options
+    by_ref = {s.ref_id for s in base.specs}
+    for rec in result.records:
+        if rec.ref_id not in by_ref or rec.blob is None or rec.blob.compression == opts.compression:
+            continue
+        done = rec.blob_for(opts)
+        if done is not None and deps.content.info(done.digest) is not None:
+            continue
+        source = rec.blob
+        base.fetch(deps.content, source.digest)
+        gc_lease = f"base-convert-{uuid.uuid4().hex}"
+        deps.leases.create_lease(gc_lease, deps.lease_ttl_s * 10)
+        try:
+            with deps.content.open(source.digest) as reader, deps.content.ingest(f"convert-{rec.ref_id}") as ing:
+                stats = convert_blob(reader, source.compression, source.diff_id, opts, ing.write, threads=deps.threads)
+                deps.leases.add_resource(gc_lease, ing.digest)  # before it is visible: GC cannot take it
+                info = ing.commit(labels={DIFF_ID_LABEL: stats.diff_id})
+            blob = LayerBlob(
+                digest=info.digest,
+                size=info.size,
+                media_type=opts.media_type,
+                diff_id=stats.diff_id,
+                compression=opts.compression,
+                compressor=stats.compressor,
+                variant=opts.variant_key(),
+            )
+            deps.metadata.set_blob(rec.ref_id, blob)
+        finally:
+            deps.leases.delete_lease(gc_lease)
+    return ChainResult(result.ref_id, tuple(chain_records(result.ref_id, deps.metadata)), opts)
+
+
 def _close(src: ImageSource) -> None:
     close = getattr(src, "close", None)
     if close is not None:
@@ -217,8 +271,7 @@ def open_base(
     """:func:`prepare_base` with a registry reached through ``options`` (TLS, --insecure)."""
     source: ImageSource | None = None
     if not image.startswith("oci:"):
-        from blobchain.client.image import parse_image_ref
-        from blobchain.registry.pull import RegistryImageSource
+        from blobchain.client.image import RegistryImageSource, parse_image_ref
 
         parse_image_ref(image)  # a bad reference is InvalidImageReference, as for a layout
         source = RegistryImageSource(image, options)

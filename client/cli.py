@@ -159,6 +159,13 @@ BaseCache = Annotated[
         help="where unpacked bases are kept (default: STORE/.blobchain/base-rootfs)",
     ),
 ]
+BaseRecompress = Annotated[
+    bool,
+    typer.Option(
+        "--base-recompress",
+        help="also convert the base's layers to --compression (they are fetched for it; default: kept as they are)",
+    ),
+]
 MountFrom = Annotated[
     list[str] | None, typer.Option("--mount-from", help="repository of the same registry to mount blobs from")
 ]
@@ -454,6 +461,7 @@ def export(
     base: BaseOpt = None,
     base_snapshot: BaseSnapshot = None,
     base_cache: BaseCache = None,
+    base_recompress: BaseRecompress = False,
 ) -> None:
     """Diff each snapshot against the previous one, store the layers and write an OCI image."""
     image_args = _ImageArgs(
@@ -476,11 +484,12 @@ def export(
         check_layout(settings.store, what="store")
     targets = {oci} if settings.distributed else {oci, settings.store}
     fresh = {p: os.path.lexists(p) for p in targets if is_fresh(p)}
-    base_args = _BaseArgs(base, base_snapshot, base_cache)
+    base_args = _BaseArgs(base, base_snapshot, base_cache, base_recompress)
     base_args.check(paths)
     try:
-        with Client(settings, jobs=jobs) as client, base_args.open(client, push_args) as base_image:
+        with Client(settings, jobs=jobs) as client, base_args.open(client, push_args, image) as base_image:
             result, specs = _run_chain(client, snapshots, args, base_image)
+            result = base_args.converted(client, base_image, result)
             image = _with_comments(image, specs, comment)
             manifest = client.export(result, oci, tag=tag, image=image, base=base_image)
             extra: dict[str, Any] = {"manifest": manifest.digest, "oci": f"{oci}:{tag}"}
@@ -550,6 +559,7 @@ def submit(
     base: BaseOpt = None,
     base_snapshot: BaseSnapshot = None,
     base_cache: BaseCache = None,
+    base_recompress: BaseRecompress = False,
 ) -> None:
     """Submit a chain to the workers (or run it embedded) and follow its progress."""
     image_args = _ImageArgs(
@@ -563,10 +573,11 @@ def submit(
     args.check()
     if oci:
         check_destination(oci, tag, [os.path.abspath(s) for s in snapshots])
-    base_args = _BaseArgs(base, base_snapshot, base_cache)
+    base_args = _BaseArgs(base, base_snapshot, base_cache, base_recompress)
     base_args.check([os.path.abspath(s) for s in snapshots])
-    with Client() as client, base_args.open(client, push_args) as base_image:
+    with Client() as client, base_args.open(client, push_args, image) as base_image:
         result, specs = _run_chain(client, snapshots, args, base_image)
+        result = base_args.converted(client, base_image, result)
         image = _with_comments(image, specs, comment)
         extra: dict[str, Any] = {}
         if oci:
@@ -607,12 +618,13 @@ class _BaseArgs:
     image: str | None = None
     snapshot: str | None = None
     cache: str | None = None
+    recompress: bool = False
 
     def check(self, snapshots: list[str]) -> None:
         """Before any work: the reference parses, the options go together."""
         if self.image is None:
-            if self.snapshot:
-                raise InvalidArgument("--base-snapshot needs --base")
+            if self.snapshot or self.recompress:
+                raise InvalidArgument("--base-snapshot and --base-recompress need --base")
             return
         from blobchain.client.image import parse_image_ref
 
@@ -621,15 +633,26 @@ class _BaseArgs:
             raise InvalidArgument("--base-snapshot is the base's state, not one of the snapshots to build")
 
     @contextlib.contextmanager
-    def open(self, client: Client, push: _PushArgs) -> Iterator[BaseImage | None]:
+    def open(self, client: Client, push: _PushArgs, image: ImageOptions) -> Iterator[BaseImage | None]:
         if self.image is None:
             yield None
             return
-        base = client.base(self.image, snapshot=self.snapshot, cache=self.cache, options=push.options())
+        # An index resolves to the platform asked for (--platform), else this host's.
+        base = client.base(
+            self.image, snapshot=self.snapshot, cache=self.cache, platform=image.platform, options=push.options()
+        )
         try:
             yield base
         finally:
             base.close()
+
+
+    def converted(self, client: Client, base: BaseImage | None, result: ChainResult) -> ChainResult:
+        if base is None or not self.recompress:
+            return result
+        from blobchain.client.base import recompress_base
+
+        return recompress_base(client.deps, base, result)
 
 
 def _base_summary(base: BaseImage) -> dict[str, Any]:

@@ -133,12 +133,14 @@ def build_image(result: ChainResult, image: ImageOptions | None = None) -> Image
     blobs = result.layer_blobs()
     windows = any(r.spec.layer_type == "windows" for r in result.records)
     # A base image's layers (--base) come first; its config gives their diff_ids and history.
-    base = [b for b in blobs if b.from_base]
+    # A ref is the base's by its main blob (an export may use a converted variant of it).
+    of_base = [r.blob is not None and r.blob.from_base for r in result.records]
+    base = [b for b, yes in zip(blobs, of_base, strict=True) if yes]
     if base and opts.base_config is None:
         raise InvalidImageOption("the chain is built on a base image: pass its config (ImageOptions.base_config)")
     if opts.base_config is not None and not _same_base(opts.base_config, base):
         raise InvalidImageOption("ImageOptions.base_config does not describe the chain's base layers")
-    ours = [(r, b) for r, b in zip(result.records, blobs, strict=True) if not b.from_base]
+    ours = [(r, b) for r, b, yes in zip(result.records, blobs, of_base, strict=True) if not yes]
     layers = [ConfigLayer(b.diff_id, opts.comment_for(r.ref_id) or r.spec.snapshot) for r, b in ours]
     cfg = canonical_json(image_config(layers, opts, os_name="windows" if windows else "linux"))
     cfg_desc = _descriptor(DOCKER_CONFIG_MEDIA_TYPE if docker else CONFIG_MEDIA_TYPE, cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import shutil
 import uuid
@@ -45,7 +46,7 @@ class UnpackResult:
         return dict(self.__dict__)
 
 
-def _drain(stream: BinaryIO) -> None:
+def _drain(stream: BinaryIO | io.RawIOBase) -> None:
     while stream.read(_CHUNK):
         pass
 

@@ -21,7 +21,8 @@ from blobchain.client.cli import main
 from blobchain.client.image import LayoutImageSource, resolve
 from blobchain.client.unpack import unpack_layers
 from blobchain.config.settings import Settings
-from blobchain.layers.identity import chain_ids
+from blobchain.layers.identity import chain_ids, next_ids
+from blobchain.workers.verify import verify_store
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -203,10 +204,19 @@ def test_base_refs_are_cached_never_built_and_a_given_snapshot_skips_the_unpack(
         assert [b.digest for b in blobs[:2]] == [la.descriptor.digest for la in base.image.layers]
         assert [str(b.compression) for b in blobs] == ["gzip", "gzip", "zstd", "zstd"]
         assert [r.chain_id for r in result.records] == chain_ids([b.diff_id for b in blobs])
+        # blobChainID as BuildKit: over each ref's main blob (the base's own for its refs)
+        pair = None
+        for rec in result.records:
+            assert rec.blob is not None
+            pair = next_ids(pair, rec.blob.digest, rec.blob.diff_id)
+            assert (rec.chain_id, rec.blob_chain_id) == pair
         # nothing of the base fetched, no cache made: no export needed its bytes yet
         assert base.fetched == [] and not (store / ".blobchain/base-rootfs").exists()
         for b in blobs[:2]:
             assert client.deps.content.info(b.digest) is None
+        # `blobchain verify` does not call the unfetched base blobs missing
+        report = verify_store(client.deps.content, client.deps.metadata)
+        assert not report.bad and report.to_dict()["missing"] == 0
         out = tmp_path / "oci"
         client.export(result, out, tag="app", base=base)
         assert sorted(base.fetched) == sorted(b.digest for b in blobs[:2])  # copied into the layout
@@ -259,3 +269,104 @@ def test_bad_base_input_is_a_named_error_and_writes_nothing(tmp_path: Path, caps
         assert rc == code, err
         assert err.startswith(f"error ({name}): ") and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+@services.needs_root("unpacks with owners, as umoci")
+def test_base_recompress_converts_the_base_layers_without_diffing(
+    tmp_path: Path, base_layout: Path, capsys
+) -> None:
+    top = _top_of(base_layout, tmp_path)
+    ours = _ours(top, tmp_path)
+    out = tmp_path / "oci"
+    args = [
+        "export", *map(str, ours), "--oci", str(out), "--tag", "z", "-q", "--json", "--compression", "zstd",
+        "--base", f"oci:{base_layout}:base", "--base-snapshot", str(top), "--base-recompress",
+    ]  # fmt: skip
+    rc, stdout, err = _cli(capsys, *args)
+    assert rc == 0, err
+    data = json.loads(stdout)
+    base_man, base_cfg = _manifest(base_layout, "base")
+    man, cfg = _manifest(out, "z")
+    assert [la["mediaType"] for la in man["layers"]] == ["application/vnd.oci.image.layer.v1.tar+zstd"] * 4
+    # converted: new blobs, the same diffIDs, so the same chain IDs as without conversion
+    assert {la["digest"] for la in man["layers"][:2]}.isdisjoint(la["digest"] for la in base_man["layers"])
+    assert cfg["rootfs"]["diff_ids"][:2] == base_cfg["rootfs"]["diff_ids"]
+    diff_ids = [la["diff_id"] for la in data["layers"]]
+    assert [la["chain_id"] for la in data["layers"]] == chain_ids(diff_ids)
+    # the base's blobs were fetched for it (a --base-snapshot: no unpack needed them)
+    assert data["base"]["unpacked"] is False
+    assert sorted(data["base"]["fetched"]) == sorted(la["digest"] for la in base_man["layers"])
+    # our applier reads zstd (umoci 0.4 does not): the result is our top snapshot
+    rc, _, err = _cli(capsys, "unpack", f"{out}:z", str(tmp_path / "u"))
+    assert rc == 0, err
+    assert comparable(tmp_path / "u") == comparable(ours[-1])
+    skopeo = services.require_tool("skopeo", "skopeo")
+    subprocess.run([skopeo, "inspect", f"oci:{out}:z"], check=True, capture_output=True)
+    # a second run converts nothing again: the variants are recorded
+    rc, stdout2, err = _cli(capsys, *args)
+    assert rc == 0, err
+    again = json.loads(stdout2)
+    assert again["manifest"] == data["manifest"] and again["base"]["fetched"] == []
+
+
+def test_a_multi_platform_base_resolves_to_the_platform_asked_for(tmp_path: Path, capsys) -> None:
+    layout = tmp_path / "multi"
+    for arch in ("amd64", "arm64"):
+        s = tmp_path / f"base-{arch}"
+        s.mkdir()
+        (s / "arch").write_text(arch)
+        rc, _, err = _cli(
+            capsys, "export", str(s), "--oci", str(layout), "--tag", arch, "-q", "--platform", f"linux/{arch}"
+        )
+        assert rc == 0, err
+    assert _cli(capsys, "index", str(layout), "amd64", "arm64", "--tag", "multi")[0] == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "arch").write_text("arm64")
+    (mine / "extra").write_text("x")
+    out = tmp_path / "oci"
+    rc, stdout, err = _cli(
+        capsys, "export", str(mine), "--oci", str(out), "--tag", "t", "-q", "--json",
+        "--base", f"oci:{layout}:multi", "--platform", "linux/arm64",
+    )  # fmt: skip
+    assert rc == 0, err
+    data = json.loads(stdout)
+    arm_man, _ = _manifest(layout, "arm64")
+    assert data["layers"][0]["digest"] == arm_man["layers"][0]["digest"]
+    _, cfg = _manifest(out, "t")
+    assert cfg["architecture"] == "arm64"
+    # a platform the index does not have: a named error
+    rc, _, err = _cli(
+        capsys, "export", str(mine), "--oci", str(tmp_path / "o2"), "-q",
+        "--base", f"oci:{layout}:multi", "--platform", "linux/s390x",
+    )  # fmt: skip
+    assert rc == 3 and "image_not_found" in err and "linux/amd64" in err, err
+
+
+def test_two_bases_with_the_same_content_in_other_blobs_keep_their_own(tmp_path: Path, capsys) -> None:
+    """Regression: base refs were keyed by chainID alone, so a zstd copy of a gzip base (same
+    diffIDs) reused the gzip base's records, and its export named blobs it never fetched."""
+    s = tmp_path / "s"
+    (s / "etc").mkdir(parents=True)
+    (s / "etc/conf").write_text("base")
+    layouts = {}
+    for comp in ("gzip", "zstd"):
+        layouts[comp] = tmp_path / f"base-{comp}"
+        rc, _, err = _cli(
+            capsys, "export", str(s), "--oci", str(layouts[comp]), "--tag", "b", "-q", "-c", comp
+        )
+        assert rc == 0, err
+    mine = _copy(s, tmp_path / "mine")
+    (mine / "app").write_text("app")
+    store = tmp_path / "store"
+    for comp in ("gzip", "zstd"):
+        out = tmp_path / f"out-{comp}"
+        rc, _, err = _cli(
+            capsys, "export", str(mine), "--oci", str(out), "--store", str(store), "--tag", "t", "-q", "--json",
+            "--base", f"oci:{layouts[comp]}:b",
+        )  # fmt: skip
+        assert rc == 0, err
+        base_man, _ = _manifest(layouts[comp], "b")
+        man, _ = _manifest(out, "t")
+        assert man["layers"][0] == base_man["layers"][0]
+        assert _blob(out, man["layers"][0]["digest"]) == _blob(layouts[comp], base_man["layers"][0]["digest"])

@@ -126,8 +126,13 @@ def test_base_specs_are_a_chain_keyed_by_chain_ids(diff_ids: list[str]) -> None:
     assert specs[-1].snapshot == "/top"
     ids = chain_ids(diff_ids)
     assert img.chain_ids == ids and img.top_chain_id == ids[-1]
-    for s, cid in zip(specs[:-1], ids, strict=False):
-        assert s.snapshot == f"/cache/{cid[7:]}" and s.ref_id == base_ref_id(cid, s.snapshot)
+    blob_ids = []
+    pair = None
+    for d in diff_ids:
+        pair = next_ids(pair, d, d)
+        blob_ids.append(pair[1])
+    for s, cid, bid in zip(specs[:-1], ids, blob_ids, strict=False):
+        assert s.snapshot == f"/cache/{cid[7:]}" and s.ref_id == base_ref_id(cid, bid, s.snapshot)
     # deterministic: the same base gives the same refs
     assert base_specs(img, "/top", "/cache") == specs
     # and chain IDs computed ref by ref (BuildKit's computeChainMetadata) equal identity.ChainID
