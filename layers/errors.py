@@ -37,7 +37,6 @@ __all__ = [
     "ParentCycle",
     "PathEscapes",
     "PathTooLong",
-    "PoisonRef",
     "RefNotFound",
     "SnapshotNotFound",
     "SnapshotOutsideRoots",
@@ -319,13 +318,6 @@ class InProgress(Unavailable):
     """Another worker holds the ref's lease; check again later."""
 
     code = "in_progress"
-
-
-@register
-class PoisonRef(FailedPrecondition):
-    """A ref killed its worker too many times; it is failed instead of retried forever."""
-
-    code = "poison_ref"
 
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})

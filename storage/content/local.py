@@ -359,7 +359,7 @@ class LocalContentStore:
             on_mismatch=bad_copy if quarantine else None,
             skip=offset,
         )
-        return io.BufferedReader(reader, buffer_size=_WRITE_BUFFER)  # type: ignore[return-value]
+        return io.BufferedReader(reader, buffer_size=_WRITE_BUFFER)
 
     def verify(self, digest: str, *, quick: bool = False, quarantine: bool = True) -> BlobInfo | None:
         path = self.blob_path(digest)
@@ -554,9 +554,9 @@ def layout_digests(store: LocalContentStore) -> set[str]:
         desc = stack.pop()
         if not isinstance(desc, dict):
             continue
-        digest = desc.get("digest")
+        raw = desc.get("digest")
         try:
-            check_digest(digest)  # type: ignore[arg-type]
+            digest = check_digest(raw if isinstance(raw, str) else "")
         except InvalidArgument:
             continue  # another algorithm, or junk: nothing our store could hold
         if digest in seen:

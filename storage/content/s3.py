@@ -95,8 +95,8 @@ class S3AccessDenied(FailedPrecondition):
 def make_s3_client(
     endpoint: str,
     region: str,
-    access_key: str,
-    secret_key: str,
+    access_key: str | None,
+    secret_key: str | None,
     *,
     verify_tls: bool = True,
     ca_bundle: str | None = None,
@@ -467,7 +467,7 @@ class S3ContentStore:
         def copy() -> Any:
             if size > self.multipart_copy_threshold:
                 return self._copy_multipart(src, dst, size, meta, cond, source_etag)
-            src_cond = {"CopySourceIfMatch": source_etag} if source_etag else {}
+            src_cond: dict[str, Any] = {"CopySourceIfMatch": source_etag} if source_etag else {}
             return self._call(
                 "copy_object",
                 exists_ok=True,
@@ -502,7 +502,7 @@ class S3ContentStore:
         upload_id = up["UploadId"]
         try:
             parts = []
-            src_cond = {"CopySourceIfMatch": source_etag} if source_etag else {}
+            src_cond: dict[str, Any] = {"CopySourceIfMatch": source_etag} if source_etag else {}
             step = _copy_part_size(size, self.multipart_copy_threshold)
             for n, start in enumerate(range(0, size, step), 1):
                 end = min(size, start + step) - 1

@@ -32,6 +32,12 @@ __all__ = ["MetadataStore"]
 class MetadataStore(Protocol):
     def get(self, ref_id: str) -> RefRecord | None: ...
 
+    def chain_specs(self, ref_id: str) -> dict[str, RefSpec]:
+        """The specs of ``ref_id`` and its registered ancestors, in one read (one round trip
+        per few thousand refs); stops at a missing parent or a cycle (the caller's ancestry walk
+        reports those). Empty if ``ref_id`` is unknown."""
+        ...
+
     def register(self, spec: RefSpec) -> RefRecord: ...
 
     def set_blob(

@@ -321,7 +321,7 @@ class RedisMetadataStore:
             raise ClaimLost(
                 f"{what} for ref {ref_id} refused: the claim is no longer held by this worker",
                 ref=ref_id,
-                claim_key=lkey if lkey is not None else ref_id,
+                lease_key=lkey if lkey is not None else ref_id,  # detail name kept: published output
             )
         if status == "not_found":
             raise RefNotFound(f"ref {ref_id} is not registered", ref=ref_id)

@@ -195,6 +195,20 @@ class SqliteMetadataStore:
         with self._tx(write=False) as conn:
             return self._load(conn, ref_id)
 
+    def chain_specs(self, ref_id: str) -> dict[str, RefSpec]:
+        out: dict[str, RefSpec] = {}
+        with self._tx(write=False) as conn:
+            cur: str | None = ref_id
+            while cur is not None and cur not in out:
+                row = conn.execute(
+                    "SELECT snapshot, parent, kind, layer_type FROM refs WHERE ref_id = ?", (cur,)
+                ).fetchone()
+                if row is None:
+                    break
+                out[cur] = RefSpec(ref_id=cur, snapshot=row[0], parent=row[1], kind=row[2], layer_type=row[3])
+                cur = row[1]
+        return out
+
     def register(self, spec: RefSpec) -> RefRecord:
         with self._tx(write=True) as conn:
             rec = self._load(conn, spec.ref_id)

@@ -436,6 +436,17 @@ class MetadataStoreContract:
     def test_get_unknown_is_none(self, metadata_store: MetadataStore) -> None:
         assert metadata_store.get("nope") is None
 
+    def test_chain_specs_reads_the_whole_ancestry(self, metadata_store: MetadataStore) -> None:
+        specs = [_spec("c0"), _spec("c1", parent="c0", kind="upper"), _spec("c2", parent="c1")]
+        for spec in specs:
+            metadata_store.register(spec)
+        assert metadata_store.chain_specs("c2") == {s.ref_id: s for s in specs}
+        assert metadata_store.chain_specs("c0") == {"c0": specs[0]}
+        assert metadata_store.chain_specs("nope") == {}
+        # A missing parent ends the walk (the caller's ancestry check names it).
+        metadata_store.register(_spec("orphan", parent="gone"))
+        assert metadata_store.chain_specs("orphan") == {"orphan": _spec("orphan", parent="gone")}
+
     def test_register_creates(self, metadata_store: MetadataStore) -> None:
         spec = _spec("child", parent="base", kind="upper", layer_type="linux")
         rec = metadata_store.register(spec)

@@ -122,7 +122,7 @@ def test_progress_events_then_a_cached_resubmission(
 
 
 def test_closing_with_cancel_stops_following(settings: Settings, chain: list[Path], worker: Any) -> None:
-    ex = CeleryExecutor(settings)
+    ex = CeleryExecutor(settings, open_deps(settings))
     client = Client(settings, executor=ex)
     specs = client.register_chain(chain)
     held = open_deps(settings).claims.try_acquire(flight_key(specs[-1].ref_id, LayerOptions()), 120)
