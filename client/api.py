@@ -21,6 +21,8 @@ from blobchain.workers.executor import ChainResult, Executor, Job
 from blobchain.workers.plan import make_plan
 
 if TYPE_CHECKING:  # the registry client (httpx) loads only for a push: start-up of export
+    from blobchain.client.base import BaseImage
+    from blobchain.layers.imageconfig import Platform
     from blobchain.registry.client import TransportOptions
     from blobchain.registry.push import PushEvent, PushResult
     from blobchain.storage.gc import GCReport
@@ -231,14 +233,41 @@ class Client:
         *,
         tag: str | None = None,
         image: ImageOptions | None = None,
+        base: BaseImage | None = None,
     ) -> Descriptor:
         """Write ``result`` as an image in the OCI layout at ``dest``; returns the manifest's
         descriptor. ``image`` sets the platform, what the image runs, its history comments,
         created time and manifest annotations (default: host platform, no command, unset
-        created, so the same chain always gives the same manifest digest)."""
+        created, so the same chain always gives the same manifest digest). ``base``: the
+        chain was registered on :meth:`base` (its blobs are fetched here only if needed)."""
         from blobchain.client.export import export_layout
 
-        return export_layout(result, self.deps, os.fspath(dest), tag=tag, image=image)
+        return export_layout(result, self.deps, os.fspath(dest), tag=tag, image=image, base=base)
+
+    def base(
+        self,
+        image: str,
+        *,
+        snapshot: str | os.PathLike[str] | None = None,
+        cache: str | os.PathLike[str] | None = None,
+        platform: Platform | None = None,
+        options: TransportOptions | None = None,
+    ) -> BaseImage:
+        """Build on ``image`` (``oci:DIR[:TAG]`` or ``REGISTRY/REPO:TAG``), as Dockerfile's FROM:
+        its layers become refs with blobs; pass ``parent=base.top_ref`` to
+        :meth:`register_chain`, and ``base=`` to :meth:`export` / :meth:`push`. ``snapshot``:
+        a directory holding the base's top state (else it is unpacked once into ``cache``,
+        default ``<store>/.blobchain/base-rootfs``)."""
+        from blobchain.client.base import default_cache, open_base
+
+        return open_base(
+            self.deps,
+            image,
+            cache=os.fspath(cache) if cache is not None else default_cache(self.settings.store),
+            snapshot=os.fspath(snapshot) if snapshot is not None else None,
+            platform=platform,
+            options=options,
+        )
 
     def push(
         self,
@@ -249,6 +278,7 @@ class Client:
         options: TransportOptions | None = None,
         mount_from: Sequence[str] = (),
         progress: Callable[[PushEvent], None] | None = None,
+        base: BaseImage | None = None,
     ) -> PushResult:
         """Push ``result`` as an image to ``target`` (``registry/repo:tag``): the same config and
         manifest ``export`` writes, layers streamed from the content store (S3 in distributed
@@ -256,7 +286,14 @@ class Client:
         from blobchain.client.push import push_chain
 
         return push_chain(
-            result, self.deps.content, target, image=image, options=options, mount_from=mount_from, progress=progress
+            result,
+            self.deps.content,
+            target,
+            image=image,
+            options=options,
+            mount_from=mount_from,
+            progress=progress,
+            base=base,
         )
 
     def index(self, layout: str | os.PathLike[str], tag: str, tags: Sequence[str]) -> Descriptor:

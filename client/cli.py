@@ -3,10 +3,12 @@ message; progress is a live display of files and bytes per layer."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -51,6 +53,7 @@ from blobchain.layers.records import MAX_SOURCE_DATE_EPOCH, LayerOptions, RefSpe
 from blobchain.workers.executor import FINISHED, ChainResult, Job
 
 if TYPE_CHECKING:  # the registry client (httpx) loads only for a push: start-up of export
+    from blobchain.client.base import BaseImage
     from blobchain.registry.client import TransportOptions
     from blobchain.registry.push import PushEvent, PushResult
 
@@ -139,6 +142,30 @@ InsecureRemote = Annotated[
     bool, typer.Option("--insecure-remote", help="allow --insecure for a registry that is not loopback")
 ]
 PushJobs = Annotated[int, typer.Option("--push-jobs", help="blobs uploaded in parallel")]
+# Building on a base image (BuildKit's FROM).
+BaseOpt = Annotated[
+    str | None,
+    typer.Option("--base", help="base image: oci:DIR[:TAG] or REGISTRY/REPO:TAG (--ca/--insecure apply to it)"),
+]
+BaseSnapshot = Annotated[
+    str | None,
+    typer.Option("--base-snapshot", help="a directory holding the base's top state (else it is unpacked once)"),
+]
+BaseCache = Annotated[
+    str | None,
+    typer.Option(
+        "--base-cache",
+        envvar="BLOBCHAIN_BASE_CACHE",
+        help="where unpacked bases are kept (default: STORE/.blobchain/base-rootfs)",
+    ),
+]
+BaseRecompress = Annotated[
+    bool,
+    typer.Option(
+        "--base-recompress",
+        help="also convert the base's layers to --compression (they are fetched for it; default: kept as they are)",
+    ),
+]
 MountFrom = Annotated[
     list[str] | None, typer.Option("--mount-from", help="repository of the same registry to mount blobs from")
 ]
@@ -369,11 +396,14 @@ def _print_result(
             out.print(f"{k}: {v}", highlight=False, soft_wrap=True)
 
 
-def _run_chain(client: Client, snapshots: list[str], args: _ChainArgs) -> tuple[ChainResult, list[RefSpec]]:
+def _run_chain(
+    client: Client, snapshots: list[str], args: _ChainArgs, base: BaseImage | None = None
+) -> tuple[ChainResult, list[RefSpec]]:
     specs = client.register_chain(
         snapshots,
         kind="upper" if args.upper else "rootfs",
         layer_type="windows" if args.windows else "linux",
+        parent=base.top_ref if base is not None else None,
     )
     labels = {s.ref_id: f"layer {i}: {os.path.basename(s.snapshot)}" for i, s in enumerate(specs)}
     with client.lease() as lease:
@@ -428,6 +458,10 @@ def export(
     insecure: Insecure = False,
     insecure_remote: InsecureRemote = False,
     push_jobs: PushJobs = 4,
+    base: BaseOpt = None,
+    base_snapshot: BaseSnapshot = None,
+    base_cache: BaseCache = None,
+    base_recompress: BaseRecompress = False,
 ) -> None:
     """Diff each snapshot against the previous one, store the layers and write an OCI image."""
     image_args = _ImageArgs(
@@ -450,14 +484,21 @@ def export(
         check_layout(settings.store, what="store")
     targets = {oci} if settings.distributed else {oci, settings.store}
     fresh = {p: os.path.lexists(p) for p in targets if is_fresh(p)}
+    base_args = _BaseArgs(base, base_snapshot, base_cache, base_recompress)
+    base_args.check(paths)
     try:
-        with Client(settings, jobs=jobs) as client:
-            result, specs = _run_chain(client, snapshots, args)
+        with Client(settings, jobs=jobs) as client, base_args.open(client, push_args, image) as base_image:
+            result, specs = _run_chain(client, snapshots, args, base_image)
+            result = base_args.converted(client, base_image, result)
             image = _with_comments(image, specs, comment)
-            manifest = client.export(result, oci, tag=tag, image=image)
+            manifest = client.export(result, oci, tag=tag, image=image, base=base_image)
             extra: dict[str, Any] = {"manifest": manifest.digest, "oci": f"{oci}:{tag}"}
             if push_to:
-                extra["pushed"] = _push_chain(client, result, push_to, image, push_args, quiet).to_dict()
+                extra["pushed"] = _push_chain(
+                    client, result, push_to, image, push_args, quiet, base_image
+                ).to_dict()
+            if base_image is not None:
+                extra["base"] = _base_summary(base_image)
     except BaseException:
         # A layout or store this run created (or found empty) and left empty is cleaned up.
         for p, existed in fresh.items():
@@ -515,6 +556,10 @@ def submit(
     insecure: Insecure = False,
     insecure_remote: InsecureRemote = False,
     push_jobs: PushJobs = 4,
+    base: BaseOpt = None,
+    base_snapshot: BaseSnapshot = None,
+    base_cache: BaseCache = None,
+    base_recompress: BaseRecompress = False,
 ) -> None:
     """Submit a chain to the workers (or run it embedded) and follow its progress."""
     image_args = _ImageArgs(
@@ -528,14 +573,19 @@ def submit(
     args.check()
     if oci:
         check_destination(oci, tag, [os.path.abspath(s) for s in snapshots])
-    with Client() as client:
-        result, specs = _run_chain(client, snapshots, args)
+    base_args = _BaseArgs(base, base_snapshot, base_cache, base_recompress)
+    base_args.check([os.path.abspath(s) for s in snapshots])
+    with Client() as client, base_args.open(client, push_args, image) as base_image:
+        result, specs = _run_chain(client, snapshots, args, base_image)
+        result = base_args.converted(client, base_image, result)
         image = _with_comments(image, specs, comment)
         extra: dict[str, Any] = {}
         if oci:
-            extra["manifest"] = client.export(result, oci, tag=tag, image=image).digest
+            extra["manifest"] = client.export(result, oci, tag=tag, image=image, base=base_image).digest
         if push_to:
-            extra["pushed"] = _push_chain(client, result, push_to, image, push_args, quiet).to_dict()
+            extra["pushed"] = _push_chain(client, result, push_to, image, push_args, quiet, base_image).to_dict()
+        if base_image is not None:
+            extra["base"] = _base_summary(base_image)
     _print_result(result, as_json, extra or None, exported=bool(oci))
 
 
@@ -549,10 +599,71 @@ def _check_push_target(target: str | None, args: _PushArgs) -> None:
 
 
 def _push_chain(
-    client: Client, result: ChainResult, target: str, image: ImageOptions, args: _PushArgs, quiet: bool
+    client: Client,
+    result: ChainResult,
+    target: str,
+    image: ImageOptions,
+    args: _PushArgs,
+    quiet: bool,
+    base: BaseImage | None = None,
 ) -> PushResult:
     with _PushDisplay(quiet) as display:
-        return client.push(result, target, image=image, options=args.options(), progress=display)
+        return client.push(result, target, image=image, options=args.options(), progress=display, base=base)
+
+
+@dataclass(frozen=True)
+class _BaseArgs:
+    """``--base``, ``--base-snapshot``, ``--base-cache`` as typed."""
+
+    image: str | None = None
+    snapshot: str | None = None
+    cache: str | None = None
+    recompress: bool = False
+
+    def check(self, snapshots: list[str]) -> None:
+        """Before any work: the reference parses, the options go together."""
+        if self.image is None:
+            if self.snapshot or self.recompress:
+                raise InvalidArgument("--base-snapshot and --base-recompress need --base")
+            return
+        from blobchain.client.image import parse_image_ref
+
+        parse_image_ref(self.image)
+        if self.snapshot is not None and os.path.abspath(self.snapshot) in snapshots:
+            raise InvalidArgument("--base-snapshot is the base's state, not one of the snapshots to build")
+
+    @contextlib.contextmanager
+    def open(self, client: Client, push: _PushArgs, image: ImageOptions) -> Iterator[BaseImage | None]:
+        if self.image is None:
+            yield None
+            return
+        # An index resolves to the platform asked for (--platform), else this host's.
+        base = client.base(
+            self.image, snapshot=self.snapshot, cache=self.cache, platform=image.platform, options=push.options()
+        )
+        try:
+            yield base
+        finally:
+            base.close()
+
+
+    def converted(self, client: Client, base: BaseImage | None, result: ChainResult) -> ChainResult:
+        if base is None or not self.recompress:
+            return result
+        from blobchain.client.base import recompress_base
+
+        return recompress_base(client.deps, base, result)
+
+
+def _base_summary(base: BaseImage) -> dict[str, Any]:
+    return {
+        "image": base.image.name,
+        "manifest": base.image.manifest.digest,
+        "chain_id": base.image.top_chain_id,
+        "top_snapshot": base.snapshot,
+        "unpacked": base.unpacked,
+        "fetched": list(base.fetched),
+    }
 
 
 @app.command()

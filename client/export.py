@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from blobchain.client.base import BaseImage
 from blobchain.client.layout import check_destination, is_fresh, read_index, remove_if_empty
 from blobchain.layers.errors import DigestMismatch, NotFound, from_os_error
 from blobchain.layers.imageconfig import (
@@ -40,7 +41,7 @@ from blobchain.layers.oci import (
     layer_media_type,
     manifest_bytes,
 )
-from blobchain.layers.records import Descriptor, RefRecord
+from blobchain.layers.records import Descriptor, LayerBlob, RefRecord
 from blobchain.storage.content import BlobReader
 from blobchain.storage.content.local import LocalContentStore
 from blobchain.storage.deps import Deps
@@ -131,17 +132,27 @@ def build_image(result: ChainResult, image: ImageOptions | None = None) -> Image
         )
     blobs = result.layer_blobs()
     windows = any(r.spec.layer_type == "windows" for r in result.records)
-    layers = [
-        ConfigLayer(b.diff_id, opts.comment_for(r.ref_id) or r.spec.snapshot)
-        for r, b in zip(result.records, blobs, strict=True)
-    ]
+    # A base image's layers (--base) come first; its config gives their diff_ids and history.
+    # A ref is the base's by its main blob (an export may use a converted variant of it).
+    of_base = [r.blob is not None and r.blob.from_base for r in result.records]
+    base = [b for b, yes in zip(blobs, of_base, strict=True) if yes]
+    if base and opts.base_config is None:
+        raise InvalidImageOption("the chain is built on a base image: pass its config (ImageOptions.base_config)")
+    if opts.base_config is not None and not _same_base(opts.base_config, base):
+        raise InvalidImageOption("ImageOptions.base_config does not describe the chain's base layers")
+    ours = [(r, b) for r, b, yes in zip(result.records, blobs, of_base, strict=True) if not yes]
+    layers = [ConfigLayer(b.diff_id, opts.comment_for(r.ref_id) or r.spec.snapshot) for r, b in ours]
     cfg = canonical_json(image_config(layers, opts, os_name="windows" if windows else "linux"))
     cfg_desc = _descriptor(DOCKER_CONFIG_MEDIA_TYPE if docker else CONFIG_MEDIA_TYPE, cfg)
     # The media-type scheme belongs to this export: each layer's type follows from its blob's
-    # compression, whatever scheme the blob was first recorded under.
+    # compression, whatever scheme the blob was first recorded under (a base's layers too:
+    # the bytes are the same under either scheme).
     descs = tuple(
         Descriptor(layer_media_type(b.compression, docker=docker), b.digest, b.size)
-        for b, la in zip(blobs, layers, strict=True)
+        for b in base
+    ) + tuple(
+        Descriptor(layer_media_type(b.compression, docker=docker), b.digest, b.size)
+        for (_, b), la in zip(ours, layers, strict=True)
         if not la.empty
     )
     man = manifest_bytes(
@@ -151,6 +162,11 @@ def build_image(result: ChainResult, image: ImageOptions | None = None) -> Image
     return Image(cfg, cfg_desc, man, man_desc, descs)
 
 
+def _same_base(config: Any, base: list[LayerBlob]) -> bool:
+    rootfs = config.get("rootfs") or {} if isinstance(config, dict) else {}
+    return list(rootfs.get("diff_ids") or []) == [b.diff_id for b in base]
+
+
 def export_layout(
     result: ChainResult,
     deps: Deps,
@@ -158,17 +174,22 @@ def export_layout(
     *,
     tag: str | None = None,
     image: ImageOptions | None = None,
+    base: BaseImage | None = None,
 ) -> Descriptor:
     """Write ``result`` as an image in the layout at ``dest`` under ``tag``.
 
     Checked first (options, tag, overlap with the snapshots, the layout's shape and
     writability); a layout this call created, or found empty, is emptied again if the export
-    fails before its ``index.json`` is written."""
+    fails before its ``index.json`` is written. With ``base`` (``--base``), its config comes
+    first in ours, and each of its blobs not yet in the content store is fetched once."""
+    if base is not None:
+        image = base.image_options(image)
     img = build_image(result, image)  # first: bad options change nothing
-    check_destination(dest, tag, [r.spec.snapshot for r in result.records])
+    # A base's states live in the store's cache (or are the caller's): not snapshots of ours.
+    check_destination(dest, tag, [r.spec.snapshot for r in result.records if not (r.blob and r.blob.from_base)])
     existed, fresh = os.path.lexists(dest), is_fresh(dest)
     try:
-        _write_layout(deps, dest, img, tag, result.records)
+        _write_layout(deps, dest, img, tag, result.records, base)
     except OSError as e:
         raise from_os_error(e, f"writing the image to {dest}") from e
     finally:
@@ -182,7 +203,12 @@ def export_layout(
 
 
 def _write_layout(
-    deps: Deps, dest: str, img: Image, tag: str | None, records: tuple[RefRecord, ...]
+    deps: Deps,
+    dest: str,
+    img: Image,
+    tag: str | None,
+    records: tuple[RefRecord, ...],
+    base: BaseImage | None = None,
 ) -> None:
     os.makedirs(dest, exist_ok=True)
     same = _same_store(deps.content, dest)
@@ -190,6 +216,8 @@ def _write_layout(
     assert isinstance(store, LocalContentStore)
     try:
         for desc in img.layers:
+            if base is not None:
+                base.fetch(deps.content, desc.digest)  # a base blob the store lacks: fetched once
             try:
                 _copy_blob(deps.content, store, desc.digest, desc.size)
             except DigestMismatch as e:

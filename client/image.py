@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
-from blobchain.layers.errors import AlreadyExists, InvalidArgument, NotFound
+from blobchain.layers.errors import AlreadyExists, InvalidArgument, NotFound, register
 from blobchain.layers.identity import chain_ids
 from blobchain.layers.imageconfig import Platform, host_platform
 from blobchain.layers.oci import REF_NAME
@@ -49,24 +49,28 @@ MANIFEST_TYPES = (
 MAX_JSON = 4 << 20
 
 
+@register
 class InvalidImageReference(InvalidArgument):
     """``IMAGE`` is neither ``oci:DIR[:TAG]`` nor a registry reference."""
 
     code = "invalid_image_reference"
 
 
+@register
 class ImageNotFound(NotFound):
     """The layout or registry has no image under that tag (or no layout is there)."""
 
     code = "image_not_found"
 
 
+@register
 class InvalidImage(InvalidArgument):
     """The manifest or config is malformed, or names a layer type blobchain cannot read."""
 
     code = "invalid_image"
 
 
+@register
 class TargetNotEmpty(AlreadyExists):
     """The directory to unpack into exists and is not empty."""
 
@@ -147,14 +151,22 @@ def parse_image_ref(value: str) -> tuple[str, str, str | None]:
     return "registry", value, None
 
 
+def read_small(reader: BinaryIO | VerifyingReader, size: int) -> bytes:
+    """All of a small verified blob: raw reads may return short, so read to the end (a
+    mismatch, or a blob longer or shorter than ``size``, raises on the way)."""
+    parts: list[bytes] = []
+    got = 0
+    while chunk := reader.read(max(1, size + 1 - got)):
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
 def _verified_bytes(raw: BinaryIO, desc: Descriptor, where: str, limit: int) -> bytes:
     if desc.size > limit:
         raise InvalidImage(f"{where}: {desc.digest} is {desc.size} bytes, over the {limit} a manifest may be")
     with VerifyingReader(raw, desc.digest, size=desc.size, where=where) as r:
-        data = r.read(desc.size + 1)
-        if len(data) == desc.size:
-            r.read()  # end of stream: a short blob raises here
-    return data
+        return read_small(r, desc.size)
 
 
 def _descriptor(d: Any, where: str) -> Descriptor:
@@ -179,6 +191,10 @@ def _json(data: bytes, where: str) -> dict[str, Any]:
     return doc
 
 
+def _platform_name(p: dict[str, Any]) -> str:
+    return "/".join(str(p[k]) for k in ("os", "architecture", "variant") if isinstance(p.get(k), str))
+
+
 def _platform_matches(entry: dict[str, Any], want: Platform) -> bool:
     p = entry.get("platform") or {}
     if p.get("os") != want.os or p.get("architecture") != want.architecture:
@@ -198,10 +214,7 @@ def resolve(source: ImageSource, *, platform: Platform | None = None) -> Resolve
             entries = [m for m in doc.get("manifests") or [] if isinstance(m, dict)]
             match = [m for m in entries if _platform_matches(m, want)]
             if not match:
-                have = sorted(
-                    "/".join(str(v) for v in (m.get("platform") or {}).values() if isinstance(v, str))
-                    for m in entries
-                )
+                have = sorted(_platform_name(m.get("platform") or {}) for m in entries)
                 raise ImageNotFound(
                     f"{source.name}: the index has no image for {want} (it has: {', '.join(have) or 'none'})",
                     image=source.name,

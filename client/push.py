@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
+from blobchain.client.base import BaseImage
 from blobchain.client.export import Image, build_image
 from blobchain.layers.errors import InvalidArgument
 from blobchain.layers.imageconfig import ImageOptions
@@ -38,22 +39,33 @@ def _hints(labels: Mapping[str, str], registry: str) -> list[str]:
 
 
 class StoreSource:
-    """Blobs from a content store, plus small in-memory blobs (config, manifests)."""
+    """Blobs from a content store, plus small in-memory blobs (config, manifests). With a
+    ``base`` (``--base``), its layers are fetched into the store only if one must be uploaded:
+    on the base's own registry they are mounted from its repository (or found present)."""
 
-    def __init__(self, reader: BlobReader, extra: Mapping[str, bytes] | None = None) -> None:
+    def __init__(
+        self, reader: BlobReader, extra: Mapping[str, bytes] | None = None, base: BaseImage | None = None
+    ) -> None:
         self.reader = reader
         self.extra = dict(extra or {})
+        self.base = base
 
     def open_at(self, digest: str, offset: int) -> BinaryIO:
         if digest in self.extra:
             return io.BytesIO(self.extra[digest][offset:])
+        if self.base is not None and digest in self.base.digests:
+            return self.base.open(self.reader, digest, offset)  # type: ignore[arg-type]
         return self.reader.open(digest, offset=offset)
 
     def mount_hints(self, registry: str, digest: str) -> Sequence[str]:
         if digest in self.extra:
             return ()
+        first: list[str] = []
+        if self.base is not None and digest in self.base.digests:
+            repo = self.base.mount_repository(registry)
+            first = [repo] if repo else []
         info = self.reader.info(digest)
-        return _hints(info.labels, registry) if info is not None else ()
+        return first + (_hints(info.labels, registry) if info is not None else [])
 
     def pushed(self, registry: str, repository: str, digests: Sequence[str]) -> None:
         # Only where labels are cheap: relabelling an S3 object copies it.
@@ -111,10 +123,16 @@ def push_chain(
     mount_from: Sequence[str] = (),
     progress: Callable[[PushEvent], None] | None = None,
     cancel: threading.Event | None = None,
+    base: BaseImage | None = None,
 ) -> PushResult:
     ref = parse_reference(target)
+    if base is not None:
+        image = base.image_options(image)
+        repo = base.mount_repository(ref.registry)
+        if repo and repo != ref.repository:  # the token must cover pulling from the base's repo
+            mount_from = [*mount_from, repo]
     img = build_image(result, image)
-    source = StoreSource(reader, {img.config_descriptor.digest: img.config})
+    source = StoreSource(reader, {img.config_descriptor.digest: img.config}, base)
     return push(
         image_plan(img), source, ref, options, mount_from=mount_from, progress=progress, cancel=cancel
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import shutil
 import uuid
@@ -45,7 +46,7 @@ class UnpackResult:
         return dict(self.__dict__)
 
 
-def _drain(stream: BinaryIO) -> None:
+def _drain(stream: BinaryIO | io.RawIOBase) -> None:
     while stream.read(_CHUNK):
         pass
 
@@ -100,6 +101,8 @@ def unpack_layers(
     dest = os.path.abspath(dest)
     if same_owner is None:
         same_owner = os.geteuid() == 0
+    if exist_ok and os.path.isdir(dest) and not os.path.islink(dest) and any(os.scandir(dest)):
+        return UnpackResult(dest, 0, 0, 0, 0, 0)  # published by another run: nothing to do
     check_target(dest)
     parent = os.path.dirname(dest)
     scratch = os.path.join(parent, f".{os.path.basename(dest)}.unpack-{uuid.uuid4().hex[:12]}")
@@ -122,13 +125,13 @@ def unpack_layers(
 
 
 def _publish(scratch: str, dest: str, exist_ok: bool) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.rmdir(dest)  # an empty target directory (checked above) gives way to ours
     try:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(dest)  # an empty target directory (checked above) gives way to ours
         os.rename(scratch, dest)
     except OSError as e:
         if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
-        _remove_tree(scratch)
+        _remove_tree(scratch)  # another run published it first
         if not exist_ok:
             raise TargetNotEmpty(f"{dest} was filled by someone else during the unpack", path=dest) from None

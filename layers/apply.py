@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import BinaryIO
 
-from blobchain.layers.errors import InvalidArgument, PathEscapes
+from blobchain.layers.errors import InvalidArgument, PathEscapes, register
 
 __all__ = ["ApplyStats", "InvalidLayer", "apply_layer"]
 
@@ -43,6 +43,7 @@ _PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+@register
 class InvalidLayer(InvalidArgument):
     """The layer tar is malformed or does not fit the destination (e.g. a parent is a file)."""
 

@@ -6,9 +6,10 @@ apart from :class:`~blobchain.layers.records.LayerOptions`. Same layers and opti
 same config bytes, hence the same manifest digest: nothing here reads the clock or the host
 except :func:`host_platform` (the default platform) and ``parse_created("now")``.
 
-Merge order for the execution config (``config`` in image-spec): the ``--config FILE``
-fragment first, then each explicit option over it (scalars and lists replace, ``Env`` and
-``Labels`` merge by key, ``ExposedPorts`` add up).
+Merge order for the execution config (``config`` in image-spec): a base image's config first
+(``--base``, as Dockerfile's ``FROM``), then the ``--config FILE`` fragment, then each explicit
+option (scalars and lists replace, ``Env`` and ``Labels`` merge by key, ``ExposedPorts`` add
+up). As BuildKit does, setting ``Entrypoint`` over a base drops the base's ``Cmd``.
 """
 
 from __future__ import annotations
@@ -163,6 +164,9 @@ class ImageOptions:
     annotations: tuple[tuple[str, str], ...] = ()
     comments: tuple[tuple[str, str], ...] = ()
     fragment: Mapping[str, Any] = field(default_factory=dict)
+    # The base image's config (``--base``): its platform, execution config, rootfs and history
+    # come first in ours. None: the chain is the whole image.
+    base_config: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for e in self.env:
@@ -308,8 +312,25 @@ def _merge_env(base: Sequence[str], over: Sequence[str]) -> list[str]:
     return [f"{k}={v}" for k, v in env.items()]
 
 
+def _inherited(opts: ImageOptions) -> dict[str, Any]:
+    """The base's execution config under the fragment's (Env and Labels by key, ports added)."""
+    base = dict((opts.base_config or {}).get("config") or {})
+    base = {k: v for k, v in base.items() if k in _EXEC_KEYS}
+    frag = dict(opts.fragment.get("config", {}))
+    if ("Entrypoint" in frag or opts.entrypoint is not None) and "Cmd" not in frag and opts.cmd is None:
+        base.pop("Cmd", None)  # BuildKit: ENTRYPOINT resets an inherited CMD
+    cfg = {**base, **frag}
+    if base.get("Env") and "Env" in frag:
+        cfg["Env"] = _merge_env(base["Env"], frag["Env"] or ())
+    if base.get("Labels") and "Labels" in frag:
+        cfg["Labels"] = {**base["Labels"], **(frag["Labels"] or {})}
+    if base.get("ExposedPorts") and "ExposedPorts" in frag:
+        cfg["ExposedPorts"] = {**base["ExposedPorts"], **(frag["ExposedPorts"] or {})}
+    return cfg
+
+
 def _exec_config(opts: ImageOptions) -> dict[str, Any]:
-    cfg: dict[str, Any] = dict(opts.fragment.get("config", {}))
+    cfg: dict[str, Any] = _inherited(opts)
     if opts.env:
         cfg["Env"] = _merge_env(cfg.get("Env") or (), opts.env)
     if opts.entrypoint is not None:
@@ -339,17 +360,26 @@ def image_config(
     entry with ``empty_layer`` and no ``rootfs.diff_ids`` entry, as image-spec requires; see
     :func:`image_layers` for the matching manifest layers."""
     frag = opts.fragment
+    base = opts.base_config or {}
+    if base and not opts.platform and not any(k in frag for k in ("os", "architecture", "variant")):
+        # A base image fixes the platform (its layers are built for it), unless told otherwise.
+        frag = {**{k: base[k] for k in ("os", "architecture", "variant") if base.get(k)}, **frag}
     plat = opts.platform or Platform(
         frag.get("os") or os_name,
         frag.get("architecture") or host_platform().architecture,
         frag.get("variant") if ("architecture" in frag or "variant" in frag) else host_platform().variant,
     )
     created = opts.created or frag.get("created")
-    cfg: dict[str, Any] = {**{k: v for k, v in frag.items() if k in ("author", "os.version", "os.features")}}
+    kept = ("author", "os.version", "os.features")
+    cfg: dict[str, Any] = {k: v for k, v in base.items() if k in kept[1:]}
+    cfg.update({k: v for k, v in frag.items() if k in kept})
     cfg.update(plat.to_oci())
     cfg["config"] = _exec_config(opts)
-    cfg["rootfs"] = {"type": "layers", "diff_ids": [la.diff_id for la in layers if not la.empty]}
-    history: list[dict[str, Any]] = []
+    base_diff_ids, history = base_layers(base)
+    cfg["rootfs"] = {
+        "type": "layers",
+        "diff_ids": base_diff_ids + [la.diff_id for la in layers if not la.empty],
+    }
     for la in layers:
         h: dict[str, Any] = {"created_by": la.created_by}
         if created:
@@ -361,6 +391,19 @@ def image_config(
     if created:
         cfg["created"] = created
     return cfg
+
+
+def base_layers(base: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """A base config's diff_ids and history, as our config starts with them. A base without a
+    history that matches its layers (history is optional) gets one plain entry per layer, so
+    the non-empty entries still pair with the diff_ids one to one."""
+    rootfs = base.get("rootfs") or {}
+    diff_ids = list(rootfs.get("diff_ids") or []) if isinstance(rootfs, Mapping) else []
+    raw = base.get("history")
+    history = [dict(h) for h in raw if isinstance(h, Mapping)] if isinstance(raw, list) else []
+    if sum(not h.get("empty_layer") for h in history) != len(diff_ids):
+        history = [{"created_by": f"base layer {i}"} for i in range(len(diff_ids))]
+    return diff_ids, history
 
 
 def manifest_annotations(opts: ImageOptions, created: str | None = None) -> dict[str, str]:

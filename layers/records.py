@@ -10,6 +10,7 @@ from typing import Any
 from blobchain.layers.errors import InvalidArgument, InvalidLevel, UnknownCompression
 
 __all__ = [
+    "BASE_VARIANT",
     "DIFF_ID_LABEL",
     "EMPTY_LAYER_DIFF_ID",
     "MAX_SOURCE_DATE_EPOCH",
@@ -25,6 +26,10 @@ __all__ = [
 # The content-store label holding a blob's diffID, as containerd and BuildKit name it.
 DIFF_ID_LABEL = "containerd.io/uncompressed"
 EMPTY_LAYER_DIFF_ID = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
+# The variant of a base image's layer (``--base``): a blob that already exists in the base's
+# layout or registry. It is never diffed or recompressed, and is fetched into the content store
+# only when something needs its bytes (client/base.py).
+BASE_VARIANT = "base"
 
 # The last second of year 9999: the image config's ``created`` is RFC 3339, which Go's time
 # encoding (and Python's datetime) stop at; Go's archive/tar encodes any such mtime (PAX).
@@ -177,6 +182,11 @@ class LayerBlob:
 
     def descriptor(self) -> Descriptor:
         return Descriptor(self.media_type, self.digest, self.size, {DIFF_ID_LABEL: self.diff_id})
+
+    @property
+    def from_base(self) -> bool:
+        """A base image's layer: its bytes live in the base until fetched (see BASE_VARIANT)."""
+        return self.variant == BASE_VARIANT
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from blobchain.layers import native as _native
 from blobchain.layers.errors import (
     FileChanged,
     InvalidArgument,
@@ -275,6 +276,11 @@ class Snapshot:
         """The entries of directory ``rel`` as (name, lstat), sorted by raw name bytes."""
         fd = self.open_dir(rel) if rel else self._fd
         try:
+            lib = _native.lib
+            if lib is not None:
+                listed = lib.scandir(fd)  # None on any error: listed again below, which raises
+                if listed is not None:
+                    return listed
             fsencode = os.fsencode
             try:
                 with os.scandir(fd) as it:
@@ -321,7 +327,14 @@ class Snapshot:
             if not rel:
                 return os.getxattr(self._fd, name)
             try:
-                value = os.getxattr(self._prefix + rel, name, follow_symlinks=False)
+                lib = _native.lib
+                if lib is not None and type(name) is bytes:
+                    # Absent (the common case) is None here, not a raised and caught OSError.
+                    value = lib.lgetxattr(self._prefix + rel, name)
+                    if value is None:
+                        return None
+                else:
+                    value = os.getxattr(self._prefix + rel, name, follow_symlinks=False)
             except OSError as e:
                 # Absolute path over PATH_MAX: read through the parent's descriptor below.
                 if e.errno != errno.ENAMETOOLONG or not _PROC_FD:

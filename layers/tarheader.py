@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import zlib
 
+from blobchain.layers import native as _native
 from blobchain.layers.errors import InvalidArgument
 from blobchain.layers.tarentry import TYPE_BLOCK, TYPE_CHAR, TYPE_DIR, TYPE_FIFO, TYPE_REG, TarEntry
 
@@ -190,6 +191,12 @@ def encode_header(e: TarEntry) -> bytes:
     link = e.linkname
     tf = e.typeflag
     mode, uid, gid, size, mtime = e.mode, e.uid, e.gid, e.size, e.mtime
+    lib = _native.lib
+    if lib is not None and not e.pax:
+        # The same USTAR fast path in C; None means "not that case", decided below as before.
+        block = lib.ustar_header(name, mode, uid, gid, size, mtime, tf, link, e.devmajor, e.devminor)
+        if block is not None:
+            return block
     if (
         not e.pax
         and len(link) <= 100

@@ -18,6 +18,8 @@ import stat
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from blobchain.layers import native as _native
+from blobchain.layers import snapshot as _snapshot
 from blobchain.layers.errors import BlobchainError, FileChanged, InvalidArgument, UnreadableFile
 from blobchain.layers.tarentry import (
     TYPE_BLOCK,
@@ -33,6 +35,7 @@ from blobchain.layers.tarheader import BLOCK_SIZE, encode_header
 __all__ = ["CHUNK_SIZE", "write_tar"]
 
 CHUNK_SIZE = 1 << 20  # body read size and write batch size
+_NATIVE_MAX = CHUNK_SIZE // 2  # bodies below this are read by the native helper in one piece
 _PROGRESS_ENTRIES = 64
 _PROGRESS_BYTES = 4 << 20
 _ZEROS = bytes(BLOCK_SIZE)
@@ -103,11 +106,34 @@ def write_tar(
     :func:`encode_header` or ``snapshot.open_file`` raise.
     """
     sink = _Sink(write, progress)
+    lib = _native.lib
+    # The native body read opens beneath the root descriptor with openat2, exactly as
+    # Snapshot.open_file does; any other snapshot (or the fallback walk) takes the Python path.
+    rootfd = (
+        snapshot.fd
+        if lib is not None and type(snapshot) is _snapshot.Snapshot and _snapshot.use_openat2
+        else -1
+    )
+    add = sink.add
     for e in entries:
-        sink.add(encode_header(e))
-        if e.size > 0 and e.typeflag not in _HEADER_ONLY:
+        header = encode_header(e)
+        size = e.size
+        if size > 0 and e.typeflag not in _HEADER_ONLY:
+            if rootfd >= 0 and size < _NATIVE_MAX and e.source is not None:
+                # header + body + padding in one piece, or None on any anomaly (then the Python
+                # path below reads the file again and raises the precise error).
+                piece = lib.read_body(rootfd, e.source, size, e.ino, e.dev, e.mtime_ns, header)  # type: ignore[union-attr]
+                if piece is not None:
+                    add(piece)
+                    sink.count += 1
+                    if progress is not None:
+                        sink.report()
+                    continue
+            add(header)
             _copy_body(e, snapshot, sink)
-            sink.add(_ZEROS[: -e.size % BLOCK_SIZE])
+            add(_ZEROS[: -size % BLOCK_SIZE])
+        else:
+            add(header)
         sink.count += 1
         if progress is not None:
             sink.report()

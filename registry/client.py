@@ -15,12 +15,13 @@ Retries (tenacity) are bounded and only for what can pass: connection errors, 5x
 from __future__ import annotations
 
 import contextlib
+import io
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import httpx
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
@@ -86,6 +87,7 @@ class RegistryClient:
         credentials: Credentials | None = None,
         mount_from: Iterable[str] = (),
         cancel: threading.Event | None = None,
+        push: bool = True,
     ) -> None:
         self.ref = ref
         self.options = opts = options or TransportOptions()
@@ -96,7 +98,8 @@ class RegistryClient:
                 registry=ref.registry,
             )
         self._creds = credentials if credentials is not None else find_credentials(ref)
-        self._scopes = [f"repository:{ref.repository}:pull,push"] + [
+        # A pull (a base image) asks only for pull: a read-only token must do.
+        self._scopes = [f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"] + [
             f"repository:{r}:pull" for r in mount_from if r != ref.repository
         ]
         self._cancel = cancel or threading.Event()
@@ -310,6 +313,53 @@ class RegistryClient:
                 if resp is None:
                     return None
                 return int(resp.headers.get("content-length", "-1"))
+        raise AssertionError("unreachable")
+
+    def open_blob(self, digest: str, offset: int = 0) -> BinaryIO:
+        """A streaming reader over the blob's bytes (``GET``, redirects followed), from
+        ``offset`` on (a ``Range`` request). Not verified here: callers wrap it."""
+        url = self.base + self._path("blobs", digest)
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        for attempt in self.retrying():
+            with attempt:
+                for auth_round in range(2):
+                    if self._cancel.is_set():
+                        raise Cancelled("pull cancelled")
+                    hdrs = dict(headers)
+                    if self._auth:
+                        hdrs["Authorization"] = self._auth
+                    try:
+                        resp = self._http.send(
+                            self._http.build_request("GET", url, headers=hdrs), stream=True
+                        )
+                    except httpx.TransportError as e:
+                        raise self._unreachable(f"GET {digest}", url, e) from None
+                    if resp.status_code == 401 and auth_round == 0:
+                        resp.close()
+                        with self._lock:
+                            self._authorize(parse_challenge(resp.headers.get("www-authenticate", "")), ())
+                        continue
+                    if resp.status_code not in ((206,) if offset else (200,)):
+                        body = resp.read()
+                        resp.close()
+                        raise from_response(resp.status_code, body, f"GET {digest}", url)
+                    return _ResponseReader(resp, self._cancel)  # type: ignore[return-value]
+        raise AssertionError("unreachable")
+
+    def get_manifest(self, reference: str, accept: Iterable[str]) -> tuple[bytes, str]:
+        """A manifest or index by tag or digest: (bytes, media type the registry gives)."""
+        for attempt in self.retrying():
+            with attempt:
+                resp = self.request(
+                    "GET",
+                    self._path("manifests", reference),
+                    what=f"manifest {reference}",
+                    ok=(200,),
+                    headers={"Accept": ", ".join(accept)},
+                )
+                assert resp is not None
+                media_type = resp.headers.get("content-type", "").split(";")[0].strip()
+                return resp.content, media_type
         raise AssertionError("unreachable")
 
     def mount(self, digest: str, from_repo: str) -> str | None:
@@ -531,6 +581,41 @@ class RegistryClient:
                 )
                 return None if resp is None else resp.headers.get("docker-content-digest")
         raise AssertionError("unreachable")
+
+
+class _ResponseReader(io.RawIOBase):
+    """A raw stream over a streamed response body (bytes as sent: no content decoding)."""
+
+    def __init__(self, resp: httpx.Response, cancel: threading.Event) -> None:
+        super().__init__()
+        self._resp = resp
+        self._chunks = resp.iter_raw(_READ)
+        self._pending = b""
+        self._cancel = cancel
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        mv = memoryview(buffer).cast("B")
+        if not self._pending:
+            if self._cancel.is_set():
+                raise Cancelled("pull cancelled")
+            try:
+                self._pending = next(self._chunks, b"")
+            except httpx.TransportError as e:
+                raise RegistryUnavailable(
+                    f"blob download from {safe_url(str(self._resp.url))} broke: {_reason(e)}"
+                ) from None
+        n = min(len(mv), len(self._pending))
+        mv[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._resp.close()
+            super().close()
 
 
 def _range_end(resp: httpx.Response) -> int:

@@ -234,7 +234,7 @@ class EmbeddedExecutor:
         with self._states_lock:
             self._states.append(state)
         # Only the refs still missing this variant build; the others are answered from the store.
-        missing = {r.ref_id for r in records if r.blob_for(opts) is None}
+        missing = {r.ref_id for r in records if r.blob_for(opts) is None and not (r.blob and r.blob.from_base)}
         at_once = self._builds_at_once(len(missing))
         # Refs already built, and a lone build, run here: no build process is started for them.
         # Not a lone build at a high zstd level: one libzstd call can then run for seconds, and

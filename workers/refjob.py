@@ -170,6 +170,8 @@ def _commit(deps: Deps, ref_id: str, blob: LayerBlob, claim: Claim) -> RefRecord
 
 def _done(deps: Deps, rec: RefRecord, opts: LayerOptions) -> RefRecord | None:
     """The record if nothing needs doing: an intact blob (and the forced variant, if asked)."""
+    if rec.blob is not None and rec.blob.from_base:
+        return rec  # a base image's layer: its blob exists already, fetched only when needed
     if not intact(deps, rec, rec.blob):
         return None
     if opts.force and not intact(deps, rec, rec.blob_for(opts)):

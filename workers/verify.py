@@ -117,6 +117,8 @@ def verify_store(
         if info is None:  # deleted (by GC, or another verify) while we listed
             continue
         note(BlobCheck(digest, OK, info.size, named))
-    for digest in sorted(set(refs) - seen):
+    # A base image's layer is not missing: it is fetched from the base when something needs it.
+    lazy = {b.digest for r in records for b in r.blobs() if b.from_base}
+    for digest in sorted(set(refs) - seen - lazy):
         note(BlobCheck(digest, MISSING, None, tuple(sorted(set(refs[digest]))), "no blob in the store"))
     return VerifyReport(repr(content), tuple(checks), repair, tuple(content.quarantined()))

@@ -1,0 +1,564 @@
+/* Optional native helpers for the per-entry hot loop (blobchain.layers._speedups).
+ *
+ * Each function is a byte-for-byte twin of a pure-Python reference that stays the definition:
+ *   ustar_header  <- tarheader.encode_header's USTAR fast path (None: "take the Python path")
+ *   read_body     <- tarwriter._copy_body for one small file (None on ANY anomaly: the caller
+ *                    re-runs the Python path, which raises the precise named error)
+ *   lgetxattr     <- os.getxattr(path, name, follow_symlinks=False), but None instead of an
+ *                    exception for "no such attribute" (ENODATA, ENOTSUP, EOPNOTSUPP)
+ *   scandir       <- snapshot.Snapshot.scandir's listing of an open directory: (name, lstat)
+ *                    pairs sorted by raw name bytes, the stat_result built as os.lstat builds
+ *                    it (None on any error: the Python listing then runs and raises)
+ * Nothing here decides anything the Python code does not; tests compare both paths.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+
+struct bc_open_how {
+    uint64_t flags;
+    uint64_t mode;
+    uint64_t resolve;
+};
+
+#define BC_RESOLVE (0x08 | 0x04 | 0x02) /* BENEATH | NO_SYMLINKS | NO_MAGICLINKS */
+#define BC_O_FILE (O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY | O_NONBLOCK)
+#define BC_O_DIR (O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+
+/* ---- ustar_header ---------------------------------------------------------------------- */
+
+static int
+get_ll(PyObject *o, long long *out)
+{
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow)
+        return 0;
+    *out = v;
+    return 1;
+}
+
+static int
+is_ascii(const char *s, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == 0 || c >= 0x80)
+            return 0;
+    }
+    return 1;
+}
+
+static void
+put_octal(char *dst, int digits, unsigned long long v)
+{
+    /* digits octal digits, zero padded, then NUL (Python's b"%07o\0" for values that fit) */
+    for (int i = digits - 1; i >= 0; i--) {
+        dst[i] = (char)('0' + (v & 7));
+        v >>= 3;
+    }
+    dst[digits] = 0;
+}
+
+static PyObject *
+ustar_header(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* (name, mode, uid, gid, size, mtime, typeflag, linkname, devmajor, devminor) */
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "ustar_header takes 10 arguments");
+        return NULL;
+    }
+    PyObject *oname = args[0], *otf = args[6], *olink = args[7];
+    if (!PyBytes_CheckExact(oname) || !PyBytes_CheckExact(otf) || !PyBytes_CheckExact(olink))
+        Py_RETURN_NONE;
+    long long v[7];
+    const int argi[7] = {1, 2, 3, 4, 5, 8, 9};
+    for (int k = 0; k < 7; k++) {
+        if (!PyLong_Check(args[argi[k]]))
+            Py_RETURN_NONE;
+        int r = get_ll(args[argi[k]], &v[k]);
+        if (r < 0)
+            return NULL;
+        if (r == 0)
+            Py_RETURN_NONE;
+    }
+    long long mode = v[0], uid = v[1], gid = v[2], size = v[3], mtime = v[4], dmaj = v[5], dmin = v[6];
+    const long long max7 = 1LL << 21, max11 = 1LL << 33;
+    if (mode < 0 || mode >= max7 || uid < 0 || uid >= max7 || gid < 0 || gid >= max7 || size < 0 ||
+        size >= max11 || mtime < 0 || mtime >= max11 || dmaj < 0 || dmaj >= max7 || dmin < 0 || dmin >= max7)
+        Py_RETURN_NONE;
+
+    const char *name = PyBytes_AS_STRING(oname);
+    Py_ssize_t nlen = PyBytes_GET_SIZE(oname);
+    const char *link = PyBytes_AS_STRING(olink);
+    Py_ssize_t llen = PyBytes_GET_SIZE(olink);
+    if (PyBytes_GET_SIZE(otf) != 1 || llen > 100 || !is_ascii(name, nlen) || !is_ascii(link, llen))
+        Py_RETURN_NONE;
+    char tf = PyBytes_AS_STRING(otf)[0];
+    /* _NO_SLASH names may not end in '/'; _RESERVED and NUL go through the Python path */
+    if ((tf == '0' || tf == '3' || tf == '4' || tf == '6' || tf == 'S') && nlen > 0 && name[nlen - 1] == '/')
+        Py_RETURN_NONE;
+    if (tf == 'x' || tf == 'g' || tf == 'L' || tf == 'K' || tf == 0)
+        Py_RETURN_NONE;
+
+    const char *prefix = "";
+    Py_ssize_t plen = 0;
+    if (nlen > 100) {
+        /* Go splitUSTARPath (tarheader.split_ustar_path); the name is ASCII here */
+        Py_ssize_t length = nlen;
+        if (length > 156)
+            length = 156;
+        else if (name[length - 1] == '/')
+            length -= 1;
+        Py_ssize_t i = -1;
+        for (Py_ssize_t k = length - 1; k >= 0; k--) {
+            if (name[k] == '/') {
+                i = k;
+                break;
+            }
+        }
+        Py_ssize_t rest = nlen - i - 1;
+        if (i <= 0 || rest > 100 || rest == 0 || i > 155)
+            Py_RETURN_NONE;
+        prefix = name;
+        plen = i;
+        name = name + i + 1;
+        nlen = rest;
+    }
+
+    PyObject *out = PyBytes_FromStringAndSize(NULL, 512);
+    if (out == NULL)
+        return NULL;
+    char *b = PyBytes_AS_STRING(out);
+    memset(b, 0, 512);
+    memcpy(b, name, (size_t)nlen);
+    put_octal(b + 100, 7, (unsigned long long)mode);
+    put_octal(b + 108, 7, (unsigned long long)uid);
+    put_octal(b + 116, 7, (unsigned long long)gid);
+    put_octal(b + 124, 11, (unsigned long long)size);
+    put_octal(b + 136, 11, (unsigned long long)mtime);
+    memset(b + 148, ' ', 8);
+    b[156] = tf;
+    memcpy(b + 157, link, (size_t)llen);
+    memcpy(b + 257, "ustar\0" "00", 8);
+    put_octal(b + 329, 7, (unsigned long long)dmaj);
+    put_octal(b + 337, 7, (unsigned long long)dmin);
+    memcpy(b + 345, prefix, (size_t)plen);
+    unsigned int sum = 0;
+    for (int k = 0; k < 512; k++)
+        sum += (unsigned char)b[k];
+    put_octal(b + 148, 6, sum); /* "%06o\0 " */
+    b[155] = ' ';
+    return out;
+}
+
+/* ---- read_body ------------------------------------------------------------------------- */
+
+static int
+rel_is_plain(const char *rel, Py_ssize_t n)
+{
+    /* The paths snapshot._check_rel lets through without its slow loop; anything else goes
+     * to the Python path, which checks (and raises) exactly as before. */
+    if (n == 0 || rel[0] == '/' || rel[n - 1] == '/')
+        return 0;
+    if (n == 1 && rel[0] == '.')
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char c = rel[i];
+        if (c == 0)
+            return 0;
+        if (i + 1 < n) {
+            char d = rel[i + 1];
+            if ((c == '.' && d == '.') || (c == '/' && d == '/') || (c == '.' && d == '/'))
+                return 0;
+        }
+    }
+    return 1;
+}
+
+static int
+open_beneath(int dirfd, const char *rel, uint64_t flags)
+{
+    struct bc_open_how how = {flags, 0, BC_RESOLVE};
+    for (int i = 0; i < 16; i++) {
+        long fd = syscall(SYS_openat2, dirfd, rel, &how, sizeof how);
+        if (fd >= 0)
+            return (int)fd;
+        if (errno != EAGAIN && errno != EINTR)
+            return -1;
+    }
+    return -1;
+}
+
+static PyObject *
+read_body(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* (rootfd, rel, size, ino, dev, mtime_ns, header) -> header + body + NUL padding, or None */
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "read_body takes 7 arguments");
+        return NULL;
+    }
+    PyObject *orel = args[1], *ohdr = args[6];
+    if (!PyBytes_CheckExact(orel) || !PyBytes_CheckExact(ohdr))
+        Py_RETURN_NONE;
+    for (int k = 0; k < 6; k++) {
+        if (k != 1 && !PyLong_Check(args[k]))
+            Py_RETURN_NONE;
+    }
+    long lrootfd = PyLong_AsLong(args[0]);
+    int rootfd = (int)lrootfd;
+    long long size = PyLong_AsLongLong(args[2]);
+    unsigned long long ino = PyLong_AsUnsignedLongLong(args[3]);
+    unsigned long long dev = PyLong_AsUnsignedLongLong(args[4]);
+    long long mtime_ns = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    const char *rel = PyBytes_AS_STRING(orel);
+    Py_ssize_t rlen = PyBytes_GET_SIZE(orel);
+    if (lrootfd < 0 || lrootfd > 0x7fffffff || size <= 0 || size > (1LL << 30) || !rel_is_plain(rel, rlen))
+        Py_RETURN_NONE;
+
+    int fd;
+    struct stat before, after;
+    int ok = 0;
+    Py_BEGIN_ALLOW_THREADS
+    fd = open_beneath(rootfd, rel, BC_O_FILE);
+    if (fd >= 0) {
+        if (fstat(fd, &before) == 0 && S_ISREG(before.st_mode) && (long long)before.st_size == size &&
+            (!ino || (unsigned long long)before.st_ino == ino) && (!dev || (unsigned long long)before.st_dev == dev) &&
+            (!mtime_ns || (long long)before.st_mtim.tv_sec * 1000000000LL + before.st_mtim.tv_nsec == mtime_ns))
+            ok = 1;
+        else
+            close(fd);
+    }
+    Py_END_ALLOW_THREADS
+    if (!ok)
+        Py_RETURN_NONE;
+
+    Py_ssize_t hlen = PyBytes_GET_SIZE(ohdr);
+    Py_ssize_t pad = (Py_ssize_t)((512 - (size % 512)) % 512);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, hlen + (Py_ssize_t)size + pad);
+    if (out == NULL) {
+        close(fd);
+        return NULL;
+    }
+    char *buf = PyBytes_AS_STRING(out);
+    memcpy(buf, PyBytes_AS_STRING(ohdr), (size_t)hlen);
+    memset(buf + hlen + size, 0, (size_t)pad);
+
+    Py_BEGIN_ALLOW_THREADS
+    char *p = buf + hlen;
+    long long remaining = size;
+    while (remaining > 0) {
+        ssize_t n = read(fd, p, (size_t)remaining);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        p += n;
+        remaining -= n;
+    }
+    ok = remaining == 0 && fstat(fd, &after) == 0 && after.st_size == before.st_size &&
+         after.st_mtim.tv_sec == before.st_mtim.tv_sec && after.st_mtim.tv_nsec == before.st_mtim.tv_nsec &&
+         after.st_ctim.tv_sec == before.st_ctim.tv_sec && after.st_ctim.tv_nsec == before.st_ctim.tv_nsec;
+    close(fd);
+    Py_END_ALLOW_THREADS
+    if (!ok) {
+        Py_DECREF(out);
+        Py_RETURN_NONE;
+    }
+    return out;
+}
+
+/* ---- lgetxattr ------------------------------------------------------------------------- */
+
+static PyObject *
+bc_lgetxattr(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "lgetxattr(path: bytes, name: bytes)");
+        return NULL;
+    }
+    const char *path = PyBytes_AS_STRING(args[0]);
+    const char *name = PyBytes_AS_STRING(args[1]);
+    if ((Py_ssize_t)strlen(path) != PyBytes_GET_SIZE(args[0]) ||
+        (Py_ssize_t)strlen(name) != PyBytes_GET_SIZE(args[1])) {
+        PyErr_SetString(PyExc_ValueError, "embedded null byte");
+        return NULL;
+    }
+    char small[256];
+    ssize_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = lgetxattr(path, name, small, sizeof small);
+    Py_END_ALLOW_THREADS
+    if (n >= 0)
+        return PyBytes_FromStringAndSize(small, n);
+    for (;;) {
+        int err = errno;
+        if (err == ENODATA || err == ENOTSUP || err == EOPNOTSUPP)
+            Py_RETURN_NONE;
+        if (err != ERANGE) {
+            errno = err;
+            return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, args[0]);
+        }
+        /* larger than the stack buffer: ask the size, then read (retry if it grew meanwhile) */
+        ssize_t want;
+        Py_BEGIN_ALLOW_THREADS
+        want = lgetxattr(path, name, NULL, 0);
+        Py_END_ALLOW_THREADS
+        if (want < 0)
+            continue;
+        PyObject *out = PyBytes_FromStringAndSize(NULL, want);
+        if (out == NULL)
+            return NULL;
+        Py_BEGIN_ALLOW_THREADS
+        n = lgetxattr(path, name, PyBytes_AS_STRING(out), (size_t)want);
+        Py_END_ALLOW_THREADS
+        if (n >= 0) {
+            if (n != want && _PyBytes_Resize(&out, n) < 0)
+                return NULL;
+            return out;
+        }
+        Py_DECREF(out);
+    }
+}
+
+/* ---- scandir --------------------------------------------------------------------------- */
+
+static PyObject *stat_result_type; /* os.stat_result */
+
+struct bc_dirent {
+    char *name;
+    struct stat st;
+};
+
+static int
+cmp_dirent(const void *a, const void *b)
+{
+    /* strcmp compares as unsigned char: raw byte order, like Python's bytes < bytes */
+    return strcmp(((const struct bc_dirent *)a)->name, ((const struct bc_dirent *)b)->name);
+}
+
+static PyObject *
+long_from_uid(unsigned long v)
+{
+    /* posixmodule _PyLong_FromUid/_PyLong_FromGid: (uid_t)-1 is -1 */
+    if (v == (unsigned long)(uid_t)-1)
+        return PyLong_FromLong(-1);
+    return PyLong_FromUnsignedLong(v);
+}
+
+static int
+set_time(PyObject *v, int index, time_t sec, long nsec)
+{
+    /* posixmodule fill_time: int seconds, float seconds, integer nanoseconds */
+    PyObject *s = PyLong_FromLongLong((long long)sec);
+    PyObject *f = PyFloat_FromDouble((double)sec + (double)nsec * 1e-9);
+    PyObject *billion = PyLong_FromLong(1000000000L);
+    PyObject *ns_frac = PyLong_FromLong(nsec);
+    PyObject *prod = (s && billion) ? PyNumber_Multiply(s, billion) : NULL;
+    PyObject *ns = (prod && ns_frac) ? PyNumber_Add(prod, ns_frac) : NULL;
+    Py_XDECREF(billion);
+    Py_XDECREF(ns_frac);
+    Py_XDECREF(prod);
+    if (!s || !f || !ns) {
+        Py_XDECREF(s);
+        Py_XDECREF(f);
+        Py_XDECREF(ns);
+        return -1;
+    }
+    PyStructSequence_SET_ITEM(v, index, s);
+    PyStructSequence_SET_ITEM(v, index + 3, f);
+    PyStructSequence_SET_ITEM(v, index + 6, ns);
+    return 0;
+}
+
+static PyObject *
+make_stat(const struct stat *st)
+{
+    PyObject *v = PyStructSequence_New((PyTypeObject *)stat_result_type);
+    if (v == NULL)
+        return NULL;
+    PyStructSequence_SET_ITEM(v, 0, PyLong_FromLong((long)st->st_mode));
+    PyStructSequence_SET_ITEM(v, 1, PyLong_FromUnsignedLongLong((unsigned long long)st->st_ino));
+    PyStructSequence_SET_ITEM(v, 2, PyLong_FromLongLong((long long)st->st_dev));
+    PyStructSequence_SET_ITEM(v, 3, PyLong_FromLong((long)st->st_nlink));
+    PyStructSequence_SET_ITEM(v, 4, long_from_uid((unsigned long)st->st_uid));
+    PyStructSequence_SET_ITEM(v, 5, long_from_uid((unsigned long)st->st_gid));
+    PyStructSequence_SET_ITEM(v, 6, PyLong_FromLongLong((long long)st->st_size));
+    PyStructSequence_SET_ITEM(v, 16, PyLong_FromLong((long)st->st_blksize));
+    PyStructSequence_SET_ITEM(v, 17, PyLong_FromLong((long)st->st_blocks));
+    PyStructSequence_SET_ITEM(v, 18, PyLong_FromLongLong((long long)st->st_rdev));
+    if (set_time(v, 7, st->st_atim.tv_sec, st->st_atim.tv_nsec) < 0 ||
+        set_time(v, 8, st->st_mtim.tv_sec, st->st_mtim.tv_nsec) < 0 ||
+        set_time(v, 9, st->st_ctim.tv_sec, st->st_ctim.tv_nsec) < 0) {
+        Py_DECREF(v);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < 19; i++) {
+        if (PyStructSequence_GET_ITEM(v, i) == NULL) {
+            Py_DECREF(v);
+            if (!PyErr_Occurred())
+                PyErr_NoMemory();
+            return NULL;
+        }
+    }
+    return v;
+}
+
+static void
+free_dirents(struct bc_dirent *ents, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(ents[i].name);
+    free(ents);
+}
+
+static PyObject *
+bc_scandir(PyObject *self, PyObject *arg)
+{
+    if (stat_result_type == NULL || !PyLong_Check(arg))
+        Py_RETURN_NONE;
+    long dirfd = PyLong_AsLong(arg);
+    if (dirfd < 0 || dirfd > 0x7fffffff) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    struct bc_dirent *ents = NULL;
+    size_t n = 0, cap = 0;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int fd = fcntl((int)dirfd, F_DUPFD_CLOEXEC, 0);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    if (d == NULL) {
+        failed = 1;
+        if (fd >= 0)
+            close(fd);
+    } else {
+        rewinddir(d); /* the duplicate shares the offset: list from the start */
+        for (;;) {
+            errno = 0;
+            struct dirent *e = readdir(d);
+            if (e == NULL) {
+                failed = errno != 0;
+                break;
+            }
+            const char *nm = e->d_name;
+            if (nm[0] == '.' && (nm[1] == 0 || (nm[1] == '.' && nm[2] == 0)))
+                continue;
+            if (n == cap) {
+                size_t ncap = cap ? cap * 2 : 64;
+                struct bc_dirent *grown = realloc(ents, ncap * sizeof *ents);
+                if (grown == NULL) {
+                    failed = 1;
+                    break;
+                }
+                ents = grown;
+                cap = ncap;
+            }
+            ents[n].name = strdup(nm);
+            if (ents[n].name == NULL) {
+                failed = 1;
+                break;
+            }
+            if (fstatat((int)dirfd, nm, &ents[n].st, AT_SYMLINK_NOFOLLOW) != 0) {
+                free(ents[n].name);
+                failed = 1;
+                break;
+            }
+            n++;
+        }
+        /* the descriptor's offset is shared with the caller's: leave it at the start, as
+         * os.scandir's close does (its open does not rewind, so this matters) */
+        rewinddir(d);
+        closedir(d);
+        if (!failed && n > 1)
+            qsort(ents, n, sizeof *ents, cmp_dirent);
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        free_dirents(ents, n);
+        Py_RETURN_NONE;
+    }
+    PyObject *out = PyList_New((Py_ssize_t)n);
+    if (out == NULL) {
+        free_dirents(ents, n);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        PyObject *name = PyBytes_FromString(ents[i].name);
+        PyObject *st = name ? make_stat(&ents[i].st) : NULL;
+        PyObject *pair = st ? PyTuple_Pack(2, name, st) : NULL;
+        Py_XDECREF(name);
+        Py_XDECREF(st);
+        if (pair == NULL) {
+            Py_DECREF(out);
+            free_dirents(ents, n);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, pair);
+    }
+    free_dirents(ents, n);
+    return out;
+}
+
+/* ---- module ---------------------------------------------------------------------------- */
+
+static PyMethodDef methods[] = {
+    {"ustar_header", (PyCFunction)(void (*)(void))ustar_header, METH_FASTCALL,
+     "ustar_header(name, mode, uid, gid, size, mtime, typeflag, linkname, devmajor, devminor) -> "
+     "bytes | None: the one-block USTAR header, or None when the Python encoder must decide."},
+    {"read_body", (PyCFunction)(void (*)(void))read_body, METH_FASTCALL,
+     "read_body(rootfd, rel, size, ino, dev, mtime_ns, header) -> bytes | None: header + body + "
+     "padding of one regular file opened beneath rootfd, or None on any anomaly."},
+    {"lgetxattr", (PyCFunction)(void (*)(void))bc_lgetxattr, METH_FASTCALL,
+     "lgetxattr(path, name) -> bytes | None: None when the attribute is absent or unsupported."},
+    {"scandir", (PyCFunction)bc_scandir, METH_O,
+     "scandir(dirfd) -> list[tuple[bytes, os.stat_result]] | None: the entries of an open directory "
+     "with their lstat, sorted by raw name; None on any error."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {
+    PyModuleDef_HEAD_INIT, "_speedups", "Native twins of blobchain's per-entry hot loop.", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    PyObject *os = PyImport_ImportModule("os");
+    if (os == NULL)
+        return NULL;
+    stat_result_type = PyObject_GetAttrString(os, "stat_result");
+    Py_DECREF(os);
+    if (stat_result_type == NULL)
+        return NULL;
+    /* the Linux layout this module fills (posixmodule's stat_result_fields) */
+    PyObject *nf = PyObject_GetAttrString(stat_result_type, "n_fields");
+    long n_fields = nf ? PyLong_AsLong(nf) : -1;
+    Py_XDECREF(nf);
+    if (n_fields != 19 || !PyType_Check(stat_result_type)) {
+        PyErr_Clear();
+        Py_CLEAR(stat_result_type); /* unknown layout: scandir answers None (Python path) */
+    }
+    return PyModule_Create(&moddef);
+}

@@ -1,0 +1,19 @@
+# Types of the optional C extension built from _speedups.c (see native.py).
+import os
+
+def ustar_header(
+    name: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    typeflag: bytes,
+    linkname: bytes,
+    devmajor: int,
+    devminor: int,
+    /,
+) -> bytes | None: ...
+def read_body(rootfd: int, rel: bytes, size: int, ino: int, dev: int, mtime_ns: int, header: bytes, /) -> bytes | None: ...
+def lgetxattr(path: bytes, name: bytes, /) -> bytes | None: ...
+def scandir(dirfd: int, /) -> list[tuple[bytes, os.stat_result]] | None: ...

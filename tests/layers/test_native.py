@@ -1,0 +1,354 @@
+"""The optional C helpers (``blobchain.layers._speedups``) against the pure-Python reference.
+
+Every layer byte must be the same whichever path runs: the property builds hypothesis chains
+(long, non-ASCII and non-UTF-8 names, capabilities, hardlinks, devices, big ids) and writes
+each layer with the helpers on and off; header fields are compared one by one on generated
+entries; the body reader's anomalies must end in the Python path's named errors. Under CI the
+extension must have been built (a fresh clone's ``pip install -e`` compiles it).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsgen
+import pytest
+import services
+from fschains import Model, chains
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blobchain.layers import native
+from blobchain.layers.changes import diff
+from blobchain.layers.entries import tar_entries
+from blobchain.layers.errors import BlobchainError, FileChanged
+from blobchain.layers.snapshot import Snapshot, open_snapshot
+from blobchain.layers.tarentry import TYPE_REG, TarEntry
+from blobchain.layers.tarheader import encode_header
+from blobchain.layers.tarwriter import write_tar
+
+lib = native.available
+# A missing extension skips locally (the install warns and goes on without a compiler) and fails
+# under CI, where a fresh clone's `pip install -e` must have compiled it.
+needs_lib = services.needs(
+    lib is not None, "the C extension blobchain.layers._speedups is not built (no C compiler at install)"
+)
+
+
+@pytest.fixture
+def pure(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(native, "lib", None)
+    yield
+
+
+@needs_lib
+def test_extension_is_switched_on() -> None:
+    """Built means used, unless BLOBCHAIN_PURE_PYTHON asks for the reference path."""
+    pure_asked = os.environ.get("BLOBCHAIN_PURE_PYTHON", "") not in ("", "0")
+    assert native.lib is (None if pure_asked else native.available)
+
+
+def _layer(lower: Path | None, upper: Path, use_native: bool) -> bytes:
+    saved = native.lib
+    native.lib = native.available if use_native else None
+    try:
+        buf = io.BytesIO()
+        with open_snapshot(upper) as up:
+            if lower is None:
+                write_tar(tar_entries(diff(None, up), up), up, buf.write)
+            else:
+                with open_snapshot(lower) as low:
+                    write_tar(tar_entries(diff(low, up), up), up, buf.write)
+        return buf.getvalue()
+    finally:
+        native.lib = saved
+
+
+# --- whole layers ------------------------------------------------------------------------------
+
+
+@needs_lib
+@services.needs_root("chown, mknod and capabilities")
+@settings(
+    max_examples=int(os.environ.get("BLOBCHAIN_NATIVE_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    print_blob=True,
+)
+@given(chains())
+def test_layers_equal_with_and_without_native(states: list[Model]) -> None:
+    with tempfile.TemporaryDirectory(prefix="bc-native-") as work:
+        dirs = [fsgen.build(Path(work) / f"s{i}", m.spec()) for i, m in enumerate(states)]
+        for i, d in enumerate(dirs):
+            lower = dirs[i - 1] if i else None
+            assert _layer(lower, d, True) == _layer(lower, d, False)
+
+
+@needs_lib
+@services.needs_root("chown, mknod and capabilities")
+@pytest.mark.parametrize("name", sorted(fsgen.PAIRS))
+def test_parity_pairs_equal_with_and_without_native(tmp_path: Path, name: str) -> None:
+    lower, upper = fsgen.build_pair(tmp_path, fsgen.PAIRS[name])
+    assert _layer(lower, upper, True) == _layer(lower, upper, False)
+    assert _layer(None, upper, True) == _layer(None, upper, False)
+
+
+@needs_lib
+@services.needs_root("chown, mknod and capabilities")
+def test_kitchen_sink_equal_with_and_without_native(tmp_path: Path) -> None:
+    lower, upper = fsgen.build_pair(tmp_path, fsgen.kitchen_sink())
+    assert _layer(lower, upper, True) == _layer(lower, upper, False)
+    assert _layer(None, upper, True) == _layer(None, upper, False)
+
+
+# --- headers -----------------------------------------------------------------------------------
+
+_NAMES = st.one_of(
+    st.binary(min_size=1, max_size=300),
+    st.lists(
+        st.sampled_from([b"a", b"bb", b"c" * 50, b"d" * 99, b"e" * 101, "ü".encode(), b"\xff"]),
+        min_size=1,
+        max_size=6,
+    ).map(b"/".join),
+    st.lists(st.sampled_from([b"x", b"y" * 40, b"z" * 100]), min_size=1, max_size=5).map(
+        lambda p: b"/".join(p) + b"/"
+    ),
+)
+_INTS = st.one_of(
+    st.integers(0, 4096),
+    st.sampled_from([0, (1 << 21) - 1, 1 << 21, (1 << 33) - 1, 1 << 33, -1, 1 << 64, -(1 << 63)]),
+    st.integers(-(1 << 70), 1 << 70),
+)
+
+
+@needs_lib
+@settings(max_examples=3000, deadline=None)
+@given(
+    name=_NAMES,
+    typeflag=st.sampled_from(
+        [b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"S", b"x", b"g", b"L", b"\0", b"00", b""]
+    ),
+    link=st.one_of(st.just(b""), st.binary(max_size=120)),
+    mode=_INTS,
+    uid=_INTS,
+    gid=_INTS,
+    size=_INTS,
+    mtime=_INTS,
+    devmajor=_INTS,
+    devminor=_INTS,
+    pax=st.one_of(
+        st.just({}),
+        st.dictionaries(
+            st.sampled_from(["SCHILY.xattr.security.capability", "path"]), st.binary(max_size=8), max_size=1
+        ),
+    ),
+)
+def test_header_equal_with_and_without_native(
+    name: bytes, typeflag: bytes, link: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
+    devmajor: int, devminor: int, pax: dict[str, bytes],
+) -> None:  # fmt: skip
+    e = TarEntry(name, typeflag, mode, uid, gid, size, mtime, link, devmajor, devminor, dict(pax))
+
+    def run(use_native: bool) -> bytes | tuple[type[BaseException], str]:
+        saved = native.lib
+        native.lib = native.available if use_native else None
+        try:
+            return encode_header(e)
+        except (BlobchainError, ValueError, OverflowError) as err:
+            return type(err), str(err)
+        finally:
+            native.lib = saved
+
+    assert run(True) == run(False)
+
+
+@needs_lib
+def test_native_header_is_the_ustar_block() -> None:
+    assert lib is not None
+    block = lib.ustar_header(b"d/f", 0o644, 1000, 1000, 5, 1_700_000_000, b"0", b"", 0, 0)
+    assert (
+        block == encode_header(TarEntry(b"d/f", TYPE_REG, 0o644, 1000, 1000, 5, 1_700_000_000))
+        or block is None
+    )
+    assert block is not None and len(block) == 512
+    # Not the fast path: the Python encoder decides.
+    assert lib.ustar_header("str", 0, 0, 0, 0, 0, b"0", b"", 0, 0) is None
+    assert lib.ustar_header(b"n\xff", 0, 0, 0, 0, 0, b"0", b"", 0, 0) is None
+    assert lib.ustar_header(b"n", 0, 1 << 21, 0, 0, 0, b"0", b"", 0, 0) is None
+    assert lib.ustar_header(b"n", 0, 0, 0, 0, 1 << 100, b"0", b"", 0, 0) is None
+
+
+# --- bodies ------------------------------------------------------------------------------------
+
+
+def _entry(snap: Snapshot, rel: bytes) -> TarEntry:
+    st_ = snap.lstat(rel)
+    return TarEntry(
+        rel,
+        TYPE_REG,
+        0o644,
+        0,
+        0,
+        st_.st_size,
+        0,
+        source=rel,
+        ino=st_.st_ino,
+        dev=st_.st_dev,
+        mtime_ns=st_.st_mtime_ns,
+    )
+
+
+@needs_lib
+def test_read_body_matches_the_python_path(tmp_path: Path) -> None:
+    for size in (1, 511, 512, 513, 4096, 100_000, (1 << 19) - 1):
+        (tmp_path / f"f{size}").write_bytes(os.urandom(size))
+    with open_snapshot(tmp_path) as snap:
+        entries = [_entry(snap, b"f%d" % size) for size in (1, 511, 512, 513, 4096, 100_000, (1 << 19) - 1)]
+        outs = []
+        for use_native in (True, False):
+            saved = native.lib
+            native.lib = native.available if use_native else None
+            try:
+                buf = io.BytesIO()
+                write_tar(entries, snap, buf.write)
+                outs.append(buf.getvalue())
+            finally:
+                native.lib = saved
+        assert outs[0] == outs[1]
+
+
+@needs_lib
+def test_read_body_declines_every_anomaly(tmp_path: Path) -> None:
+    """None (so the Python path re-reads and raises) for a changed, missing, escaping or
+    unclean path; a body only for the walked file."""
+    assert lib is not None
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"hello")
+    os.symlink("/etc", tmp_path / "link")
+    with open_snapshot(tmp_path) as snap:
+        st_ = snap.lstat(b"d/f")
+        ok = (st_.st_ino, st_.st_dev, st_.st_mtime_ns)
+        assert lib.read_body(snap.fd, b"d/f", 5, *ok, b"H") == b"Hhello" + bytes(507)
+        assert lib.read_body(snap.fd, b"d/f", 6, *ok, b"") is None  # size differs
+        assert lib.read_body(snap.fd, b"d/f", 5, st_.st_ino + 1, st_.st_dev, st_.st_mtime_ns, b"") is None
+        assert lib.read_body(snap.fd, b"d/f", 5, st_.st_ino, st_.st_dev, st_.st_mtime_ns + 1, b"") is None
+        assert lib.read_body(snap.fd, b"d/f", 5, 0, 0, 0, b"") is not None  # 0 = not recorded
+        for rel in (
+            b"d/nope",
+            b"link/passwd",
+            b"../etc/passwd",
+            b"d//f",
+            b"./d/f",
+            b"d/",
+            b"/d/f",
+            b"d",
+            b"",
+        ):
+            assert lib.read_body(snap.fd, rel, 5, 0, 0, 0, b"") is None, rel
+
+
+@needs_lib
+@pytest.mark.parametrize("use_native", [True, False])
+def test_changed_file_raises_the_same_error(tmp_path: Path, use_native: bool) -> None:
+    (tmp_path / "f").write_bytes(b"hello")
+    with open_snapshot(tmp_path) as snap:
+        e = _entry(snap, b"f")
+        (tmp_path / "f").write_bytes(b"HELLO!")
+        saved = native.lib
+        native.lib = native.available if use_native else None
+        try:
+            with pytest.raises(FileChanged, match="size 6 != 5"):
+                write_tar([e], snap, io.BytesIO().write)
+        finally:
+            native.lib = saved
+
+
+# --- xattrs ------------------------------------------------------------------------------------
+
+
+@needs_lib
+def test_lgetxattr(tmp_path: Path) -> None:
+    assert lib is not None
+    f = tmp_path / "f"
+    f.write_bytes(b"")
+    p = os.fsencode(f)
+    assert lib.lgetxattr(p, b"user.nope") is None
+    try:
+        os.setxattr(p, b"user.small", b"v")
+        os.setxattr(p, b"user.big", b"x" * 3000)
+    except OSError as e:
+        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        pytest.skip("no user xattrs on this filesystem")
+    assert lib.lgetxattr(p, b"user.small") == b"v"
+    assert lib.lgetxattr(p, b"user.big") == b"x" * 3000
+    with pytest.raises(FileNotFoundError) as info:
+        lib.lgetxattr(p + b"-missing", b"user.small")
+    assert info.value.errno == errno.ENOENT and info.value.filename == p + b"-missing"
+    with pytest.raises(ValueError):
+        lib.lgetxattr(p + b"\0x", b"user.small")
+
+
+def test_pure_python_switch_still_writes_layers(tmp_path: Path, pure: None) -> None:
+    (tmp_path / "a").write_bytes(b"abc")
+    with open_snapshot(tmp_path) as snap:
+        buf = io.BytesIO()
+        write_tar(tar_entries(diff(None, snap), snap), snap, buf.write)
+    assert native.lib is None
+    assert buf.getvalue()[:1] == b"a"
+
+
+# --- listings ----------------------------------------------------------------------------------
+
+_STAT_FIELDS = [f for f in dir(os.lstat("/")) if f.startswith("st_")]
+
+
+@needs_lib
+def test_scandir_equals_the_python_listing(tmp_path: Path) -> None:
+    """Names in raw byte order and every stat_result field (not just the tuple part) as
+    ``os.lstat`` gives them, for every file type and odd names."""
+    assert lib is not None
+    base = os.fsencode(tmp_path)
+    for name in (b"b", b"a", b"\xff\xfe", "ü".encode(), b"a-b", b"a.b", b"A", b"n" * 255, b" sp"):
+        with open(base + b"/" + name, "wb") as f:
+            f.write(name)
+    os.mkdir(base + b"/dir")
+    os.symlink(b"../nowhere", base + b"/link")
+    os.mkfifo(base + b"/fifo")
+    os.utime(base + b"/a", ns=(-1_500_000_001, -2))  # before 1970, negative nanoseconds
+    if os.geteuid() == 0:
+        os.mknod(base + b"/dev", 0o600 | 0o020000, os.makedev(1, 3))
+        os.chown(base + b"/b", 4_000_000_000, 65534)
+    with open_snapshot(tmp_path) as snap:
+        got = lib.scandir(snap.fd)
+        saved = native.lib
+        native.lib = None
+        try:
+            want = snap.scandir()
+        finally:
+            native.lib = saved
+    assert got is not None
+    assert [n for n, _ in got] == [n for n, _ in want] == sorted(n for n, _ in want)
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        assert type(a) is os.stat_result
+        assert {f: getattr(a, f) for f in _STAT_FIELDS} == {f: getattr(b, f) for f in _STAT_FIELDS}
+        assert tuple(a) == tuple(b)
+
+
+@needs_lib
+def test_scandir_declines_a_bad_descriptor(tmp_path: Path) -> None:
+    assert lib is not None
+    f = tmp_path / "f"
+    f.write_bytes(b"")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert lib.scandir(fd) is None  # not a directory
+    finally:
+        os.close(fd)
+    assert lib.scandir(-1) is None
+    assert lib.scandir(1 << 40) is None
