@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import blobchain.tasks.errors  # noqa: F401  # the catalogue: registers every code
+import blobchain.tasks.errors  # the catalogue: registers every code
 from blobchain.layers.errors import BlobchainError, DigestMismatch, register, registered_codes
 from blobchain.tasks.errors import RefFailed
 
