@@ -15,6 +15,8 @@ Rules shared by every implementation (embedded SQLite, Redis), each done atomica
   for ``claim_key`` (default: the ref id) (fencing); otherwise ClaimLost. Embedded stores may
   ignore it (their file locks die with their holder).
 
+The checks, the order of each write and its errors are written once in
+:class:`~blobchain.storage.metadata.base.MetadataBase`; each backend supplies atomic primitives.
 GC leases are another contract: :mod:`blobchain.storage.leases`.
 """
 
