@@ -186,11 +186,16 @@ def prepare_base(
     unpack. ``source`` overrides how ``image`` is opened (transport options for a registry)."""
     src = source or open_image(image)
     try:
-        img = resolve(src, platform=platform)
+        return _prepare(deps, src, cache=os.path.abspath(cache), snapshot=snapshot, platform=platform)
     except BaseException:
         _close(src)
         raise
-    cache = os.path.abspath(cache)
+
+
+def _prepare(
+    deps: Deps, src: ImageSource, *, cache: str, snapshot: str | None, platform: Platform | None
+) -> BaseImage:
+    img = resolve(src, platform=platform)
     top = None
     if img.layers:
         if snapshot is not None:
@@ -211,8 +216,8 @@ def prepare_base(
     _register(deps, img, specs, src.name)
     base = BaseImage(img, src, tuple(specs), top)
     if top is not None and snapshot is None and not os.path.isdir(top):
-        unpack_layers(img, lambda la: base.open(deps.content, la.descriptor.digest), top, exist_ok=True)
-        base.unpacked = True
+        done = unpack_layers(img, lambda la: base.open(deps.content, la.descriptor.digest), top, exist_ok=True)
+        base.unpacked = done.layers > 0  # 0: another run published the same tree first
     return base
 
 
@@ -271,8 +276,7 @@ def open_base(
     """:func:`prepare_base` with a registry reached through ``options`` (TLS, --insecure)."""
     source: ImageSource | None = None
     if not image.startswith("oci:"):
-        from blobchain.client.image import parse_image_ref
-        from blobchain.registry.pull import RegistryImageSource
+        from blobchain.client.image import RegistryImageSource, parse_image_ref
 
         parse_image_ref(image)  # a bad reference is InvalidImageReference, as for a layout
         source = RegistryImageSource(image, options)

@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from blobchain.layers.errors import AlreadyExists, InvalidArgument, NotFound, register
 from blobchain.layers.identity import chain_ids
@@ -20,6 +20,9 @@ from blobchain.layers.imageconfig import Platform, host_platform
 from blobchain.layers.oci import REF_NAME
 from blobchain.layers.records import Compression, Descriptor, check_digest
 from blobchain.storage.content.verified import VerifyingReader
+
+if TYPE_CHECKING:  # httpx loads only when a registry is read
+    from blobchain.registry.client import TransportOptions
 
 __all__ = [
     "INDEX_TYPES",
@@ -30,6 +33,7 @@ __all__ = [
     "InvalidImage",
     "InvalidImageReference",
     "LayoutImageSource",
+    "RegistryImageSource",
     "ResolvedImage",
     "TargetNotEmpty",
     "open_image",
@@ -296,6 +300,47 @@ class LayoutImageSource:
         return _descriptor(found[-1], f"{self.root}/index.json")
 
 
+class RegistryImageSource:
+    """An image in a registry repository (``REGISTRY/REPO:TAG`` or ``@DIGEST``), read through a
+    pull-only :class:`~blobchain.registry.pull.RegistryPuller`; blobs verified as they stream."""
+
+    def __init__(self, reference: str, options: TransportOptions | None = None) -> None:
+        from blobchain.registry.pull import RegistryPuller
+
+        self.puller = RegistryPuller(reference, options)
+        self.ref = self.puller.ref
+        self.name = str(self.ref)
+        self._top: tuple[Descriptor, bytes] | None = None
+
+    def close(self) -> None:
+        self.puller.close()
+
+    def __repr__(self) -> str:
+        return f"RegistryImageSource({self.name})"
+
+    @property
+    def blob_gets(self) -> int:
+        return self.puller.blob_gets
+
+    def top(self) -> Descriptor:
+        if self._top is None:
+            self._top = self.puller.manifest()
+        return self._top[0]
+
+    def read_blob(self, desc: Descriptor, limit: int = MAX_JSON) -> bytes:
+        if self._top is not None and desc.digest == self._top[0].digest:
+            return self._top[1]
+        if desc.media_type in INDEX_TYPES + MANIFEST_TYPES:
+            return self.puller.manifest(desc.digest, desc)[1]
+        return _verified_bytes(
+            self.puller.open_raw(desc.digest), desc, f"{self.name} blob {desc.digest}", limit
+        )
+
+    def open_blob(self, desc: Descriptor) -> BinaryIO:
+        raw = self.puller.open_raw(desc.digest)
+        return VerifyingReader(raw, desc.digest, size=desc.size, where=f"{self.name} blob {desc.digest}")  # type: ignore[return-value]
+
+
 def open_image(value: str, *, registry_source: Callable[[str], ImageSource] | None = None) -> ImageSource:
     """The source ``value`` names: a layout, or (through ``registry_source``, which carries the
     transport options) a registry repository."""
@@ -303,7 +348,5 @@ def open_image(value: str, *, registry_source: Callable[[str], ImageSource] | No
     if kind == "oci":
         return LayoutImageSource(where, tag)
     if registry_source is None:
-        from blobchain.registry.pull import RegistryImageSource
-
         return RegistryImageSource(where)
     return registry_source(where)

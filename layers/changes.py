@@ -13,9 +13,8 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from stat import S_IFDIR, S_IFLNK, S_IFMT
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = ["Change", "ChangeKind", "Tree", "diff", "diff_dir", "same_file"]
 
@@ -31,10 +30,12 @@ class ChangeKind(enum.IntEnum):
     UNMODIFIED = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     """One walk result. ``path`` is relative with no leading slash; ``st`` is the upper's lstat
-    (the lower's for a Delete)."""
+    (the lower's for a Delete).
+
+    A named tuple rather than a frozen dataclass: one is made per walked entry, and a frozen
+    dataclass's ``__init__`` (``object.__setattr__`` per field) cost ~1.1 µs against ~0.3 µs."""
 
     kind: ChangeKind
     path: bytes

@@ -67,7 +67,7 @@ def tar_entries(
     out = w.out
     handle = w.handle
     for ch in changes:
-        handle(ch.kind, ch.path, ch.st)
+        handle(*ch)  # (kind, path, st)
         if out:
             yield from out
             out.clear()
@@ -108,31 +108,23 @@ class _Writer:
         sde = self.sde
         # Go Time.Truncate(1s) is a floor (also before 1970); containerd 1.7 clamps first.
         mtime = sde if sde is not None and mtime_ns > sde * _NS else mtime_ns // _NS
-        entry = TarEntry(
-            name,
-            typeflag,
-            mode & 0o7777,
-            st.st_uid,
-            st.st_gid,
-            st.st_size if fmt == S_IFREG else 0,
-            mtime,
-        )
-        if fmt == S_IFLNK:
-            entry.linkname = upper.readlink(path)
+        size = st.st_size if fmt == S_IFREG else 0
+        linkname = upper.readlink(path) if fmt == S_IFLNK else b""
+        devmajor = devminor = 0
         if mode & _DEV_BITS:
             rdev = st.st_rdev
             if rdev:
-                entry.devmajor = os.major(rdev)
-                entry.devminor = os.minor(rdev)
+                devmajor = os.major(rdev)
+                devminor = os.minor(rdev)
 
         extra: list[bytes] | None = None
         if fmt != S_IFDIR and st.st_nlink > 1:
             ino = st.st_ino
             src = self.inode_src.get(ino)
             if src is not None:
-                entry.typeflag = TYPE_LINK
-                entry.linkname = src
-                entry.size = 0
+                typeflag = TYPE_LINK
+                linkname = src
+                size = 0
             elif kind == _UNMODIFIED:
                 # Not in the diff itself: linked to the first changed peer once one shows up.
                 self.inode_refs.setdefault(ino, []).append(name)
@@ -144,13 +136,19 @@ class _Writer:
             return
 
         cap = upper.capability(path)
+        # One constructor call per entry (this runs for every emitted entry); a body's entry
+        # also records where it comes from and what the walk saw, for the writer's checks.
+        if typeflag == TYPE_REG and size > 0:
+            entry = TarEntry(
+                name, typeflag, mode & 0o7777, st.st_uid, st.st_gid, size, mtime, linkname, devmajor, devminor,
+                {}, path, st.st_ino, st.st_dev, mtime_ns,
+            )  # fmt: skip
+        else:
+            entry = TarEntry(
+                name, typeflag, mode & 0o7777, st.st_uid, st.st_gid, size, mtime, linkname, devmajor, devminor
+            )  # fmt: skip
         if cap:
             entry.pax[CAPABILITY_PAX_KEY] = cap
-        if entry.typeflag == TYPE_REG and entry.size > 0:
-            entry.source = path
-            entry.ino = st.st_ino
-            entry.dev = st.st_dev
-            entry.mtime_ns = mtime_ns
 
         self.include_parents(path)
         if fmt == S_IFDIR:

@@ -318,8 +318,15 @@ class Snapshot:
         """The raw ``security.capability`` xattr of ``rel`` (None when absent or unsupported)."""
         # Runs once per emitted entry: the full check only for a suspicious path (walked paths
         # are clean; open_dir checks the parent anyway).
-        if rel[:1] == b"/" or b".." in rel:
+        if rel[:1] == b"/" or rel.find(b"..") != -1:  # find: `in` costs a caught TypeError per call
             _check_rel(rel)
+        lib = _native.lib
+        if lib is not None and rel:
+            try:
+                if lib.lgetxattr(self._prefix + rel, _CAPABILITY) is None:
+                    return None  # absent, the common case: straight back
+            except OSError:
+                pass  # _getxattr looks again and turns the error into the named one
         return self._getxattr(rel, _CAPABILITY)
 
     def _getxattr(self, rel: bytes, name: bytes | str) -> bytes | None:

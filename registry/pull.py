@@ -1,10 +1,10 @@
-"""Read an image from a registry: manifests by tag or digest, blobs streamed on demand.
+"""Read from a registry repository: manifests by tag or digest, blobs streamed on demand.
 
-:class:`RegistryImageSource` is the registry side of :class:`blobchain.client.image.ImageSource`:
-a pull-only client (a read-only token is enough), every byte verified while it streams
-(manifests against the digest the reference or registry names, blobs against their descriptor),
-and blobs fetched only when a caller opens them: resolving an image reads its manifest and
-config, never its layers.
+:class:`RegistryPuller` is a pull-only client (a read-only token is enough). Manifests are
+checked against the digest the reference names (or, for a tag, hashed to give the image its
+digest); blob bytes are handed out raw, for the caller to verify as they stream
+(``client/image.py`` wraps them in the content stores' verifying reader). Nothing is fetched
+until asked for: resolving an image reads its manifest and config, never its layers.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from blobchain.layers.records import Descriptor
 from blobchain.registry.client import RegistryClient, TransportOptions
 from blobchain.registry.errors import RegistryProtocolError
 from blobchain.registry.reference import Reference, parse_reference
-from blobchain.storage.content.verified import VerifyingReader
 
-__all__ = ["ACCEPT", "RegistryImageSource"]
+__all__ = ["ACCEPT", "RegistryPuller"]
 
 ACCEPT = (
     "application/vnd.oci.image.index.v1+json",
@@ -28,12 +27,10 @@ ACCEPT = (
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 )
-_MANIFEST_LIKE = frozenset(ACCEPT)
 
 
-class RegistryImageSource:
-    """An image in ``REGISTRY/REPO:TAG`` (or ``@DIGEST``). ``blob_gets`` counts blob downloads
-    (what laziness promises to keep low)."""
+class RegistryPuller:
+    """``REGISTRY/REPO:TAG`` (or ``@DIGEST``) for reading. ``blob_gets`` counts blob downloads."""
 
     def __init__(
         self,
@@ -43,11 +40,9 @@ class RegistryImageSource:
         cancel: threading.Event | None = None,
     ) -> None:
         self.ref = parse_reference(reference) if isinstance(reference, str) else reference
-        self.name = str(self.ref)
         self.options = options or TransportOptions()
         self._client: RegistryClient | None = None
         self._cancel = cancel
-        self._top: tuple[Descriptor, bytes] | None = None
         self._lock = threading.Lock()
         self.blob_gets = 0
 
@@ -63,50 +58,36 @@ class RegistryImageSource:
             self._client.close()
 
     def __repr__(self) -> str:
-        return f"RegistryImageSource({self.name})"
+        return f"RegistryPuller({self.ref})"
 
-    def _manifest(self, reference: str, expected: str | None) -> tuple[Descriptor, bytes]:
+    def manifest(
+        self, reference: str | None = None, expected: Descriptor | None = None
+    ) -> tuple[Descriptor, bytes]:
+        """The manifest (or index) ``reference`` names (default: the puller's own), checked
+        against ``expected`` (digest and size) or the reference's digest."""
+        reference = reference or self.ref.reference
+        want = (
+            expected.digest
+            if expected is not None
+            else self.ref.digest
+            if reference == self.ref.digest
+            else None
+        )
         data, media_type = self.client.get_manifest(reference, ACCEPT)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        if expected is not None and digest != expected:
+        if want is not None and digest != want:
             raise DigestMismatch(
-                f"{self.name}: manifest {reference} hashes to {digest}, not {expected}",
-                expected=expected,
+                f"{self.ref.registry}/{self.ref.repository}: manifest {reference} hashes to {digest}, not {want}",
+                expected=want,
                 got=digest,
-                digest=expected,
+                digest=want,
             )
+        if expected is not None and len(data) != expected.size:
+            raise RegistryProtocolError(f"manifest {reference} is {len(data)} bytes, not {expected.size}")
         return Descriptor(media_type, digest, len(data)), data
 
-    def top(self) -> Descriptor:
-        if self._top is None:
-            self._top = self._manifest(self.ref.reference, self.ref.digest)
-        return self._top[0]
-
-    def read_blob(self, desc: Descriptor, limit: int = 4 << 20) -> bytes:
-        if self._top is not None and desc.digest == self._top[0].digest:
-            return self._top[1]
-        if desc.media_type in _MANIFEST_LIKE:
-            got, data = self._manifest(desc.digest, desc.digest)
-            if got.size != desc.size:
-                raise RegistryProtocolError(
-                    f"{self.name}: manifest {desc.digest} is {got.size} bytes, not {desc.size}"
-                )
-            return data
-        if desc.size > limit:
-            raise RegistryProtocolError(
-                f"{self.name}: {desc.digest} is {desc.size} bytes, too big for a config"
-            )
-        with self.open_blob(desc) as f:
-            parts: list[bytes] = []
-            got = 0
-            # raw reads may return short: read to the end (the verifier raises on a bad blob)
-            while chunk := f.read(max(1, desc.size + 1 - got)):
-                parts.append(chunk)
-                got += len(chunk)
-        return b"".join(parts)
-
-    def open_blob(self, desc: Descriptor) -> BinaryIO:
+    def open_raw(self, digest: str, offset: int = 0) -> BinaryIO:
+        """The blob's bytes as the registry sends them (unverified: the caller verifies)."""
         with self._lock:
             self.blob_gets += 1
-        raw = self.client.open_blob(desc.digest)
-        return VerifyingReader(raw, desc.digest, size=desc.size, where=f"{self.name} blob {desc.digest}")  # type: ignore[return-value]
+        return self.client.open_blob(digest, offset)

@@ -21,7 +21,7 @@ from blobchain.client.cli import main
 from blobchain.client.image import LayoutImageSource, resolve
 from blobchain.client.unpack import unpack_layers
 from blobchain.config.settings import Settings
-from blobchain.layers.identity import chain_ids
+from blobchain.layers.identity import chain_ids, next_ids
 from blobchain.workers.verify import verify_store
 
 
@@ -204,6 +204,12 @@ def test_base_refs_are_cached_never_built_and_a_given_snapshot_skips_the_unpack(
         assert [b.digest for b in blobs[:2]] == [la.descriptor.digest for la in base.image.layers]
         assert [str(b.compression) for b in blobs] == ["gzip", "gzip", "zstd", "zstd"]
         assert [r.chain_id for r in result.records] == chain_ids([b.diff_id for b in blobs])
+        # blobChainID as BuildKit: over each ref's main blob (the base's own for its refs)
+        pair = None
+        for rec in result.records:
+            assert rec.blob is not None
+            pair = next_ids(pair, rec.blob.digest, rec.blob.diff_id)
+            assert (rec.chain_id, rec.blob_chain_id) == pair
         # nothing of the base fetched, no cache made: no export needed its bytes yet
         assert base.fetched == [] and not (store / ".blobchain/base-rootfs").exists()
         for b in blobs[:2]:

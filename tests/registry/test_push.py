@@ -379,7 +379,9 @@ def test_interrupted_push_rerun_sends_only_what_is_missing(tmp_path, plain_regis
         snaps.append(str(snap))
         prev = snap
     out, digest = export_layout(tmp_path, "--compression", "uncompressed", snaps=snaps)
-    proxy = regservice.FaultProxy(plain_registry.port, rate_bps=6 << 20)
+    # 2 MiB/s: the three layers after the first take ~4.5 s, time enough for the SIGINT to land
+    # mid-push even on a loaded machine (at 6 MiB/s a CI run saw the push finish first).
+    proxy = regservice.FaultProxy(plain_registry.port, rate_bps=2 << 20)
     target = f"{proxy.address}/interrupt/app:v1"
     cmd = [sys.executable, "-c", "import sys; from blobchain.client.cli import main; sys.exit(main())"]
     env = {**os.environ, "HOME": str(tmp_path / "home")}
