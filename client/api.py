@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 from blobchain.config.factory import DepsOpener, open_deps
 from blobchain.config.settings import Settings, check_jobs, load_settings
-from blobchain.layers.errors import MissingLease, RefNotFound, SnapshotOutsideRoots
+from blobchain.layers.errors import RefNotFound, SnapshotOutsideRoots
 from blobchain.layers.imageconfig import ImageOptions
 from blobchain.layers.records import Compression, Descriptor, LayerOptions, RefRecord, RefSpec
 from blobchain.layers.snapshot import open_snapshot
 from blobchain.storage.deps import Deps
+from blobchain.storage.leases import MissingLease
 from blobchain.workers.executor import ChainResult, Executor, Job
 from blobchain.workers.plan import make_plan
 

@@ -16,8 +16,10 @@ import blobchain.layers.overlay
 import blobchain.registry.errors
 import blobchain.storage.claims
 import blobchain.storage.content.s3
+import blobchain.storage.leases
 import blobchain.storage.redis_util
-import blobchain.tasks.poison  # noqa: F401
+import blobchain.tasks.poison
+import blobchain.workers.errors  # noqa: F401
 from blobchain.layers.errors import BlobchainError, FailedPrecondition, from_code, register
 from blobchain.workers.executor import error_dict
 

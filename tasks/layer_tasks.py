@@ -36,7 +36,7 @@ from celery import shared_task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
-from blobchain.layers.errors import BlobchainError, InProgress, Unavailable
+from blobchain.layers.errors import BlobchainError, Unavailable
 from blobchain.layers.records import LayerOptions
 from blobchain.storage.claims import ClaimLost
 from blobchain.storage.deps import Deps
@@ -46,6 +46,7 @@ from blobchain.tasks.poison import Attempt, PoisonRef
 from blobchain.tasks.startup import WorkerContext, pool_size, settings_of, worker_context
 from blobchain.tasks.timing import timing
 from blobchain.workers.chainjob import finalize_chain
+from blobchain.workers.errors import InProgress
 from blobchain.workers.executor import ChainResult
 from blobchain.workers.progress import Progress, Throttle
 from blobchain.workers.refjob import build_ref, flight_key

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from blobchain.layers.errors import NoBlobs, NonAddressableParent, RefNotFound
+from blobchain.layers.errors import NonAddressableParent, RefNotFound
 from blobchain.layers.identity import next_ids
 from blobchain.layers.records import RefRecord, RefSpec
 from blobchain.storage.metadata import MetadataStore
+from blobchain.workers.errors import NoBlobs
 from blobchain.workers.plan import ancestry
 
 __all__ = ["chain_records", "finalize_chain"]

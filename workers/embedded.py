@@ -25,10 +25,11 @@ from typing import Any
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set
 
 from blobchain.layers.compress import available_cpus
-from blobchain.layers.errors import BlobchainError, InProgress
+from blobchain.layers.errors import BlobchainError
 from blobchain.layers.records import Compression, LayerOptions, RefRecord
 from blobchain.storage.deps import Deps
 from blobchain.workers.chainjob import chain_records, finalize_chain
+from blobchain.workers.errors import InProgress
 from blobchain.workers.executor import (
     FAILED,
     RUNNING,

@@ -18,16 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blobchain.layers.errors import (
-    BlobchainError,
-    Conflict,
-    CorruptBlob,
-    DigestMismatch,
-    InProgress,
-    NoBlobs,
-    NotFound,
-    RefNotFound,
-)
+from blobchain.layers.errors import BlobchainError, Conflict, DigestMismatch, NotFound, RefNotFound
 from blobchain.layers.layer import LayerStats, check_windows, convert_blob, write_layer
 from blobchain.layers.lower import is_windows, layer_source
 from blobchain.layers.records import DIFF_ID_LABEL, LayerBlob, LayerOptions, RefRecord, RefSpec
@@ -35,6 +26,7 @@ from blobchain.layers.snapshot import open_snapshot
 from blobchain.storage.claims import Claim
 from blobchain.storage.claims.heartbeat import Heartbeat
 from blobchain.storage.deps import Deps
+from blobchain.workers.errors import CorruptBlob, InProgress, NoBlobs
 from blobchain.workers.plan import ancestry
 
 __all__ = ["BuildOutcome", "build_ref", "flight_key", "intact", "read_chain"]

@@ -34,14 +34,13 @@ from blobchain.layers.errors import (
     DigestMismatch,
     FailedPrecondition,
     InvalidArgument,
-    MissingLease,
     NotFound,
     RefNotFound,
 )
 from blobchain.layers.records import DIFF_ID_LABEL, Compression, LayerBlob, RefSpec
 from blobchain.storage.claims import Claim, ClaimLost, ClaimService
 from blobchain.storage.content import BlobInfo, ContentStore, Ingest
-from blobchain.storage.leases import LeaseManager
+from blobchain.storage.leases import LeaseManager, MissingLease
 from blobchain.storage.metadata import MetadataStore
 
 __all__ = [

@@ -15,10 +15,11 @@ import pytest
 from blobchain.client.api import Client
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
-from blobchain.layers.errors import BlobchainError, Cancelled, InProgress, Unavailable
+from blobchain.layers.errors import BlobchainError, Cancelled, Unavailable
 from blobchain.layers.records import LayerOptions
 from blobchain.tasks.app import make_app
 from blobchain.tasks.submit import CeleryExecutor
+from blobchain.workers.errors import InProgress
 from blobchain.workers.executor import BUILT, CACHED, RUNNING, WAITING
 from blobchain.workers.refjob import flight_key
 

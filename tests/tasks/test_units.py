@@ -10,12 +10,7 @@ from celery.backends.base import BaseBackend
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
 from blobchain.config.settings import Settings
-from blobchain.layers.errors import (
-    BlobchainError,
-    DigestMismatch,
-    InProgress,
-    SnapshotNotFound,
-)
+from blobchain.layers.errors import BlobchainError, DigestMismatch, SnapshotNotFound
 from blobchain.layers.records import LayerOptions
 from blobchain.tasks import app as app_module
 from blobchain.tasks.app import QUEUE, celery_config, harden_kombu, make_app, timing
@@ -24,6 +19,7 @@ from blobchain.tasks.layer_tasks import BUILD_TASK, FINALIZE_TASK, RefFailed, Re
 from blobchain.tasks.poison import PoisonRef
 from blobchain.tasks.submit import CeleryExecutor, task_error
 from blobchain.tasks.worker import worker_argv
+from blobchain.workers.errors import InProgress
 from blobchain.workers.retry import backoff
 
 SETTINGS = Settings(broker_url="redis://127.0.0.1:1/0", key_prefix="unit:", s3_endpoint="http://127.0.0.1:1")

@@ -14,8 +14,8 @@ import pytest
 from blobchain.client.api import Client
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
-from blobchain.layers.errors import InProgress
 from blobchain.layers.records import LayerOptions
+from blobchain.workers.errors import InProgress
 from blobchain.workers.executor import BUILT, WAITING
 from blobchain.workers.refjob import flight_key
 
