@@ -31,8 +31,8 @@ from blobchain.layers.imageconfig import ImageOptions, Platform
 from blobchain.layers.layer import convert_blob
 from blobchain.layers.records import BASE_VARIANT, DIFF_ID_LABEL, LayerBlob, RefSpec
 from blobchain.storage.content import ContentStore
+from blobchain.storage.deps import Deps
 from blobchain.workers.chainjob import chain_records
-from blobchain.workers.deps import Deps
 from blobchain.workers.executor import ChainResult
 
 if TYPE_CHECKING:

@@ -790,9 +790,7 @@ def _chain_status(client: Client, ref: str) -> list[Any] | None:
     """Distributed mode: each ref of the chain's state, holder, lease and attempts."""
     if not client.settings.distributed:
         return None
-    from blobchain.tasks.inspect import chain_status
-
-    return chain_status(client.deps, ref, client.settings.key_prefix)
+    return client.chain_status(ref)
 
 
 @app.command()
