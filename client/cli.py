@@ -663,6 +663,7 @@ def _base_summary(base: BaseImage) -> dict[str, Any]:
         "top_snapshot": base.snapshot,
         "unpacked": base.unpacked,
         "fetched": list(base.fetched),
+        "resumed": base.resumed,
     }
 
 
