@@ -10,13 +10,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from blobchain.config.factory import open_deps
+from blobchain.config.factory import DepsOpener, open_deps
 from blobchain.config.settings import Settings, check_jobs, load_settings
-from blobchain.layers.errors import MissingLease, RefNotFound, SnapshotOutsideRoots
+from blobchain.layers.errors import RefNotFound, SnapshotOutsideRoots
 from blobchain.layers.imageconfig import ImageOptions
-from blobchain.layers.records import Descriptor, LayerOptions, RefRecord, RefSpec
+from blobchain.layers.records import Compression, Descriptor, LayerOptions, RefRecord, RefSpec
 from blobchain.layers.snapshot import open_snapshot
-from blobchain.workers.deps import Deps
+from blobchain.storage.deps import Deps
+from blobchain.storage.leases import MissingLease
 from blobchain.workers.executor import ChainResult, Executor, Job
 from blobchain.workers.plan import make_plan
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # the registry client (httpx) loads only for a push: start-up
     from blobchain.layers.imageconfig import Platform
     from blobchain.registry.client import TransportOptions
     from blobchain.registry.push import PushEvent, PushResult
+    from blobchain.storage.gc import GCReport
+    from blobchain.tasks.inspect import RefStatus
 
 __all__ = ["Client", "Lease", "chain_specs"]
 
@@ -68,13 +71,15 @@ def chain_specs(
 
 class Client:
     """``Client()`` runs embedded (in-process, local store) unless the settings name a broker;
-    then work goes to Celery workers. ``executor=`` overrides the choice (e.g. for tests)."""
+    then work goes to Celery workers. ``executor=`` overrides the choice (e.g. for tests);
+    ``deps=`` hands in stores already open (the executor's, to share one set)."""
 
     def __init__(
         self,
         settings: Settings | None = None,
         *,
         executor: Executor | None = None,
+        deps: Deps | None = None,
         jobs: int | None = None,
         in_process: bool = False,
         create_store: bool = True,
@@ -84,29 +89,35 @@ class Client:
         self._jobs = check_jobs(jobs)
         self._in_process = in_process
         self._create_store = create_store
-        self._deps: Deps | None = None
+        self._deps = deps
 
     @property
     def deps(self) -> Deps:
-        """The stores, opened on first use. With ``create_store=False`` a missing embedded
-        store is StoreNotFound instead of a new empty one (for status and gc)."""
+        """The stores, opened on first use (``config.factory``, the one place that chooses
+        them). With ``create_store=False`` a missing embedded store is StoreNotFound instead of
+        a new empty one (for status and gc)."""
         if self._deps is None:
-            self._deps = getattr(self._executor, "deps", None) or open_deps(
-                self.settings, create=self._create_store
-            )
+            self._deps = open_deps(self.settings, create=self._create_store)
         return self._deps
 
     @property
     def executor(self) -> Executor:
+        """The executor the settings call for, given the client's stores, made on first use."""
         if self._executor is None:
             if self.settings.distributed:
                 from blobchain.tasks.submit import CeleryExecutor
 
-                self._executor = CeleryExecutor(self.settings)
+                self._executor = CeleryExecutor(self.settings, self.deps)
             else:
                 from blobchain.workers.embedded import EmbeddedExecutor
 
-                self._executor = EmbeddedExecutor(self.settings, jobs=self._jobs, in_process=self._in_process)
+                self._executor = EmbeddedExecutor(
+                    self.deps,
+                    opener=DepsOpener(self.settings),
+                    jobs=self._jobs or self.settings.jobs,
+                    wait_budget_s=self.settings.wait_budget_s,
+                    in_process=self._in_process,
+                )
         return self._executor
 
     # --- refs -----------------------------------------------------------------------------
@@ -143,10 +154,28 @@ class Client:
                 self._check_snapshot(plan.specs[ref_id])
         return [self.deps.metadata.register(plan.specs[r]) for r in plan.order if r in given]
 
-    def register_chain(self, snapshots: Sequence[str | os.PathLike[str]], **kw: object) -> list[RefSpec]:
-        specs = chain_specs(snapshots, **kw)  # type: ignore[arg-type]
+    def register_chain(
+        self,
+        snapshots: Sequence[str | os.PathLike[str]],
+        *,
+        kind: str = "rootfs",
+        layer_type: str = "linux",
+        ref_ids: Sequence[str] | None = None,
+        parent: str | None = None,
+    ) -> list[RefSpec]:
+        """:func:`chain_specs` of ``snapshots``, registered."""
+        specs = chain_specs(snapshots, kind=kind, layer_type=layer_type, ref_ids=ref_ids, parent=parent)
         self.register(specs)
         return specs
+
+    def chain_status(self, ref_id: str) -> list[RefStatus]:
+        """Distributed mode: each ref of ``ref_id``'s chain with its state, the claim's holder
+        (worker, pid), its time left, attempts and takeovers."""
+        from blobchain.config.factory import open_distributed
+        from blobchain.tasks.inspect import chain_status
+
+        claims = open_distributed(self.settings).claims
+        return chain_status(self.deps.metadata, claims, ref_id, self.settings.key_prefix)
 
     def status(self, ref_id: str) -> RefRecord:
         rec = self.deps.metadata.get(ref_id)
@@ -184,7 +213,7 @@ class Client:
         if self.deps.metadata.get(ref_id) is None:
             raise RefNotFound(f"unknown ref {ref_id}: register it first", ref=ref_id)
         opts = LayerOptions(
-            compression=compression,  # type: ignore[arg-type]
+            compression=Compression.parse(compression),
             level=level,
             force=force,
             docker_media_types=docker_media_types,
@@ -275,7 +304,7 @@ class Client:
 
         return write_image_index(os.fspath(layout), tag, list(tags), self.deps)
 
-    def gc(self, *, dry_run: bool = False):  # type: ignore[no-untyped-def]
+    def gc(self, *, dry_run: bool = False) -> GCReport:
         from blobchain.storage.gc import collect_garbage
 
         # The grace period covers blobs committed by a build that has not yet leased them.
@@ -296,8 +325,4 @@ class Client:
 
     def __exit__(self, et: object, e: object, tb: object) -> None:
         if self._executor is not None:
-            close = self._executor.close
-            try:
-                close(cancel=isinstance(e, KeyboardInterrupt))  # type: ignore[call-arg]
-            except TypeError:
-                close()
+            self._executor.close(cancel=isinstance(e, KeyboardInterrupt))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -25,14 +26,14 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from blobchain.client.image import ImageLayer, ImageSource, ResolvedImage, open_image, resolve
 from blobchain.client.unpack import unpack_layers
-from blobchain.layers.errors import DigestMismatch, SnapshotNotFound, SnapshotOutsideRoots
+from blobchain.layers.errors import DigestMismatch, SnapshotNotFound, SnapshotOutsideRoots, Unavailable
 from blobchain.layers.identity import next_ids
 from blobchain.layers.imageconfig import ImageOptions, Platform
 from blobchain.layers.layer import convert_blob
 from blobchain.layers.records import BASE_VARIANT, DIFF_ID_LABEL, LayerBlob, RefSpec
 from blobchain.storage.content import ContentStore
+from blobchain.storage.deps import Deps
 from blobchain.workers.chainjob import chain_records
-from blobchain.workers.deps import Deps
 from blobchain.workers.executor import ChainResult
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 20
+_ATTEMPTS = 5  # a blob download resumed at most this many times less one
 CACHE_DIR = os.path.join(".blobchain", "base-rootfs")
 
 
@@ -97,6 +99,7 @@ class BaseImage:
     snapshot: str | None
     unpacked: bool = False
     fetched: list[str] = field(default_factory=list)
+    resumed: int = 0  # downloads resumed after a dropped connection
     _locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
     _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -138,13 +141,34 @@ class BaseImage:
                     return False
             except DigestMismatch:
                 pass  # quarantined: fetch a good copy
-            desc = layer.descriptor
-            with self.source.open_blob(desc) as src, content.ingest(f"base-{digest[7:23]}") as ing:
-                while chunk := src.read(_CHUNK):
-                    ing.write(chunk)
-                ing.commit(size=desc.size, expected=digest, labels={DIFF_ID_LABEL: layer.diff_id})
+            self._download(content, layer)
             self.fetched.append(digest)
             return True
+
+    def _download(self, content: ContentStore, layer: ImageLayer) -> None:
+        """Stream one blob into the store. A dropped connection resumes from the bytes already
+        ingested (a ranged GET), a bounded number of times; the first pass is verified as it
+        streams, and the ingest checks the whole blob's digest and size before it publishes."""
+        desc = layer.descriptor
+        failures = 0
+        with content.ingest(f"base-{desc.digest[7:23]}") as ing:
+            while True:
+                try:
+                    if ing.offset == 0:
+                        src = self.source.open_blob(desc)
+                    else:
+                        src = self.source.open_range(desc, ing.offset)
+                    with src:
+                        while chunk := src.read(_CHUNK):
+                            ing.write(chunk)
+                    break
+                except Unavailable:
+                    failures += 1
+                    if failures >= _ATTEMPTS:
+                        raise
+                    self.resumed += 1
+                    time.sleep(min(5.0, 0.2 * 2**failures))
+            ing.commit(size=desc.size, expected=desc.digest, labels={DIFF_ID_LABEL: layer.diff_id})
 
     def open(self, content: ContentStore, digest: str, offset: int = 0) -> BinaryIO:
         """A verifying reader over base blob ``digest`` from the content store (fetched first)."""
@@ -186,11 +210,16 @@ def prepare_base(
     unpack. ``source`` overrides how ``image`` is opened (transport options for a registry)."""
     src = source or open_image(image)
     try:
-        img = resolve(src, platform=platform)
+        return _prepare(deps, src, cache=os.path.abspath(cache), snapshot=snapshot, platform=platform)
     except BaseException:
         _close(src)
         raise
-    cache = os.path.abspath(cache)
+
+
+def _prepare(
+    deps: Deps, src: ImageSource, *, cache: str, snapshot: str | None, platform: Platform | None
+) -> BaseImage:
+    img = resolve(src, platform=platform)
     top = None
     if img.layers:
         if snapshot is not None:
@@ -211,8 +240,10 @@ def prepare_base(
     _register(deps, img, specs, src.name)
     base = BaseImage(img, src, tuple(specs), top)
     if top is not None and snapshot is None and not os.path.isdir(top):
-        unpack_layers(img, lambda la: base.open(deps.content, la.descriptor.digest), top, exist_ok=True)
-        base.unpacked = True
+        done = unpack_layers(
+            img, lambda la: base.open(deps.content, la.descriptor.digest), top, exist_ok=True
+        )
+        base.unpacked = done.layers > 0  # 0: another run published the same tree first
     return base
 
 
@@ -234,8 +265,13 @@ def recompress_base(deps: Deps, base: BaseImage, result: ChainResult) -> ChainRe
         gc_lease = f"base-convert-{uuid.uuid4().hex}"
         deps.leases.create_lease(gc_lease, deps.lease_ttl_s * 10)
         try:
-            with deps.content.open(source.digest) as reader, deps.content.ingest(f"convert-{rec.ref_id}") as ing:
-                stats = convert_blob(reader, source.compression, source.diff_id, opts, ing.write, threads=deps.threads)
+            with (
+                deps.content.open(source.digest) as reader,
+                deps.content.ingest(f"convert-{rec.ref_id}") as ing,
+            ):
+                stats = convert_blob(
+                    reader, source.compression, source.diff_id, opts, ing.write, threads=deps.threads
+                )
                 deps.leases.add_resource(gc_lease, ing.digest)  # before it is visible: GC cannot take it
                 info = ing.commit(labels={DIFF_ID_LABEL: stats.diff_id})
             blob = LayerBlob(

@@ -663,6 +663,7 @@ def _base_summary(base: BaseImage) -> dict[str, Any]:
         "top_snapshot": base.snapshot,
         "unpacked": base.unpacked,
         "fetched": list(base.fetched),
+        "resumed": base.resumed,
     }
 
 
@@ -790,9 +791,7 @@ def _chain_status(client: Client, ref: str) -> list[Any] | None:
     """Distributed mode: each ref of the chain's state, holder, lease and attempts."""
     if not client.settings.distributed:
         return None
-    from blobchain.tasks.inspect import chain_status
-
-    return chain_status(client.deps, ref, client.settings.key_prefix)
+    return client.chain_status(ref)
 
 
 @app.command()

@@ -44,7 +44,7 @@ from blobchain.layers.oci import (
 from blobchain.layers.records import Descriptor, LayerBlob, RefRecord
 from blobchain.storage.content import BlobReader
 from blobchain.storage.content.local import LocalContentStore
-from blobchain.workers.deps import Deps
+from blobchain.storage.deps import Deps
 from blobchain.workers.executor import ChainResult
 
 __all__ = ["Image", "build_image", "export_layout", "write_image_index"]

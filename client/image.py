@@ -126,6 +126,11 @@ class ImageSource(Protocol):
         """A verifying reader over a blob (raises DigestMismatch before its last bytes if bad)."""
         ...
 
+    def open_range(self, desc: Descriptor, offset: int) -> BinaryIO:
+        """The blob's raw bytes from ``offset`` on, to resume a download (the caller's ingest
+        verifies the whole blob at its commit)."""
+        ...
+
     def top(self) -> Descriptor:
         """The descriptor the reference names (a manifest or an index)."""
         ...
@@ -282,6 +287,11 @@ class LayoutImageSource:
         raw = self._raw(desc)
         return VerifyingReader(raw, desc.digest, size=desc.size, where=f"{self.name} blob {desc.digest}")  # type: ignore[return-value]
 
+    def open_range(self, desc: Descriptor, offset: int) -> BinaryIO:
+        f = self._raw(desc)
+        f.seek(offset)
+        return f
+
     def top(self) -> Descriptor:
         with open(os.path.join(self.root, "index.json"), "rb") as f:
             index = _json(f.read(MAX_JSON), f"{self.root}/index.json")
@@ -339,6 +349,9 @@ class RegistryImageSource:
     def open_blob(self, desc: Descriptor) -> BinaryIO:
         raw = self.puller.open_raw(desc.digest)
         return VerifyingReader(raw, desc.digest, size=desc.size, where=f"{self.name} blob {desc.digest}")  # type: ignore[return-value]
+
+    def open_range(self, desc: Descriptor, offset: int) -> BinaryIO:
+        return self.puller.open_raw(desc.digest, offset)
 
 
 def open_image(value: str, *, registry_source: Callable[[str], ImageSource] | None = None) -> ImageSource:

@@ -18,26 +18,21 @@ __all__ = [
     "Cancelled",
     "Conflict",
     "ConflictingParent",
-    "CorruptBlob",
     "DigestMismatch",
     "FailedPrecondition",
     "FileChanged",
-    "InProgress",
     "InvalidArgument",
     "InvalidLayout",
     "InvalidLevel",
     "InvalidSetting",
     "InvalidTag",
-    "MissingLease",
     "MissingParent",
-    "NoBlobs",
     "NonAddressableParent",
     "NotFound",
     "NotWritable",
     "ParentCycle",
     "PathEscapes",
     "PathTooLong",
-    "PoisonRef",
     "RefNotFound",
     "SnapshotNotFound",
     "SnapshotOutsideRoots",
@@ -272,14 +267,6 @@ class FileChanged(FailedPrecondition):
 
 
 @register
-class CorruptBlob(FailedPrecondition):
-    """A stored blob cannot be decoded as its recorded compression (its bytes may still hash to
-    its name: it was stored that way)."""
-
-    code = "corrupt_blob"
-
-
-@register
 class RefNotFound(NotFound):
     code = "ref_not_found"
 
@@ -292,18 +279,6 @@ class StoreNotFound(NotFound):
 
 
 @register
-class NoBlobs(NotFound):
-    """The ref has no blob and ``create_if_needed`` was false."""
-
-    code = "no_blobs"
-
-
-@register
-class MissingLease(FailedPrecondition):
-    code = "missing_lease"
-
-
-@register
 class NonAddressableParent(FailedPrecondition):
     code = "non_addressable_parent"
 
@@ -312,20 +287,6 @@ class NonAddressableParent(FailedPrecondition):
 class StoreFull(Unavailable):
     code = "store_full"
     retryable = False
-
-
-@register
-class InProgress(Unavailable):
-    """Another worker holds the ref's lease; check again later."""
-
-    code = "in_progress"
-
-
-@register
-class PoisonRef(FailedPrecondition):
-    """A ref killed its worker too many times; it is failed instead of retried forever."""
-
-    code = "poison_ref"
 
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})

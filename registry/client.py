@@ -339,11 +339,20 @@ class RegistryClient:
                         with self._lock:
                             self._authorize(parse_challenge(resp.headers.get("www-authenticate", "")), ())
                         continue
-                    if resp.status_code not in ((206,) if offset else (200,)):
+                    if resp.status_code not in ((200, 206) if offset else (200,)):
                         body = resp.read()
                         resp.close()
                         raise from_response(resp.status_code, body, f"GET {digest}", url)
-                    return _ResponseReader(resp, self._cancel)  # type: ignore[return-value]
+                    reader = _ResponseReader(resp, self._cancel)
+                    if offset and resp.status_code == 200:  # the Range was ignored: skip ahead
+                        left = offset
+                        buf = bytearray(min(_READ, offset))
+                        while left > 0:
+                            n = reader.readinto(memoryview(buf)[: min(len(buf), left)])
+                            if n == 0:
+                                raise RegistryProtocolError(f"blob {digest} ended before offset {offset}")
+                            left -= n
+                    return reader  # type: ignore[return-value]
         raise AssertionError("unreachable")
 
     def get_manifest(self, reference: str, accept: Iterable[str]) -> tuple[bytes, str]:

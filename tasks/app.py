@@ -4,70 +4,39 @@
 ``celery -A blobchain.tasks.app worker|flower``) is built lazily from the environment
 (``BLOBCHAIN_*``) the first time it is looked up, so importing this module opens nothing.
 
-Reliability settings (see docs/celery-redis-s3.md §2, §8.3): late acks with requeue on a lost
-pool child, one reserved message per slot, time limits from the settings, and a visibility
-timeout above the hard limit plus the longest retry countdown, so that no message is redelivered
-while its task can still be running or waiting for its retry.
+Reliability settings (see docs/configuration.md, "When a worker dies"): late acks with requeue
+on a lost pool child, one reserved message per slot, time limits from the settings
+(:mod:`.timing`), and a visibility timeout above the hard limit plus the longest retry
+countdown, so that no message is redelivered while its task can still be running or waiting
+for its retry.
 """
 
 from __future__ import annotations
 
 import ssl
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
 from celery.signals import worker_init
 
 from blobchain.config.settings import Settings, load_settings
+from blobchain.tasks.timing import SOFT_SHUTDOWN_S, Timing, timing
 
 __all__ = [
     "QUEUE",
+    "SOFT_SHUTDOWN_S",
     "TASK_MODULES",
     "Timing",
     "celery_config",
     "make_app",
-    "settings_of",
     "timing",
 ]
 
 QUEUE = "blobchain"
-TASK_MODULES = ("blobchain.tasks.layer_tasks", "blobchain.tasks.janitor")
-# A stopping worker lets running layers finish this long before it requeues them (cold shutdown);
-# orchestrators must allow a bit more (compose: stop_grace_period 40s).
-SOFT_SHUTDOWN_S = 30.0
+TASK_MODULES = ("blobchain.tasks.layer_tasks", "blobchain.tasks.startup")
 # Result and chord bookkeeping lifetime: longer than any chain's total run time.
 RESULT_EXPIRES_S = 7 * 86400
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Time budgets derived from the settings; every component reads them from here."""
-
-    soft_time_limit_s: int
-    time_limit_s: int
-    # Longest retry countdown (InProgress/Unavailable backoff cap): far below the visibility timeout.
-    max_countdown_s: float
-    # A delivered, unacked message is redelivered after this long: above hard limit + countdown.
-    visibility_timeout_s: int
-    soft_shutdown_s: float
-
-
-def timing(settings: Settings) -> Timing:
-    hard = settings.time_limit_s
-    soft = min(settings.soft_time_limit_s, max(1, hard - 1))
-    countdown = float(min(30, max(1, hard // 4)))
-    # Slack for a reserved message waiting for a free slot; proportional so that tests with tiny
-    # limits get a short redelivery, capped for production limits.
-    slack = min(600, max(5, hard // 2))
-    return Timing(
-        soft_time_limit_s=soft,
-        time_limit_s=hard,
-        max_countdown_s=countdown,
-        visibility_timeout_s=int(hard + countdown + slack),
-        soft_shutdown_s=min(SOFT_SHUTDOWN_S, float(soft)),
-    )
 
 
 def _ssl_options(settings: Settings, url: str) -> dict[str, Any] | None:
@@ -150,23 +119,14 @@ def make_app(settings: Settings, *, main: str = "blobchain", **overrides: Any) -
     app.conf.update(celery_config(settings))
     if overrides:
         app.conf.update(overrides)
-    app.blobchain_settings = settings  # type: ignore[attr-defined]
+    app.blobchain_settings = settings  # type: ignore[attr-defined]  # Celery apps take attributes
     # Importing the task module registers its shared tasks on every app, this one included;
-    # the janitor module connects the takeover thread to worker start and stop.
-    import blobchain.tasks.janitor
-    import blobchain.tasks.layer_tasks  # noqa: F401
+    # the start-up module connects the stores and the takeover janitor to worker start and stop.
+    import blobchain.tasks.layer_tasks
+    import blobchain.tasks.startup  # noqa: F401
 
     app.conf.include = list(TASK_MODULES)
     return app
-
-
-def settings_of(app: Celery) -> Settings:
-    """The settings an app was made from (apps made elsewhere: the environment's)."""
-    s = getattr(app, "blobchain_settings", None)
-    if s is None:
-        s = load_settings()
-        app.blobchain_settings = s  # type: ignore[attr-defined]
-    return s
 
 
 def harden_kombu() -> None:
@@ -195,8 +155,8 @@ def harden_kombu() -> None:
             )
         return original(self, asynchronous)
 
-    _connparams._blobchain_hardened = True  # type: ignore[attr-defined]
-    kredis.Channel._connparams = _connparams
+    _connparams._blobchain_hardened = True  # type: ignore[attr-defined]  # a marker on the function
+    kredis.Channel._connparams = _connparams  # type: ignore[method-assign]  # the patch, see above
 
 
 @worker_init.connect(weak=False)

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from blobchain.storage.claims.redis import RedisClaimService
+from blobchain.storage.metadata import MetadataStore
 from blobchain.storage.redis_util import redis_errors
 from blobchain.workers.chainjob import chain_records
-from blobchain.workers.deps import Deps
 
 __all__ = ["RefStatus", "chain_status"]
 
@@ -42,12 +42,11 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def chain_status(deps: Deps, ref_id: str, prefix: str) -> list[RefStatus]:
-    """Each ref of ``ref_id``'s chain, base first. ``deps`` must be distributed (Redis claims)."""
-    claims = deps.claims
-    if not isinstance(claims, RedisClaimService):
-        raise TypeError("chain_status needs the Redis lock service (distributed mode)")
-    records = chain_records(ref_id, deps.metadata)
+def chain_status(
+    metadata: MetadataStore, claims: RedisClaimService, ref_id: str, prefix: str
+) -> list[RefStatus]:
+    """Each ref of ``ref_id``'s chain, base first, with its claim's holder and delivery."""
+    records = chain_records(ref_id, metadata)
     client = claims.client
     with redis_errors(client, "read deliveries"):
         raw = client.hgetall(claims.deliveries_key)
@@ -74,7 +73,7 @@ def chain_status(deps: Deps, ref_id: str, prefix: str) -> list[RefStatus]:
                 pipe.get(f"{prefix}stats:takeovers:{flight}")
                 token, ttl, attempts, takeovers = pipe.execute()
             variant = flight.split("#", 1)[1] if "#" in flight else None
-            common = {
+            common: dict[str, Any] = {
                 "variant": variant,
                 "attempts": sum(int(_s(a)) for a in attempts or ()),
                 "takeovers": int(_s(takeovers)) if takeovers is not None else 0,

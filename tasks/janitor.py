@@ -1,17 +1,17 @@
 """The takeover janitor: a thread in every worker's main process that sends a dead holder's work
-again as soon as its lease expires, instead of waiting for the broker's visibility timeout.
+again as soon as its claim expires, instead of waiting for the broker's visibility timeout.
 
 Every build holds a tracked claim (``storage.claims.redis``): the claim carries its task's message.
 A holder that dies (``kill -9`` of the whole worker, a lost machine) or is cut off stops
-refreshing; its lease expires ``lease_ttl_s`` after the last refresh and its delivery becomes
+refreshing; its claim expires ``lease_ttl_s`` after the last refresh and its delivery becomes
 due. Each janitor also beats for its worker (``<prefix>worker:<node>``, 3 polls long): a due
-delivery whose worker beat after the lease expired lost only its pool process, and that worker
+delivery whose worker beat after the claim expired lost only its pool process, and that worker
 puts the message back itself (``task_reject_on_worker_lost``), so it is not sent twice. Each
-janitor claims due deliveries of gone workers every ``takeover_poll_s`` (one atomic script: a
+janitor takes due deliveries of gone workers every ``takeover_poll_s`` (one atomic script: a
 delivery goes to one janitor) and publishes the same task again: same task id, same chord, so the chain's
 final step counts it once; ``takeover`` in its kwargs says why (it shows in Flower, in the task's
 progress and result, and in the client's events). A due delivery whose task already finished is
-dropped. The new delivery goes through the normal path: the lease (only one worker diffs the
+dropped. The new delivery goes through the normal path: the claim (only one worker diffs the
 ref), the fenced commit (a cut-off holder that comes back cannot commit over it) and the crash
 counter (a ref that kills every worker still ends as ``PoisonRef`` after ``max_attempts``).
 
@@ -30,10 +30,10 @@ import time
 from typing import Any
 
 from celery import Celery, states
-from celery.signals import worker_ready, worker_shutdown
 
 from blobchain.config.settings import Settings
 from blobchain.layers.errors import BlobchainError
+from blobchain.storage.claims.redis import RedisClaimService
 
 __all__ = ["Janitor", "takeover_reason"]
 
@@ -53,9 +53,11 @@ def takeover_reason(delivery: dict[str, Any], by: str) -> str:
 
 
 class Janitor:
-    """Claims due deliveries and sends them again (see the module docstring)."""
+    """Takes due deliveries and sends them again (see the module docstring)."""
 
-    def __init__(self, app: Celery, settings: Settings, claims: Any, hostname: str | None = None) -> None:
+    def __init__(
+        self, app: Celery, settings: Settings, claims: RedisClaimService, hostname: str | None = None
+    ) -> None:
         self.app = app
         self.settings = settings
         self.claims = claims
@@ -131,32 +133,3 @@ class Janitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
-
-
-_janitors: dict[int, Janitor] = {}
-
-
-@worker_ready.connect(weak=False)
-def _start_janitor(sender: Any = None, **_: Any) -> None:
-    app = getattr(sender, "app", None)
-    settings = getattr(app, "blobchain_settings", None)
-    if app is None or settings is None or not settings.distributed or not settings.takeover_poll_s:
-        return
-    from blobchain.config.factory import open_deps
-
-    try:
-        claims = open_deps(settings).claims
-    except Exception as e:
-        log.error("takeover janitor not started: %s", e)
-        return
-    if not hasattr(claims, "take_due"):
-        return
-    _janitors[id(app)] = Janitor(app, settings, claims, getattr(sender, "hostname", None)).start()
-
-
-@worker_shutdown.connect(weak=False)
-def _stop_janitor(sender: Any = None, **_: Any) -> None:
-    app = getattr(sender, "app", None)
-    j = _janitors.pop(id(app), None) if app is not None else None
-    if j is not None:
-        j.stop()

@@ -20,13 +20,15 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from kombu.exceptions import OperationalError
 
-from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings, redact_url
-from blobchain.layers.errors import BlobchainError, PoisonRef, Unavailable, from_code
+from blobchain.layers.errors import BlobchainError, Unavailable, from_code
 from blobchain.layers.records import LayerOptions, RefRecord
+from blobchain.storage.deps import Deps
 from blobchain.tasks.app import make_app
 from blobchain.tasks.canvas import chain_signature
-from blobchain.tasks.layer_tasks import PROGRESS, RefFailed, RefTimedOut
+from blobchain.tasks.errors import RefFailed, RefTimedOut
+from blobchain.tasks.layer_tasks import PROGRESS
+from blobchain.tasks.poison import PoisonRef
 from blobchain.workers.chainjob import chain_records
 from blobchain.workers.executor import (
     FAILED,
@@ -275,7 +277,7 @@ class CeleryExecutor:
     to list the chain before submitting, so bad refs fail here, at once, as in embedded mode.
     """
 
-    def __init__(self, settings: Settings, *, app: Celery | None = None) -> None:
+    def __init__(self, settings: Settings, deps: Deps, *, app: Celery | None = None) -> None:
         if not settings.distributed:
             raise ValueError("CeleryExecutor needs distributed settings (BLOBCHAIN_BROKER_URL)")
         self.settings = settings
@@ -286,7 +288,7 @@ class CeleryExecutor:
         else:
             self._own_app = False
         self.app = app
-        self.deps = open_deps(settings)
+        self.deps = deps
         self._jobs: list[CeleryJob] = []
         self._lock = threading.Lock()
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from blobchain.layers.errors import NoBlobs, NonAddressableParent, RefNotFound
+from blobchain.layers.errors import NonAddressableParent, RefNotFound
 from blobchain.layers.identity import next_ids
-from blobchain.layers.records import RefRecord
+from blobchain.layers.records import RefRecord, RefSpec
 from blobchain.storage.metadata import MetadataStore
+from blobchain.workers.errors import NoBlobs
 from blobchain.workers.plan import ancestry
 
 __all__ = ["chain_records", "finalize_chain"]
@@ -15,7 +16,7 @@ def chain_records(ref_id: str, metadata: MetadataStore) -> list[RefRecord]:
     """The records of ``ref_id`` and its ancestors, base first."""
     records: dict[str, RefRecord] = {}
 
-    def lookup(r: str):  # type: ignore[no-untyped-def]
+    def lookup(r: str) -> RefSpec | None:
         rec = metadata.get(r)
         if rec is None:
             return None

@@ -18,24 +18,18 @@ import pickle
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    stop_when_event_set,
-    wait_random_exponential,
-)
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set
 
-from blobchain.config.factory import open_deps
-from blobchain.config.settings import Settings
 from blobchain.layers.compress import available_cpus
-from blobchain.layers.errors import BlobchainError, InProgress
+from blobchain.layers.errors import BlobchainError
 from blobchain.layers.records import Compression, LayerOptions, RefRecord
+from blobchain.storage.deps import Deps
 from blobchain.workers.chainjob import chain_records, finalize_chain
-from blobchain.workers.deps import Deps
+from blobchain.workers.errors import InProgress
 from blobchain.workers.executor import (
     FAILED,
     RUNNING,
@@ -46,11 +40,15 @@ from blobchain.workers.executor import (
     error_dict,
 )
 from blobchain.workers.flight import Flight
+from blobchain.workers.progress import Progress, Throttle
 from blobchain.workers.refjob import BuildOutcome, build_ref, flight_key
+from blobchain.workers.retry import JitteredBackoff
 
 __all__ = ["EmbeddedExecutor", "EmbeddedJob"]
 
 _PROGRESS_EVERY_S = 0.2
+# Waiting for a ref another process (another CLI run) holds: short first waits, then every 2 s.
+_WAIT = JitteredBackoff(0.05, 2.0)
 _CANCEL_GRACE_S = 3.0
 _PARENT_POLL_S = 0.5
 _PR_SET_PDEATHSIG = 1
@@ -92,25 +90,17 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="blobchain-parent-watch", daemon=True).start()
 
 
-def _child_init(settings: Settings, events: Any, parent: int | None = None) -> None:
+def _child_init(opener: Callable[[], Deps], events: Any, parent: int | None = None) -> None:
     global _child_deps, _child_events
     if parent is not None:
         _die_with_parent(parent)
     signal.signal(signal.SIGINT, _on_sigint)
-    _child_deps = open_deps(settings)
+    _child_deps = opener()
     _child_events = events
 
 
-def _throttled(emit: Any, ref_id: str) -> Any:
-    last = [0.0]
-
-    def progress(files: int, nbytes: int) -> None:
-        now = time.monotonic()
-        if now - last[0] >= _PROGRESS_EVERY_S:
-            last[0] = now
-            emit(RefEvent(ref_id, RUNNING, files, nbytes))
-
-    return progress
+def _throttled(emit: Callable[[RefEvent], object], ref_id: str) -> Progress:
+    return Throttle(lambda files, nbytes: emit(RefEvent(ref_id, RUNNING, files, nbytes)), _PROGRESS_EVERY_S)
 
 
 def _child_build(ref_id: str, opts: LayerOptions, create_if_needed: bool, at_once: int = 1) -> BuildOutcome:
@@ -169,19 +159,31 @@ class EmbeddedJob:
     def progress(self) -> dict[str, RefEvent]:
         return self._state.snapshot()
 
-    def events(self, timeout: float | None = None):  # type: ignore[no-untyped-def]
+    def events(self, timeout: float | None = None) -> Iterator[RefEvent]:
         return self._state.events(timeout)
 
 
 class EmbeddedExecutor:
-    """``jobs`` processes build layers (default: all cores). ``in_process=True`` builds in
-    threads of this process instead (no process start-up; handy for tests and tiny chains)."""
+    """Builds with ``deps`` here and, in ``jobs`` processes (default: all cores), with the stores
+    ``opener`` opens in each (a picklable callable: ``config.factory.DepsOpener``).
+    ``in_process=True`` builds in threads of this process instead (no process start-up; handy
+    for tests and tiny chains). A build that finds its ref held elsewhere waits up to
+    ``wait_budget_s``."""
 
-    def __init__(self, settings: Settings, *, jobs: int | None = None, in_process: bool = False) -> None:
-        self.settings = settings
-        self.deps = open_deps(settings)
+    def __init__(
+        self,
+        deps: Deps,
+        *,
+        opener: Callable[[], Deps],
+        jobs: int | None = None,
+        wait_budget_s: float = 3600.0,
+        in_process: bool = False,
+    ) -> None:
+        self.deps = deps
+        self._opener = opener
+        self._wait_budget_s = wait_budget_s
         self.deps.content.sweep_orphans()  # leftovers of a killed earlier run
-        self._jobs = jobs or settings.jobs or available_cpus()
+        self._jobs = jobs or available_cpus()
         self._flight: Flight[BuildOutcome] = Flight()
         self._threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="blobchain-ref")
         self._states: list[JobState] = []
@@ -204,7 +206,7 @@ class EmbeddedExecutor:
                     max_workers=self._jobs,
                     mp_context=ctx,
                     initializer=_child_init,
-                    initargs=(self.settings, self._events, os.getpid()),
+                    initargs=(self._opener, self._events, os.getpid()),
                 )
                 threading.Thread(target=self._pump, name="blobchain-events", daemon=True).start()
             return self._pool
@@ -312,8 +314,8 @@ class EmbeddedExecutor:
 
         retrying = Retrying(
             retry=retry_if_exception_type(InProgress),
-            wait=wait_random_exponential(multiplier=0.05, max=2.0),
-            stop=stop_after_delay(self.settings.wait_budget_s) | stop_when_event_set(self._cancelled),
+            wait=_WAIT,
+            stop=stop_after_delay(self._wait_budget_s) | stop_when_event_set(self._cancelled),
             before_sleep=lambda _: self._emit(RefEvent(ref_id, WAITING)),
             reraise=True,
         )

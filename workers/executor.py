@@ -148,7 +148,9 @@ class Job(Protocol):
 class Executor(Protocol):
     def submit(self, ref_id: str, opts: LayerOptions, *, create_if_needed: bool = True) -> Job: ...
 
-    def close(self) -> None: ...
+    def close(self, *, cancel: bool = False) -> None:
+        """Release the executor; ``cancel`` (Ctrl-C): stop builds running here rather than wait."""
+        ...
 
 
 def error_dict(e: BaseException) -> dict[str, Any]:

@@ -18,26 +18,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blobchain.layers.errors import (
-    BlobchainError,
-    Conflict,
-    CorruptBlob,
-    DigestMismatch,
-    InProgress,
-    NoBlobs,
-    NotFound,
-    RefNotFound,
-)
-from blobchain.layers.layer import LayerSource, LayerStats, check_windows, convert_blob, write_layer
-from blobchain.layers.overlay import LowerView
+from blobchain.layers.errors import BlobchainError, Conflict, DigestMismatch, NotFound, RefNotFound
+from blobchain.layers.layer import LayerStats, check_windows, convert_blob, write_layer
+from blobchain.layers.lower import is_windows, layer_source
 from blobchain.layers.records import DIFF_ID_LABEL, LayerBlob, LayerOptions, RefRecord, RefSpec
 from blobchain.layers.snapshot import open_snapshot
 from blobchain.storage.claims import Claim
 from blobchain.storage.claims.heartbeat import Heartbeat
-from blobchain.workers.deps import Deps
+from blobchain.storage.deps import Deps
+from blobchain.workers.errors import CorruptBlob, InProgress, NoBlobs
 from blobchain.workers.plan import ancestry
 
-__all__ = ["BuildOutcome", "build_ref", "flight_key", "intact", "is_windows", "layer_source"]
+__all__ = ["BuildOutcome", "build_ref", "flight_key", "intact", "read_chain"]
 
 log = logging.getLogger(__name__)
 
@@ -57,49 +49,12 @@ def flight_key(ref_id: str, opts: LayerOptions) -> str:
     return f"{ref_id}#{opts.variant_key()}"
 
 
-def _spec(deps: Deps, ref_id: str) -> RefSpec | None:
-    rec = deps.metadata.get(ref_id)
-    return rec.spec if rec else None
-
-
-def _lookup(deps: Deps, ref_id: str) -> Callable[[str], RefSpec | None]:
-    """Spec lookup over ``ref_id``'s ancestry: one read of the whole chain where the store can
-    (Redis: a server-side walk, so a ref's round trips do not grow with the chain's depth)."""
-    many = getattr(deps.metadata, "chain_specs", None)
-    if many is None:
-        return lambda r: _spec(deps, r)
-    specs: dict[str, RefSpec] = many(ref_id)
-    return lambda r: specs[r] if r in specs else _spec(deps, r)
-
-
-def is_windows(deps: Deps, ref_id: str) -> bool:
-    """Windows layer mode applies when the ref or any ancestor is a windows layer."""
-    lookup = _lookup(deps, ref_id)
-    return any(lookup(r).layer_type == "windows" for r in ancestry(ref_id, lookup))  # type: ignore[union-attr]
-
-
-def layer_source(deps: Deps, spec: RefSpec) -> LayerSource:
-    """Open the ref's snapshot and its lower side, confined to the configured roots."""
-    lookup = _lookup(deps, spec.ref_id)
-    chain = [lookup(r) for r in ancestry(spec.ref_id, lookup)]
-    windows = any(s.layer_type == "windows" for s in chain if s)
-    upper = open_snapshot(spec.snapshot, deps.roots)
-    parents = [s for s in chain[:-1] if s]
-    lower: object = None
-    if parents:
-        # The lower is the parent's full state: a rootfs snapshot stands alone; a stack of
-        # upper dirs is merged down to the nearest rootfs ancestor.
-        stack: list[tuple[object, str]] = []
-        for s in reversed(parents):
-            stack.append((open_snapshot(s.snapshot, deps.roots), s.kind))
-            if s.kind == "rootfs":
-                break
-        stack.reverse()
-        if len(stack) == 1 and stack[0][1] == "rootfs" and spec.kind == "rootfs":
-            lower = stack[0][0]
-        else:
-            lower = LowerView([snap for snap, _ in stack], [kind for _, kind in stack])
-    return LayerSource(upper=upper, lower=lower, kind=spec.kind, windows=windows)  # type: ignore[arg-type]
+def read_chain(deps: Deps, ref_id: str) -> list[RefSpec]:
+    """The specs of ``ref_id`` and its ancestors, base first, in one read of the store (Redis:
+    a server-side walk), so a build's round trips do not grow with the chain's depth. Raises
+    RefNotFound, MissingParent or ParentCycle as :func:`ancestry` does."""
+    specs = deps.metadata.chain_specs(ref_id)
+    return [specs[r] for r in ancestry(ref_id, specs.get)]
 
 
 def intact(deps: Deps, rec: RefRecord, blob: LayerBlob | None) -> bool:
@@ -148,7 +103,8 @@ def build_ref(
         return BuildOutcome(done, "cached")
     if rec.blob is None and not create_if_needed:
         raise NoBlobs(f"no blobs for ref {ref_id}", ref=ref_id)
-    if is_windows(deps, ref_id):
+    chain = read_chain(deps, ref_id)
+    if is_windows(chain):  # decided once, from the chain read once
         check_windows(opts)
 
     key = flight_key(ref_id, opts)
@@ -171,7 +127,7 @@ def build_ref(
                         progress(files, nbytes)
 
                 try:
-                    blob, action = _make(deps, rec, opts, key, gc_lease, tick, on_work)
+                    blob, action = _make(deps, rec, chain, opts, key, gc_lease, tick, on_work)
                 except NotFound:
                     # Our upload was swept by a new holder of the claim we lost: say so.
                     hb.check()
@@ -231,6 +187,7 @@ def _sweep_dead_holder(deps: Deps, key: str) -> None:
 def _make(
     deps: Deps,
     rec: RefRecord,
+    chain: list[RefSpec],
     opts: LayerOptions,
     key: str,
     gc_lease: str,
@@ -254,7 +211,7 @@ def _make(
     if on_work is not None:
         on_work("built")
     _sweep_dead_holder(deps, key)
-    return _build(deps, rec.spec, opts, key, gc_lease, tick), "built"
+    return _build(deps, chain, opts, key, gc_lease, tick), "built"
 
 
 def _record(stats: LayerStats, digest: str, size: int, opts: LayerOptions) -> LayerBlob:
@@ -270,9 +227,9 @@ def _record(stats: LayerStats, digest: str, size: int, opts: LayerOptions) -> La
 
 
 def _build(
-    deps: Deps, spec: RefSpec, opts: LayerOptions, key: str, gc_lease: str, tick: Progress
+    deps: Deps, chain: list[RefSpec], opts: LayerOptions, key: str, gc_lease: str, tick: Progress
 ) -> LayerBlob:
-    src = layer_source(deps, spec)
+    src = layer_source(chain, lambda path: open_snapshot(path, deps.roots))
     # The ingest is named by the flight key: only the claim holder writes under that name.
     with deps.content.ingest(key) as ing:
         stats = write_layer(src, opts, ing.write, threads=deps.threads, progress=tick)

@@ -6,6 +6,9 @@ the bytes it received) and publishes the blob under ``blobs/sha256/<hex>`` atomi
 ``abort`` discards it. A blob that already exists is never rewritten; committing the same digest
 again is success. No partial or mismatched blob is ever visible under a digest.
 
+The write rules are written once (:class:`~blobchain.storage.content.ingest.IngestBase`: hash,
+verify, then the backend's ``_publish``).
+
 Every read is verified: ``open`` hands out a reader that hashes the bytes as they pass and raises
 :class:`~blobchain.layers.errors.DigestMismatch` *before* the consumer gets the last bytes of a
 blob whose content does not match its name; the store then quarantines the bad copy (moves it

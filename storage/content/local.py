@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import os
@@ -44,6 +43,7 @@ from blobchain.layers.errors import (
 )
 from blobchain.layers.records import check_digest
 from blobchain.storage.content import BlobInfo, ingest_tag
+from blobchain.storage.content.ingest import IngestBase
 from blobchain.storage.content.verified import VerifyingReader, drain_verified
 from blobchain.storage.sqlite_util import ProcessConnection, is_full
 
@@ -88,12 +88,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class LocalIngest:
+class LocalIngest(IngestBase):
     """One blob being written to a temp file under ``.blobchain/ingest/``; hashes as bytes arrive."""
 
     def __init__(self, store: LocalContentStore, ref: str) -> None:
+        super().__init__(ref)
         self._store = store
-        self.ref = ref
         # The writer's pid is in the name so orphans of dead writers can be swept at once, and
         # the ref's tag so a new holder of the ref can drop a dead holder's ingests.
         name = f"{_SAFE_REF.sub('_', ref)[:40]}.{ingest_tag(ref)}.p{os.getpid()}.{uuid.uuid4().hex}.tmp"
@@ -101,78 +101,39 @@ class LocalIngest:
         # 0666 less the umask, as containerd creates ingest data; publishing drops the write bits.
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         self._file: io.BufferedWriter | None = io.BufferedWriter(io.FileIO(fd, "wb"), _WRITE_BUFFER)
-        self._hash = hashlib.sha256()
-        self._offset = 0
 
-    @property
-    def offset(self) -> int:
-        return self._offset
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self._hash.hexdigest()
-
-    def write(self, data: bytes | memoryview, /) -> int:
-        f = self._require_open()
+    def _write(self, data: memoryview) -> None:
+        assert self._file is not None
         try:
-            f.write(data)
+            self._file.write(data)
         except OSError as e:
-            self.abort()
             if e.errno in _FULL_ERRNOS:
                 raise _store_full(e, f"writing ingest {self.ref!r}") from e
             raise
-        except BaseException:
-            self.abort()
-            raise
-        self._hash.update(data)
-        n = data.nbytes if isinstance(data, memoryview) else len(data)
-        self._offset += n
-        return n
 
-    def commit(
-        self, *, size: int | None = None, expected: str | None = None, labels: Mapping[str, str] | None = None
-    ) -> BlobInfo:
-        f = self._require_open()
+    def _publish(self, digest: str, labels: dict[str, str]) -> BlobInfo:
+        f, self._file = self._file, None
+        assert f is not None
         try:
-            if expected is not None:
-                check_digest(expected)
-            got = "sha256:" + self._hash.hexdigest()
-            if size is not None and size != self._offset:
-                raise DigestMismatch(
-                    f"ingest {self.ref!r}: unexpected commit size {self._offset}, expected {size}",
-                    expected=expected or "",
-                    got=got,
-                    expected_size=size,
-                    got_size=self._offset,
-                )
-            if expected is not None and expected != got:
-                raise DigestMismatch(
-                    f"ingest {self.ref!r}: unexpected commit digest {got}, expected {expected}",
-                    expected=expected,
-                    got=got,
-                )
-            try:
-                f.flush()
-                os.fsync(f.fileno())
-            except OSError as e:
-                if e.errno in _FULL_ERRNOS:
-                    raise _store_full(e, f"flushing ingest {self.ref!r}") from e
-                raise
-            f.close()
-            self._file = None
-            self._store._publish(self.path, got)
-        except BaseException:
-            self.abort()
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as e:
+            if e.errno in _FULL_ERRNOS:
+                raise _store_full(e, f"flushing ingest {self.ref!r}") from e
             raise
+        finally:
+            with contextlib.suppress(OSError):
+                f.close()
+        self._store._publish(self.path, digest)
         self._remove_temp()
         if labels:
-            return self._store.set_labels(got, labels)
-        info = self._store.info(got)
+            return self._store.set_labels(digest, labels)
+        info = self._store.info(digest)
         if info is None:  # deleted between publish and here (a racing GC); report what we published
-            return BlobInfo(got, self._offset, {})
+            return BlobInfo(digest, self._offset, {})
         return info
 
-    def abort(self) -> None:
+    def _discard(self) -> None:
         f, self._file = self._file, None
         if f is not None:
             # Closing flushes; a full disk here is irrelevant, the file is going away.
@@ -183,20 +144,6 @@ class LocalIngest:
     def _remove_temp(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-    def _require_open(self) -> io.BufferedWriter:
-        if self._file is None:
-            raise FailedPrecondition(f"ingest {self.ref!r} is already closed", ref=self.ref)
-        return self._file
-
-    def __enter__(self) -> LocalIngest:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        # Leaving the block without a commit (an exception, KeyboardInterrupt, or simply no
-        # commit) discards the ingest; the exception, if any, propagates.
-        if self._file is not None:
-            self.abort()
 
 
 class _LabelDB:
@@ -359,7 +306,7 @@ class LocalContentStore:
             on_mismatch=bad_copy if quarantine else None,
             skip=offset,
         )
-        return io.BufferedReader(reader, buffer_size=_WRITE_BUFFER)  # type: ignore[return-value]
+        return io.BufferedReader(reader, buffer_size=_WRITE_BUFFER)
 
     def verify(self, digest: str, *, quick: bool = False, quarantine: bool = True) -> BlobInfo | None:
         path = self.blob_path(digest)
@@ -554,9 +501,9 @@ def layout_digests(store: LocalContentStore) -> set[str]:
         desc = stack.pop()
         if not isinstance(desc, dict):
             continue
-        digest = desc.get("digest")
+        raw = desc.get("digest")
         try:
-            check_digest(digest)  # type: ignore[arg-type]
+            digest = check_digest(raw if isinstance(raw, str) else "")
         except InvalidArgument:
             continue  # another algorithm, or junk: nothing our store could hold
         if digest in seen:

@@ -28,7 +28,6 @@ tokens), values percent-encoded. This is the only module that imports boto3/boto
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import logging
 import uuid
@@ -56,6 +55,7 @@ from blobchain.layers.errors import (
 )
 from blobchain.layers.records import check_digest
 from blobchain.storage.content import BlobInfo, ingest_tag
+from blobchain.storage.content.ingest import IngestBase
 from blobchain.storage.content.verified import VerifyingReader, drain_verified
 
 __all__ = ["S3AccessDenied", "S3ContentStore", "S3Ingest", "decode_labels", "encode_labels", "make_s3_client"]
@@ -95,8 +95,8 @@ class S3AccessDenied(FailedPrecondition):
 def make_s3_client(
     endpoint: str,
     region: str,
-    access_key: str,
-    secret_key: str,
+    access_key: str | None,
+    secret_key: str | None,
     *,
     verify_tls: bool = True,
     ca_bundle: str | None = None,
@@ -467,7 +467,7 @@ class S3ContentStore:
         def copy() -> Any:
             if size > self.multipart_copy_threshold:
                 return self._copy_multipart(src, dst, size, meta, cond, source_etag)
-            src_cond = {"CopySourceIfMatch": source_etag} if source_etag else {}
+            src_cond: dict[str, Any] = {"CopySourceIfMatch": source_etag} if source_etag else {}
             return self._call(
                 "copy_object",
                 exists_ok=True,
@@ -502,7 +502,7 @@ class S3ContentStore:
         upload_id = up["UploadId"]
         try:
             parts = []
-            src_cond = {"CopySourceIfMatch": source_etag} if source_etag else {}
+            src_cond: dict[str, Any] = {"CopySourceIfMatch": source_etag} if source_etag else {}
             step = _copy_part_size(size, self.multipart_copy_threshold)
             for n, start in enumerate(range(0, size, step), 1):
                 end = min(size, start + step) - 1
@@ -659,14 +659,12 @@ class _BodyReader(io.RawIOBase):
         super().close()
 
 
-class S3Ingest:
+class S3Ingest(IngestBase):
     """One blob being written to S3 (see the module docstring for the protocol)."""
 
     def __init__(self, store: S3ContentStore, ref: str) -> None:
+        super().__init__(ref)
         self._store = store
-        self._ref = ref
-        self._hash = hashlib.sha256()
-        self._offset = 0
         self._buf = bytearray()
         self._temp = f"{store.uploads_prefix}{ingest_tag(ref)}-{uuid.uuid4().hex}"
         self._upload_id: str | None = None
@@ -674,29 +672,11 @@ class S3Ingest:
         self._parts: list[dict[str, Any]] = []
         self._pool: ThreadPoolExecutor | None = None
         self._temp_written = False
-        self._closed = False
-
-    @property
-    def ref(self) -> str:
-        return self._ref
-
-    @property
-    def offset(self) -> int:
-        return self._offset
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self._hash.hexdigest()
 
     def __repr__(self) -> str:
-        return f"S3Ingest(ref={self._ref!r}, temp={self._temp!r}, offset={self._offset})"
+        return f"S3Ingest(ref={self.ref!r}, temp={self._temp!r}, offset={self._offset})"
 
-    def write(self, data: bytes | memoryview, /) -> int:
-        if self._closed:
-            raise FailedPrecondition(f"ingest {self._ref!r} is closed", ref=self._ref)
-        mv = memoryview(data).cast("B")
-        self._hash.update(mv)
-        self._offset += len(mv)
+    def _write(self, mv: memoryview) -> None:
         part = self._store.part_size
         pos = 0
         while pos < len(mv):
@@ -707,77 +687,38 @@ class S3Ingest:
             take = min(part - len(self._buf), len(mv) - pos)
             self._buf += mv[pos : pos + take]
             pos += take
-        return len(mv)
 
-    def commit(
-        self, *, size: int | None = None, expected: str | None = None, labels: Mapping[str, str] | None = None
-    ) -> BlobInfo:
-        if self._closed:
-            raise FailedPrecondition(f"ingest {self._ref!r} is closed", ref=self._ref)
+    def _publish(self, digest: str, labels: dict[str, str]) -> BlobInfo:
         store = self._store
-        try:
-            digest = "sha256:" + self._hash.hexdigest()
-            if expected is not None:
-                check_digest(expected)
-            if size is not None and size != self._offset:
-                raise DigestMismatch(
-                    f"ingest {self._ref!r}: wrote {self._offset} bytes, expected {size}",
-                    expected=str(size),
-                    got=str(self._offset),
-                    ref=self._ref,
-                )
-            if expected is not None and expected != digest:
-                raise DigestMismatch(
-                    f"ingest {self._ref!r}: digest {digest} does not match expected {expected}",
-                    expected=expected,
-                    got=digest,
-                    ref=self._ref,
-                )
-            final = store.blob_key(digest)
-            want = dict(labels or {})
-            meta = {**encode_labels(want), _SHA_META: digest[7:]}
-            if self._upload_id is None:
-                body, self._buf = self._buf, bytearray()
-                created = store._put_if_absent(final, body, digest, meta)
-            else:
-                if self._buf:
-                    self._send_part()
-                self._drain(0)
-                store._call(
-                    "complete_multipart_upload",
-                    Bucket=store.bucket,
-                    Key=self._temp,
-                    UploadId=self._upload_id,
-                    MultipartUpload={"Parts": self._parts},
-                )
-                self._upload_id = None
-                self._temp_written = True
-                created = store._copy(self._temp, final, self._offset, meta, if_none_match=True)
-                store._delete_quietly(self._temp)
-                self._temp_written = False
-        except BaseException:
-            self._discard()
-            raise
+        final = store.blob_key(digest)
+        meta = {**encode_labels(labels), _SHA_META: digest[7:]}
+        if self._upload_id is None:
+            body, self._buf = self._buf, bytearray()
+            created = store._put_if_absent(final, body, digest, meta)
+        else:
+            if self._buf:
+                self._send_part()
+            self._drain(0)
+            store._call(
+                "complete_multipart_upload",
+                Bucket=store.bucket,
+                Key=self._temp,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+            )
+            self._upload_id = None
+            self._temp_written = True
+            created = store._copy(self._temp, final, self._offset, meta, if_none_match=True)
+            store._delete_quietly(self._temp)
+            self._temp_written = False
         self._discard()
         if created:
-            return BlobInfo(digest, self._offset, want, created=datetime.now(UTC).timestamp())
+            return BlobInfo(digest, self._offset, labels, created=datetime.now(UTC).timestamp())
         # Already stored by someone else: same bytes by construction; merge our labels.
-        if want:
-            return store.set_labels(digest, want)
+        if labels:
+            return store.set_labels(digest, labels)
         info = store.info(digest)
         return info if info is not None else BlobInfo(digest, self._offset, {})
-
-    def abort(self) -> None:
-        """Discard everything written; never raises for cleanup failures (the sweeper retries them)."""
-        if not self._closed:
-            self._discard()
-
-    def __enter__(self) -> S3Ingest:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self._closed:
-            self.abort()
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -789,7 +730,7 @@ class S3Ingest:
                 Bucket=store.bucket,
                 Key=self._temp,
                 ContentType="application/octet-stream",
-                Metadata={"ingest-ref": quote(self._ref, safe=_VALUE_SAFE)},
+                Metadata={"ingest-ref": quote(self.ref, safe=_VALUE_SAFE)},
             )
             self._upload_id = up["UploadId"]
             self._pool = ThreadPoolExecutor(store.max_in_flight_parts, thread_name_prefix="s3-part")
@@ -817,7 +758,6 @@ class S3Ingest:
             self._parts.append(self._pending.popleft().result())
 
     def _discard(self) -> None:
-        self._closed = True
         self._buf = bytearray()
         pool, self._pool = self._pool, None
         if pool is not None:

@@ -56,21 +56,21 @@ class VerifyingReader(io.RawIOBase):
         """True once every byte has been read and matched the digest."""
         return self._verified
 
-    def readinto(self, buffer: Any) -> int:
+    def readinto(self, buffer: Any) -> int | None:
         if self._error is not None:
             raise self._error
         mv = memoryview(buffer).cast("B")
         while self._skip:
             n = self._take(mv[: min(len(mv), self._skip)])
-            if n == 0:
-                return 0
+            if not n:
+                return n  # 0 at the end, None from a non-blocking stream with nothing yet
             self._skip -= n
         return self._take(mv)
 
-    def _take(self, mv: memoryview) -> int:
-        n = self._raw.readinto(mv)
+    def _take(self, mv: memoryview) -> int | None:
+        n: int | None = self._raw.readinto(mv)
         if n is None:  # pragma: no cover - only non-blocking streams
-            return None  # type: ignore[return-value]
+            return None
         if n == 0:
             if not self._verified:
                 self._check()

@@ -19,10 +19,17 @@ import math
 from abc import ABC, abstractmethod
 from typing import Protocol, runtime_checkable
 
-from blobchain.layers.errors import InvalidArgument, MissingLease
+from blobchain.layers.errors import FailedPrecondition, InvalidArgument, register
 from blobchain.layers.records import check_digest
 
-__all__ = ["LeaseBase", "LeaseManager"]
+__all__ = ["LeaseBase", "LeaseManager", "MissingLease"]
+
+
+@register
+class MissingLease(FailedPrecondition):
+    """No such GC lease (or it expired), or a computation was asked for without one."""
+
+    code = "missing_lease"
 
 
 @runtime_checkable

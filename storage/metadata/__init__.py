@@ -15,6 +15,8 @@ Rules shared by every implementation (embedded SQLite, Redis), each done atomica
   for ``claim_key`` (default: the ref id) (fencing); otherwise ClaimLost. Embedded stores may
   ignore it (their file locks die with their holder).
 
+The checks, the order of each write and its errors are written once in
+:class:`~blobchain.storage.metadata.base.MetadataBase`; each backend supplies atomic primitives.
 GC leases are another contract: :mod:`blobchain.storage.leases`.
 """
 
@@ -31,6 +33,12 @@ __all__ = ["MetadataStore"]
 @runtime_checkable
 class MetadataStore(Protocol):
     def get(self, ref_id: str) -> RefRecord | None: ...
+
+    def chain_specs(self, ref_id: str) -> dict[str, RefSpec]:
+        """The specs of ``ref_id`` and its registered ancestors, in one read (one round trip
+        per few thousand refs); stops at a missing parent or a cycle (the caller's ancestry walk
+        reports those). Empty if ``ref_id`` is unknown."""
+        ...
 
     def register(self, spec: RefSpec) -> RefRecord: ...
 

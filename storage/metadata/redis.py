@@ -24,14 +24,12 @@ from typing import Any
 import redis
 
 from blobchain.layers.errors import (
-    Conflict,
-    ConflictingParent,
-    InvalidArgument,
     RefNotFound,
 )
-from blobchain.layers.records import LayerBlob, RefRecord, RefSpec, check_digest
+from blobchain.layers.records import LayerBlob, RefRecord, RefSpec
 from blobchain.storage.claims import ClaimLost
 from blobchain.storage.claims.redis import claim_key
+from blobchain.storage.metadata.base import MetadataBase
 from blobchain.storage.redis_util import describe_redis, redis_errors
 
 __all__ = ["RedisMetadataStore"]
@@ -167,16 +165,16 @@ def _record(flat: Sequence[Any]) -> RefRecord:
     )
 
 
-class RedisMetadataStore:
+class RedisMetadataStore(MetadataBase):
     """:class:`MetadataStore` on one Redis node (redis-py client passed in)."""
 
     def __init__(self, client: redis.Redis, prefix: str = "blobchain:") -> None:
         self.client = client
         self.prefix = prefix
-        self._register = client.register_script(_REGISTER)
-        self._set_blob = client.register_script(_SET_BLOB)
-        self._set_chain = client.register_script(_SET_CHAIN)
-        self._damaged = client.register_script(_DAMAGED)
+        self._register_script = client.register_script(_REGISTER)
+        self._set_blob_script = client.register_script(_SET_BLOB)
+        self._set_chain_script = client.register_script(_SET_CHAIN)
+        self._damaged_script = client.register_script(_DAMAGED)
         self._chain_specs = client.register_script(_CHAIN_SPECS)
 
     # --- keys ---------------------------------------------------------------------------------
@@ -220,45 +218,20 @@ class RedisMetadataStore:
             cur = spec.parent if spec is not None and len(raw) == _CHAIN_BATCH else None
         return out
 
-    def register(self, spec: RefSpec) -> RefRecord:
-        """Create the ref, or return it if the spec is identical; ConflictingParent otherwise."""
+    def _register(self, spec: RefSpec) -> tuple[RefRecord | None, RefSpec | None]:
         with redis_errors(self.client, f"register ref {spec.ref_id}"):
-            out = self._register(
+            out = self._register_script(
                 keys=[self._ref(spec.ref_id), self._refs], args=[_canon(spec.to_dict()), spec.ref_id]
             )
-        status = _s(out[0])
-        if status == "conflicting_parent":
-            have = RefSpec.from_dict(json.loads(_s(out[1])))
-            raise ConflictingParent(
-                f"ref {spec.ref_id} is already registered with parent {have.parent!r} "
-                f"and snapshot {have.snapshot!r} (got parent {spec.parent!r}, snapshot {spec.snapshot!r})",
-                ref=spec.ref_id,
-                parent=spec.parent,
-                existing_parent=have.parent,
-            )
-        return _record(out[1:])
+        if _s(out[0]) == "conflicting_parent":
+            return None, RefSpec.from_dict(json.loads(_s(out[1])))
+        return _record(out[1:]), None
 
-    def set_blob(
-        self,
-        ref_id: str,
-        blob: LayerBlob,
-        *,
-        token: str | None = None,
-        claim_key: str | None = None,
-        release: bool = False,
-    ) -> RefRecord:
-        """Add a blob (first = main, other variants appended; different diffID -> Conflict).
-
-        With ``token``, the write is fenced on the claim of ``claim_key`` (default: the ref id)
-        and raises ClaimLost if that claim is not held by ``token``; ``release=True`` deletes the
-        claim in the same atomic step (commit-and-release).
-        """
-        check_digest(blob.digest)
-        check_digest(blob.diff_id)
-        if blob.size < 0:
-            raise InvalidArgument(f"negative blob size {blob.size}", ref=ref_id, digest=blob.digest)
+    def _set_blob(
+        self, ref_id: str, blob: LayerBlob, token: str | None, claim_key: str | None, release: bool
+    ) -> tuple[RefRecord | None, str | None]:
         out = self._write(
-            self._set_blob,
+            self._set_blob_script,
             "set blob",
             ref_id,
             token,
@@ -267,39 +240,27 @@ class RedisMetadataStore:
             [_canon(blob.to_dict()), blob.diff_id, blob.variant, blob.digest],
         )
         if _s(out[0]) == "conflict":
-            raise Conflict(
-                f"ref {ref_id} already has diffID {_s(out[1])}; blob {blob.digest} has diffID {blob.diff_id}",
-                ref=ref_id,
-                diff_id=blob.diff_id,
-                existing_diff_id=_s(out[1]),
-            )
-        return _record(out[1:])
+            return None, _s(out[1])
+        return _record(out[1:]), None
 
-    def set_chain(
+    def _set_chain(
         self,
         ref_id: str,
         chain_id: str,
         blob_chain_id: str,
-        *,
-        token: str | None = None,
-        claim_key: str | None = None,
-        release: bool = False,
+        token: str | None,
+        claim_key: str | None,
+        release: bool,
     ) -> RefRecord:
-        """Set the chain IDs once (an already set chain ID is kept and returned). Fencing as set_blob."""
-        check_digest(chain_id)
-        check_digest(blob_chain_id)
         out = self._write(
-            self._set_chain, "set chain", ref_id, token, claim_key, release, [chain_id, blob_chain_id]
+            self._set_chain_script, "set chain", ref_id, token, claim_key, release, [chain_id, blob_chain_id]
         )
         return _record(out[1:])
 
-    def mark_damaged(self, ref_id: str, digest: str) -> RefRecord:
-        check_digest(digest)
-        return _record(self._write(self._damaged, "mark damaged", ref_id, None, None, False, [digest, "1"])[1:])
-
-    def clear_damaged(self, ref_id: str, digest: str) -> RefRecord:
-        check_digest(digest)
-        return _record(self._write(self._damaged, "clear damaged", ref_id, None, None, False, [digest, "0"])[1:])
+    def _damaged(self, ref_id: str, digest: str, mark: bool) -> RefRecord:
+        what = "mark damaged" if mark else "clear damaged"
+        out = self._write(self._damaged_script, what, ref_id, None, None, False, [digest, "1" if mark else "0"])
+        return _record(out[1:])
 
     def _write(
         self,
@@ -311,8 +272,6 @@ class RedisMetadataStore:
         release: bool,
         args: list[str],
     ) -> list[Any]:
-        if token is not None and not token:
-            raise InvalidArgument("empty fencing token", ref=ref_id)
         keys = [self._ref(ref_id), claim_key(self.prefix, lkey if lkey is not None else ref_id)]
         with redis_errors(self.client, f"{what} for ref {ref_id}"):
             out = script(keys=keys, args=[token or "", "1" if release else "0", *args])
@@ -321,7 +280,7 @@ class RedisMetadataStore:
             raise ClaimLost(
                 f"{what} for ref {ref_id} refused: the claim is no longer held by this worker",
                 ref=ref_id,
-                claim_key=lkey if lkey is not None else ref_id,
+                lease_key=lkey if lkey is not None else ref_id,  # detail name kept: published output
             )
         if status == "not_found":
             raise RefNotFound(f"ref {ref_id} is not registered", ref=ref_id)
@@ -344,11 +303,7 @@ class RedisMetadataStore:
 
     # --- manifests ----------------------------------------------------------------------------
 
-    def put_manifest(self, name: str, digests: list[str]) -> None:
-        """Record (or re-point) manifest ``name``: its digests replace those recorded before."""
-        if not name:
-            raise InvalidArgument("manifest name must not be empty")
-        checked = sorted({check_digest(d) for d in digests})
+    def _put_manifest(self, name: str, checked: list[str]) -> None:
         with redis_errors(self.client, f"put manifest {name}"):
             self.client.hset(self._manifests, name, json.dumps(checked))
 

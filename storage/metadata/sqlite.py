@@ -19,15 +19,13 @@ from pathlib import Path
 
 from blobchain.layers.errors import (
     BlobchainError,
-    Conflict,
-    ConflictingParent,
     FailedPrecondition,
-    InvalidArgument,
     RefNotFound,
     StoreFull,
     Unavailable,
 )
-from blobchain.layers.records import LayerBlob, RefRecord, RefSpec, check_digest
+from blobchain.layers.records import LayerBlob, RefRecord, RefSpec
+from blobchain.storage.metadata.base import MetadataBase
 from blobchain.storage.sqlite_util import ProcessConnection, is_full
 
 __all__ = ["SCHEMA_VERSION", "SqliteMetadataStore"]
@@ -76,7 +74,7 @@ def _blob_json(blob: LayerBlob) -> str:
     return json.dumps(blob.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
-class SqliteMetadataStore:
+class SqliteMetadataStore(MetadataBase):
     """MetadataStore in one SQLite file (thread- and process-safe).
 
     The fencing ``token`` of the contract is accepted and ignored: local locks are kernel-held, and the
@@ -195,46 +193,44 @@ class SqliteMetadataStore:
         with self._tx(write=False) as conn:
             return self._load(conn, ref_id)
 
-    def register(self, spec: RefSpec) -> RefRecord:
+    def chain_specs(self, ref_id: str) -> dict[str, RefSpec]:
+        out: dict[str, RefSpec] = {}
+        with self._tx(write=False) as conn:
+            cur: str | None = ref_id
+            while cur is not None and cur not in out:
+                row = conn.execute(
+                    "SELECT snapshot, parent, kind, layer_type FROM refs WHERE ref_id = ?", (cur,)
+                ).fetchone()
+                if row is None:
+                    break
+                out[cur] = RefSpec(ref_id=cur, snapshot=row[0], parent=row[1], kind=row[2], layer_type=row[3])
+                cur = row[1]
+        return out
+
+    def _register(self, spec: RefSpec) -> tuple[RefRecord | None, RefSpec | None]:
         with self._tx(write=True) as conn:
             rec = self._load(conn, spec.ref_id)
             if rec is not None:
-                if rec.spec != spec:
-                    raise ConflictingParent(
-                        f"ref {spec.ref_id} is already registered as {rec.spec.to_dict()}, not {spec.to_dict()}",
-                        ref=spec.ref_id,
-                        existing=rec.spec.to_dict(),
-                        given=spec.to_dict(),
-                    )
-                return rec
+                return rec, (rec.spec if rec.spec != spec else None)
             conn.execute(
                 "INSERT INTO refs (ref_id, snapshot, parent, kind, layer_type) VALUES (?, ?, ?, ?, ?)",
                 (spec.ref_id, spec.snapshot, spec.parent, spec.kind, spec.layer_type),
             )
-            return RefRecord(spec=spec)
+            return RefRecord(spec=spec), None
 
-    def set_blob(
-        self, ref_id: str, blob: LayerBlob, *, token: str | None = None, claim_key: str | None = None
-    ) -> RefRecord:
-        check_digest(blob.digest)
-        check_digest(blob.diff_id)
-        if blob.size < 0:
-            raise InvalidArgument(f"negative blob size {blob.size}", ref=ref_id, digest=blob.digest)
+    def _set_blob(
+        self, ref_id: str, blob: LayerBlob, token: str | None, claim_key: str | None, release: bool
+    ) -> tuple[RefRecord | None, str | None]:
         with self._tx(write=True) as conn:
             rec = self._require(conn, ref_id)
             if blob.digest in rec.damaged:  # the rebuild of a corrupt blob
                 conn.execute("DELETE FROM damaged WHERE ref_id = ? AND digest = ?", (ref_id, blob.digest))
                 rec = self._require(conn, ref_id)
             if rec.diff_id is not None and rec.diff_id != blob.diff_id:
-                raise Conflict(
-                    f"ref {ref_id} has diffID {rec.diff_id}; a blob with diffID {blob.diff_id} cannot join it",
-                    ref=ref_id,
-                    existing=rec.diff_id,
-                    given=blob.diff_id,
-                )
+                return rec, rec.diff_id
             new = rec.with_blob(blob)
             if new is rec:
-                return rec
+                return rec, None
             if rec.blob is None:
                 conn.execute(
                     "UPDATE refs SET blob = ?, blob_digest = ? WHERE ref_id = ?",
@@ -245,13 +241,17 @@ class SqliteMetadataStore:
                     "INSERT INTO variants (ref_id, variant, digest, blob) VALUES (?, ?, ?, ?)",
                     (ref_id, blob.variant, blob.digest, _blob_json(blob)),
                 )
-            return new
+            return new, None
 
-    def set_chain(
-        self, ref_id: str, chain_id: str, blob_chain_id: str, *, token: str | None = None
+    def _set_chain(
+        self,
+        ref_id: str,
+        chain_id: str,
+        blob_chain_id: str,
+        token: str | None,
+        claim_key: str | None,
+        release: bool,
     ) -> RefRecord:
-        check_digest(chain_id)
-        check_digest(blob_chain_id)
         with self._tx(write=True) as conn:
             rec = self._require(conn, ref_id)
             if rec.chain_id is not None:
@@ -262,18 +262,13 @@ class SqliteMetadataStore:
             )
             return self._require(conn, ref_id)
 
-    def mark_damaged(self, ref_id: str, digest: str) -> RefRecord:
-        check_digest(digest)
+    def _damaged(self, ref_id: str, digest: str, mark: bool) -> RefRecord:
         with self._tx(write=True) as conn:
             self._require(conn, ref_id)
-            conn.execute("INSERT OR IGNORE INTO damaged (ref_id, digest) VALUES (?, ?)", (ref_id, digest))
-            return self._require(conn, ref_id)
-
-    def clear_damaged(self, ref_id: str, digest: str) -> RefRecord:
-        check_digest(digest)
-        with self._tx(write=True) as conn:
-            self._require(conn, ref_id)
-            conn.execute("DELETE FROM damaged WHERE ref_id = ? AND digest = ?", (ref_id, digest))
+            if mark:
+                conn.execute("INSERT OR IGNORE INTO damaged (ref_id, digest) VALUES (?, ?)", (ref_id, digest))
+            else:
+                conn.execute("DELETE FROM damaged WHERE ref_id = ? AND digest = ?", (ref_id, digest))
             return self._require(conn, ref_id)
 
     def list_refs(self) -> Iterator[RefRecord]:
@@ -295,11 +290,7 @@ class SqliteMetadataStore:
 
     # --- manifests ----------------------------------------------------------------------------
 
-    def put_manifest(self, name: str, digests: list[str]) -> None:
-        """Record (or re-point) manifest ``name``: its blobs replace those previously recorded."""
-        if not name:
-            raise InvalidArgument("manifest name must not be empty")
-        checked = sorted({check_digest(d) for d in digests})
+    def _put_manifest(self, name: str, checked: list[str]) -> None:
         with self._tx(write=True) as conn:
             conn.execute("DELETE FROM manifest_blobs WHERE name = ?", (name,))
             conn.executemany(

@@ -20,14 +20,14 @@ from blobchain.client.sample import make_sample_chain
 from blobchain.config.settings import Settings
 from blobchain.layers.errors import (
     InvalidLevel,
-    MissingLease,
-    NoBlobs,
     SnapshotNotFound,
     SnapshotOutsideRoots,
     UnknownCompression,
     UnsupportedCompression,
 )
 from blobchain.layers.identity import chain_ids
+from blobchain.storage.leases import MissingLease
+from blobchain.workers.errors import NoBlobs
 
 
 @pytest.fixture

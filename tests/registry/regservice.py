@@ -311,7 +311,9 @@ class FaultProxy:
     - ``drop_before_patch = N``: close the client's connection when the Nth ``PATCH`` request
       arrives, before any of it reaches the registry;
     - ``drop_after_body_bytes = N``: close both sides once N request-body bytes have passed
-      (the registry sees a torn request).
+      (the registry sees a torn request);
+    - ``drop_after_blob_bytes = N``: close both sides once N bytes of responses to blob
+      ``GET``s have passed (the client sees a download torn mid-body).
 
     ``rate_bps`` throttles request bodies.
     """
@@ -320,6 +322,8 @@ class FaultProxy:
     drop_before_patch: int | None = None
     drop_after_body_bytes: int | None = None
     rate_bps: float | None = None  # throttle request bodies (so a test can interrupt a push)
+    drop_after_blob_bytes: int | None = None
+    blob_bytes: int = 0
     port: int = 0
     patches: int = 0
     body_bytes: int = 0
@@ -359,7 +363,8 @@ class FaultProxy:
         except OSError:
             client.close()
             return
-        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+        state = {"blob_get": False}
+        threading.Thread(target=self._pump, args=(upstream, client, state), daemon=True).start()
         buf = b""
         try:
             while True:
@@ -378,6 +383,7 @@ class FaultProxy:
                         length = int(v.strip())
                     if k.strip().lower() == b"transfer-encoding" and b"chunked" in v.lower():
                         chunked = True
+                state["blob_get"] = lines[0].startswith(b"GET ") and b"/blobs/" in lines[0]
                 if lines[0].startswith(b"PATCH "):
                     with self._lock:
                         self.patches += 1
@@ -423,9 +429,23 @@ class FaultProxy:
                 with contextlib.suppress(OSError):
                     s.close()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, state: dict[str, bool] | None = None) -> None:
         try:
             while data := src.recv(65536):
+                if state is not None and state["blob_get"]:
+                    with self._lock:
+                        limit = self.drop_after_blob_bytes
+                        self.blob_bytes += len(data)
+                        fire = limit is not None and self.blob_bytes >= limit
+                        if fire:
+                            self.drop_after_blob_bytes = None
+                            self.drops += 1
+                            data = data[: len(data) - (self.blob_bytes - limit)]  # type: ignore[operator]
+                    if fire:
+                        dst.sendall(data)
+                        with contextlib.suppress(OSError):
+                            src.shutdown(socket.SHUT_RDWR)
+                        return
                 dst.sendall(data)
         except OSError:
             pass

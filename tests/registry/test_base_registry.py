@@ -208,3 +208,28 @@ def test_push_to_another_registry_downloads_each_base_blob_once_then_uploads(
         assert all(other.has_blob(d) for d in b["layers"])
     assert {d: blob_gets(plain_registry, d) - before[d] for d in b["layers"]} == dict.fromkeys(b["layers"], 1)
     assert sorted(data["base"]["fetched"]) == sorted(b["layers"])
+
+
+@needs_root
+def test_a_download_torn_mid_blob_resumes_from_what_arrived(
+    tmp_path: Path, plain_registry: regservice.RegistryProcess, base_on_registry: dict, capsys
+) -> None:
+    b = base_on_registry
+    # the config (about 1 KiB) and the small first layer pass; the cut falls inside the
+    # second layer (64 KiB of random bytes)
+    proxy = regservice.FaultProxy(plain_registry.port, drop_after_blob_bytes=24 << 10)
+    try:
+        ref = f"{proxy.address}/base/os:1"
+        out = tmp_path / "oci"
+        data = _cli(
+            capsys, "export", *map(str, b["ours"]), "--oci", str(out), "--tag", "app", "--base", ref,
+            "--insecure", "--json", "-q",
+        )  # fmt: skip
+    finally:
+        proxy.close()
+    assert proxy.drops == 1 and data["base"]["resumed"] == 1
+    assert sorted(data["base"]["fetched"]) == sorted(b["layers"])
+    # the resumed blob is whole and intact (the ingest checked its digest), and so is the image
+    rc = main(["verify", "--store", str(out)])
+    assert rc == 0
+    assert comparable(_umoci_rootfs(f"{out}:app", tmp_path, "bundle")) == comparable(b["ours"][-1])

@@ -34,14 +34,13 @@ from blobchain.layers.errors import (
     DigestMismatch,
     FailedPrecondition,
     InvalidArgument,
-    MissingLease,
     NotFound,
     RefNotFound,
 )
 from blobchain.layers.records import DIFF_ID_LABEL, Compression, LayerBlob, RefSpec
 from blobchain.storage.claims import Claim, ClaimLost, ClaimService
 from blobchain.storage.content import BlobInfo, ContentStore, Ingest
-from blobchain.storage.leases import LeaseManager
+from blobchain.storage.leases import LeaseManager, MissingLease
 from blobchain.storage.metadata import MetadataStore
 
 __all__ = [
@@ -435,6 +434,17 @@ class MetadataStoreContract:
 
     def test_get_unknown_is_none(self, metadata_store: MetadataStore) -> None:
         assert metadata_store.get("nope") is None
+
+    def test_chain_specs_reads_the_whole_ancestry(self, metadata_store: MetadataStore) -> None:
+        specs = [_spec("c0"), _spec("c1", parent="c0", kind="upper"), _spec("c2", parent="c1")]
+        for spec in specs:
+            metadata_store.register(spec)
+        assert metadata_store.chain_specs("c2") == {s.ref_id: s for s in specs}
+        assert metadata_store.chain_specs("c0") == {"c0": specs[0]}
+        assert metadata_store.chain_specs("nope") == {}
+        # A missing parent ends the walk (the caller's ancestry check names it).
+        metadata_store.register(_spec("orphan", parent="gone"))
+        assert metadata_store.chain_specs("orphan") == {"orphan": _spec("orphan", parent="gone")}
 
     def test_register_creates(self, metadata_store: MetadataStore) -> None:
         spec = _spec("child", parent="base", kind="upper", layer_type="linux")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from blobchain.layers.errors import MissingLease
 from blobchain.layers.records import RefSpec
+from blobchain.storage.leases import MissingLease
 from blobchain.storage.leases.sqlite import SqliteLeaseManager
 from blobchain.storage.metadata.sqlite import SqliteMetadataStore
 

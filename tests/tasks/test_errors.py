@@ -30,7 +30,6 @@ from blobchain.layers.errors import (
     FileChanged,
     InvalidLevel,
     MissingParent,
-    NoBlobs,
     ParentCycle,
     SnapshotNotFound,
     SnapshotOutsideRoots,
@@ -39,6 +38,7 @@ from blobchain.layers.errors import (
 )
 from blobchain.layers.records import RefSpec
 from blobchain.tasks.app import make_app
+from blobchain.workers.errors import NoBlobs
 
 from .conftest import VENV_BIN, WorkerProcess, new_settings, s3_get, s3_keys
 

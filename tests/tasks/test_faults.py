@@ -18,10 +18,11 @@ import pytest
 
 from blobchain.client.api import Client, chain_specs
 from blobchain.config.settings import Settings
-from blobchain.layers.errors import BlobchainError, PoisonRef, Unavailable
+from blobchain.layers.errors import BlobchainError, Unavailable
 from blobchain.layers.records import LayerOptions
 from blobchain.tasks.app import make_app
 from blobchain.tasks.layer_tasks import PROGRESS, RefTimedOut
+from blobchain.tasks.poison import PoisonRef
 
 from .conftest import built_counts, embedded_chain, new_settings, run_chain, s3_get, s3_keys
 

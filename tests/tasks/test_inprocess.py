@@ -15,10 +15,11 @@ import pytest
 from blobchain.client.api import Client
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
-from blobchain.layers.errors import BlobchainError, Cancelled, InProgress, Unavailable
+from blobchain.layers.errors import BlobchainError, Cancelled, Unavailable
 from blobchain.layers.records import LayerOptions
 from blobchain.tasks.app import make_app
 from blobchain.tasks.submit import CeleryExecutor
+from blobchain.workers.errors import InProgress
 from blobchain.workers.executor import BUILT, CACHED, RUNNING, WAITING
 from blobchain.workers.refjob import flight_key
 
@@ -122,7 +123,7 @@ def test_progress_events_then_a_cached_resubmission(
 
 
 def test_closing_with_cancel_stops_following(settings: Settings, chain: list[Path], worker: Any) -> None:
-    ex = CeleryExecutor(settings)
+    ex = CeleryExecutor(settings, open_deps(settings))
     client = Client(settings, executor=ex)
     specs = client.register_chain(chain)
     held = open_deps(settings).claims.try_acquire(flight_key(specs[-1].ref_id, LayerOptions()), 120)

@@ -15,12 +15,12 @@ import pytest
 
 from blobchain.client.api import Client, chain_specs
 from blobchain.config.settings import Settings
-from blobchain.layers.errors import PoisonRef
 from blobchain.layers.records import LayerOptions
 from blobchain.storage.claims.redis import RedisClaimService
 from blobchain.tasks.app import make_app, timing
-from blobchain.tasks.inspect import RefStatus, chain_status
+from blobchain.tasks.inspect import RefStatus
 from blobchain.tasks.layer_tasks import PROGRESS
+from blobchain.tasks.poison import PoisonRef
 
 from .conftest import VENV_BIN, built_counts, clean_env, embedded_chain, redis_for
 from .test_faults import _big_chain, _check_store, _meta, _submit, _until
@@ -155,7 +155,7 @@ def test_kill_9_of_a_whole_worker_is_taken_over_within_the_lease_ttl_with_defaul
         def taken_over_by_b() -> bool:
             if job.done():
                 return True
-            row = chain_status(client.deps, big, settings.key_prefix)[-1]
+            row = client.chain_status(big)[-1]
             if row.state == "running" and row.holder == b.nodename:
                 on_b.append(row)
             return bool(on_b)

@@ -10,20 +10,17 @@ from celery.backends.base import BaseBackend
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
 from blobchain.config.settings import Settings
-from blobchain.layers.errors import (
-    BlobchainError,
-    DigestMismatch,
-    InProgress,
-    PoisonRef,
-    SnapshotNotFound,
-)
+from blobchain.layers.errors import BlobchainError, DigestMismatch, SnapshotNotFound
 from blobchain.layers.records import LayerOptions
 from blobchain.tasks import app as app_module
 from blobchain.tasks.app import QUEUE, celery_config, harden_kombu, make_app, timing
 from blobchain.tasks.canvas import chain_signature
-from blobchain.tasks.layer_tasks import BUILD_TASK, FINALIZE_TASK, RefFailed, RefTimedOut, backoff
+from blobchain.tasks.layer_tasks import BUILD_TASK, FINALIZE_TASK, RefFailed, RefTimedOut
+from blobchain.tasks.poison import PoisonRef
 from blobchain.tasks.submit import CeleryExecutor, task_error
 from blobchain.tasks.worker import worker_argv
+from blobchain.workers.errors import InProgress
+from blobchain.workers.retry import backoff
 
 SETTINGS = Settings(broker_url="redis://127.0.0.1:1/0", key_prefix="unit:", s3_endpoint="http://127.0.0.1:1")
 
@@ -189,4 +186,4 @@ def test_harden_kombu_turns_a_detached_channel_into_a_connection_error() -> None
 
 def test_executor_needs_distributed_settings() -> None:
     with pytest.raises(ValueError, match="distributed"):
-        CeleryExecutor(Settings(store="/nonexistent"))
+        CeleryExecutor(Settings(store="/nonexistent"), None)  # type: ignore[arg-type]  # refused first

@@ -8,13 +8,17 @@ from pathlib import Path
 import pytest
 
 from blobchain.client.api import Client
-from blobchain.config.factory import open_deps
+from blobchain.config.factory import DepsOpener, open_deps
 from blobchain.config.settings import Settings
 from blobchain.layers.compress import threads_for_share
 from blobchain.layers.records import Compression, LayerOptions
-from blobchain.tasks import layer_tasks
-from blobchain.tasks.layer_tasks import WorkerContext
+from blobchain.tasks import layer_tasks, startup
+from blobchain.tasks.startup import WorkerContext
 from blobchain.workers.embedded import EmbeddedExecutor
+
+
+def _embedded(settings: Settings, jobs: int) -> EmbeddedExecutor:
+    return EmbeddedExecutor(open_deps(settings), opener=DepsOpener(settings), jobs=jobs, in_process=True)
 
 
 def test_zstd_gets_its_share_and_gzip_all_cores() -> None:
@@ -43,7 +47,7 @@ def test_threads_per_build(
     want: int | None,
 ) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
-    ex = EmbeddedExecutor(Settings(store=str(tmp_path / "store")), jobs=jobs, in_process=True)
+    ex = _embedded(Settings(store=str(tmp_path / "store")), jobs)
     try:
         assert ex.deps.sharing_cores(LayerOptions(compression=comp), ex._builds_at_once(refs)).threads == want
     finally:
@@ -51,7 +55,7 @@ def test_threads_per_build(
 
 
 def test_configured_threads_win(tmp_path: Path) -> None:
-    ex = EmbeddedExecutor(Settings(store=str(tmp_path / "store"), threads=3), jobs=2, in_process=True)
+    ex = _embedded(Settings(store=str(tmp_path / "store"), threads=3), 2)
     try:
         # The Deps carry threads=3 from the settings, whatever the sharing.
         assert ex.deps.sharing_cores(LayerOptions(compression="zstd"), ex._builds_at_once(5)).threads == 3
@@ -62,7 +66,8 @@ def test_configured_threads_win(tmp_path: Path) -> None:
 
 def _context(tmp_path: Path, **kw: object) -> WorkerContext:
     settings = Settings(store=str(tmp_path / "store"), **kw)
-    return WorkerContext(settings, open_deps(settings))
+    # Embedded stores: only the Deps are used here (no delivery to track, no counters).
+    return WorkerContext(settings, open_deps(settings), None, None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -79,7 +84,7 @@ def test_a_worker_build_takes_its_share_of_the_cores(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pool: int | None, comp: str, want: int | None
 ) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)))
-    monkeypatch.setattr(layer_tasks, "_pool_size", pool)
+    monkeypatch.setattr(startup, "_pool_size", pool)
     ctx = _context(tmp_path)
     deps = layer_tasks.build_deps(ctx, LayerOptions(compression=comp))
     assert deps.threads == want
@@ -87,7 +92,7 @@ def test_a_worker_build_takes_its_share_of_the_cores(
 
 
 def test_configured_threads_win_in_a_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(layer_tasks, "_pool_size", 2)
+    monkeypatch.setattr(startup, "_pool_size", 2)
     ctx = _context(tmp_path, threads=3)
     assert layer_tasks.build_deps(ctx, LayerOptions(compression="zstd")).threads == 3
 
@@ -96,10 +101,10 @@ def test_the_worker_notes_its_pool_size(tmp_path: Path, monkeypatch: pytest.Monk
     from celery import Celery
     from celery.worker import WorkController
 
-    monkeypatch.setattr(layer_tasks, "_pool_size", None)
+    monkeypatch.setattr(startup, "_pool_size", None)
     app = Celery("core-share", broker="memory://", backend="cache+memory://")
     WorkController(app=app, concurrency=3, pool_cls="solo", without_mingle=True, without_gossip=True)
-    assert layer_tasks._pool_size == 3
+    assert startup.pool_size() == 3
 
 
 def test_refs_that_already_have_the_blob_do_not_count(
@@ -111,11 +116,12 @@ def test_refs_that_already_have_the_blob_do_not_count(
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "f").write_bytes(b"top")
     seen: list[int | None] = []
-    ex = EmbeddedExecutor(Settings(store=str(tmp_path / "store")), jobs=2, in_process=True)
+    settings = Settings(store=str(tmp_path / "store"))
+    ex = _embedded(settings, 2)
     real = ex._builds_at_once
     monkeypatch.setattr(ex, "_builds_at_once", lambda n: seen.append(n) or real(n))
     try:
-        client = Client(ex.settings, executor=ex)
+        client = Client(settings, executor=ex, deps=ex.deps)
         specs = client.register_chain([str(tmp_path / "a")])
         with client.lease() as lease:
             client.compute_blob_chain(specs[-1].ref_id, lease=lease, compression="zstd").wait(60)

@@ -14,9 +14,8 @@ import pytest
 from blobchain.client.api import Client
 from blobchain.config.factory import open_deps
 from blobchain.config.settings import Settings
-from blobchain.layers.errors import InProgress
 from blobchain.layers.records import LayerOptions
-from blobchain.workers.embedded import EmbeddedExecutor
+from blobchain.workers.errors import InProgress
 from blobchain.workers.executor import BUILT, WAITING
 from blobchain.workers.refjob import flight_key
 
@@ -29,9 +28,9 @@ def _held_ref(tmp_path: Path, wait_budget_s: float) -> Iterator[tuple[Client, st
     snap.mkdir()
     (snap / "f").write_bytes(b"held")
     settings = Settings(store=str(tmp_path / "store"), wait_budget_s=wait_budget_s)
-    ex = EmbeddedExecutor(settings, in_process=True)
+    client = Client(settings, in_process=True)
+    ex = client.executor
     try:
-        client = Client(settings, executor=ex)
         ref = client.register_chain([str(snap)])[-1].ref_id
         held = open_deps(settings).claims.try_acquire(flight_key(ref, LayerOptions()), 120)
         assert held is not None

@@ -16,10 +16,10 @@ from blobchain.storage.claims.local import LocalClaimService
 from blobchain.storage.content import BlobInfo, ContentStore
 from blobchain.storage.content.local import LocalContentStore
 from blobchain.storage.content.s3 import S3ContentStore
+from blobchain.storage.deps import Deps
 from blobchain.storage.gc import collect_garbage
 from blobchain.storage.leases.sqlite import SqliteLeaseManager
 from blobchain.storage.metadata.sqlite import SqliteMetadataStore
-from blobchain.workers.deps import Deps
 from blobchain.workers.refjob import build_ref
 
 
