@@ -15,7 +15,7 @@ from typing import BinaryIO
 from blobchain.layers.baselayer import native_base_layer, write_base_tar
 from blobchain.layers.changes import Change, diff
 from blobchain.layers.compress import compressor_id, open_compressor, open_decompressor
-from blobchain.layers.digest import HashingWriter
+from blobchain.layers.digest import HashingWriter, OverlappedHashingWriter
 from blobchain.layers.entries import tar_entries
 from blobchain.layers.errors import DigestMismatch, UnsupportedCompression
 from blobchain.layers.overlay import LowerView, upper_changes
@@ -90,8 +90,7 @@ def write_layer(
     committed if the walk fails (the caller aborts its ingest)."""
     if src.windows:
         check_windows(opts)
-    with open_compressor(opts, sink, threads=threads) as comp:
-        tee = HashingWriter(comp.write)
+    with open_compressor(opts, sink, threads=threads) as comp, OverlappedHashingWriter(comp.write) as tee:
         if src.lower is None and src.kind == "rootfs" and not src.windows and native_base_layer(src.upper):
             # A base layer: the same bytes from the fused, native-assisted walk.
             write_base_tar(src.upper, tee.write, progress, source_date_epoch=opts.source_date_epoch)

@@ -131,3 +131,29 @@ def test_reader_close_leaves_inner_open_and_verify() -> None:
     r.verify(_sha(b"payload"))
     with pytest.raises(DigestMismatch):
         r.verify(EMPTY_SHA256)
+
+
+def test_overlapped_hashing_writer_same_digest_and_bytes() -> None:
+    """Chunks hashed on the helper thread (big bytes) and inline (small ones, and buffers the
+    caller may change after write returns) give hashlib's digest; the downstream sees every
+    chunk unchanged and in order; close stops the thread."""
+    import hashlib
+    import os
+    import threading
+
+    from blobchain.layers.digest import OverlappedHashingWriter
+
+    chunks: list[bytes | bytearray | memoryview] = [os.urandom(1 << 20), b"x" * 10, os.urandom(200_000)]
+    mutable = bytearray(os.urandom(100_000))
+    got: list[bytes] = []
+    with OverlappedHashingWriter(lambda d: got.append(bytes(d))) as w:
+        for c in chunks:
+            assert w.write(c) == len(c)
+        w.write(mutable)
+        w.write(memoryview(os.urandom(70_000)).cast("B"))
+        want_bytes = b"".join(got)
+        mutable[:] = bytes(len(mutable))  # changed after write: must not change the digest
+        digest = w.digest
+    assert digest == "sha256:" + hashlib.sha256(want_bytes).hexdigest()
+    assert w.size == len(want_bytes)
+    assert not [t for t in threading.enumerate() if t.name.startswith("diffid-sha256")]
