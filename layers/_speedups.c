@@ -77,6 +77,61 @@ put_octal(char *dst, int digits, unsigned long long v)
     dst[digits] = 0;
 }
 
+static void
+fill_block(char *b, const char *name, Py_ssize_t nlen, const char *prefix, Py_ssize_t plen, long long mode,
+           long long uid, long long gid, long long size, long long mtime, char tf, const char *link, Py_ssize_t llen,
+           long long dmaj, long long dmin)
+{
+    /* tarheader._BLOCK_FMT filled, then tarheader._finish's checksum */
+    memset(b, 0, 512);
+    memcpy(b, name, (size_t)nlen);
+    put_octal(b + 100, 7, (unsigned long long)mode);
+    put_octal(b + 108, 7, (unsigned long long)uid);
+    put_octal(b + 116, 7, (unsigned long long)gid);
+    put_octal(b + 124, 11, (unsigned long long)size);
+    put_octal(b + 136, 11, (unsigned long long)mtime);
+    memset(b + 148, ' ', 8);
+    b[156] = tf;
+    memcpy(b + 157, link, (size_t)llen);
+    memcpy(b + 257, "ustar\0" "00", 8);
+    put_octal(b + 329, 7, (unsigned long long)dmaj);
+    put_octal(b + 337, 7, (unsigned long long)dmin);
+    memcpy(b + 345, prefix, (size_t)plen);
+    unsigned int sum = 0;
+    for (int k = 0; k < 512; k++)
+        sum += (unsigned char)b[k];
+    put_octal(b + 148, 6, sum); /* "%06o\0 " */
+    b[155] = ' ';
+}
+
+static int
+split_name(const char **name, Py_ssize_t *nlen, const char **prefix, Py_ssize_t *plen)
+{
+    /* Go splitUSTARPath (tarheader.split_ustar_path) for an ASCII name over 100 bytes; 0: no split */
+    const char *nm = *name;
+    Py_ssize_t n = *nlen;
+    Py_ssize_t length = n;
+    if (length > 156)
+        length = 156;
+    else if (nm[length - 1] == '/')
+        length -= 1;
+    Py_ssize_t i = -1;
+    for (Py_ssize_t k = length - 1; k >= 0; k--) {
+        if (nm[k] == '/') {
+            i = k;
+            break;
+        }
+    }
+    Py_ssize_t rest = n - i - 1;
+    if (i <= 0 || rest > 100 || rest == 0 || i > 155)
+        return 0;
+    *prefix = nm;
+    *plen = i;
+    *name = nm + i + 1;
+    *nlen = rest;
+    return 1;
+}
+
 static PyObject *
 ustar_header(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -120,52 +175,13 @@ ustar_header(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
     const char *prefix = "";
     Py_ssize_t plen = 0;
-    if (nlen > 100) {
-        /* Go splitUSTARPath (tarheader.split_ustar_path); the name is ASCII here */
-        Py_ssize_t length = nlen;
-        if (length > 156)
-            length = 156;
-        else if (name[length - 1] == '/')
-            length -= 1;
-        Py_ssize_t i = -1;
-        for (Py_ssize_t k = length - 1; k >= 0; k--) {
-            if (name[k] == '/') {
-                i = k;
-                break;
-            }
-        }
-        Py_ssize_t rest = nlen - i - 1;
-        if (i <= 0 || rest > 100 || rest == 0 || i > 155)
-            Py_RETURN_NONE;
-        prefix = name;
-        plen = i;
-        name = name + i + 1;
-        nlen = rest;
-    }
+    if (nlen > 100 && !split_name(&name, &nlen, &prefix, &plen))
+        Py_RETURN_NONE;
 
     PyObject *out = PyBytes_FromStringAndSize(NULL, 512);
     if (out == NULL)
         return NULL;
-    char *b = PyBytes_AS_STRING(out);
-    memset(b, 0, 512);
-    memcpy(b, name, (size_t)nlen);
-    put_octal(b + 100, 7, (unsigned long long)mode);
-    put_octal(b + 108, 7, (unsigned long long)uid);
-    put_octal(b + 116, 7, (unsigned long long)gid);
-    put_octal(b + 124, 11, (unsigned long long)size);
-    put_octal(b + 136, 11, (unsigned long long)mtime);
-    memset(b + 148, ' ', 8);
-    b[156] = tf;
-    memcpy(b + 157, link, (size_t)llen);
-    memcpy(b + 257, "ustar\0" "00", 8);
-    put_octal(b + 329, 7, (unsigned long long)dmaj);
-    put_octal(b + 337, 7, (unsigned long long)dmin);
-    memcpy(b + 345, prefix, (size_t)plen);
-    unsigned int sum = 0;
-    for (int k = 0; k < 512; k++)
-        sum += (unsigned char)b[k];
-    put_octal(b + 148, 6, sum); /* "%06o\0 " */
-    b[155] = ' ';
+    fill_block(PyBytes_AS_STRING(out), name, nlen, prefix, plen, mode, uid, gid, size, mtime, tf, link, llen, dmaj, dmin);
     return out;
 }
 
@@ -521,6 +537,325 @@ bc_scandir(PyObject *self, PyObject *arg)
     return out;
 }
 
+/* ---- encode_batch ---------------------------------------------------------------------- */
+
+/* Appends to a growing output buffer (a bytearray-like C buffer turned into bytes at the end). */
+struct bc_buf {
+    char *p;
+    size_t len, cap;
+};
+
+static char *
+buf_reserve(struct bc_buf *b, size_t n)
+{
+    if (b->len + n > b->cap) {
+        size_t ncap = b->cap ? b->cap : 1 << 16;
+        while (ncap < b->len + n)
+            ncap *= 2;
+        char *np = realloc(b->p, ncap);
+        if (np == NULL)
+            return NULL;
+        b->p = np;
+        b->cap = ncap;
+    }
+    return b->p + b->len;
+}
+
+static int
+stat_ll(PyObject *st, Py_ssize_t i, long long *out)
+{
+    PyObject *o = PyStructSequence_GET_ITEM(st, i);
+    if (o == NULL || !PyLong_CheckExact(o))
+        return 0;
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow || (v == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+static int
+stat_ull(PyObject *st, Py_ssize_t i, unsigned long long *out)
+{
+    PyObject *o = PyStructSequence_GET_ITEM(st, i);
+    if (o == NULL || !PyLong_CheckExact(o))
+        return 0;
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+/* One entry of a base layer (every walked entry an Add), the way entries.EntryWriter.handle and
+ * tarwriter.write_tar write it, for the common case only: a directory, or a regular file with
+ * one link and a body under 512 KiB; no capability; a header the USTAR fast path takes; sde
+ * clamp as in handle. 1: appended; 0: not this case (nothing appended, the Python path takes
+ * the entry); -1: Python error set. */
+static int no_getxattrat; /* set once the kernel says ENOSYS (before Linux 6.13) */
+
+struct bc_xattr_args {
+    uint64_t value;
+    uint32_t size;
+    uint32_t flags;
+};
+
+static ssize_t
+capability_size(int dirfd, const char *base, const char *full)
+{
+    /* the size of security.capability (0 copied), -1 with errno; relative to the listing's
+     * directory when the kernel has getxattrat (one component to look up, not the whole path) */
+    if (!no_getxattrat) {
+        struct bc_xattr_args xa = {0, 0, 0};
+        long r = syscall(464 /* getxattrat */, dirfd, base, AT_SYMLINK_NOFOLLOW, "security.capability", &xa, sizeof xa);
+        if (r >= 0 || (errno != ENOSYS && errno != EPERM && errno != EINVAL))
+            return (ssize_t)r;
+        if (errno == ENOSYS)
+            no_getxattrat = 1; /* EPERM (a seccomp filter) or EINVAL: the path lookup, this time */
+    }
+    return lgetxattr(full, "security.capability", NULL, 0);
+}
+
+static int
+encode_one(struct bc_buf *out, int dirfd, const char *cap_path, size_t cap_plen, const char *path, Py_ssize_t plen,
+           const char *base, PyObject *st, int have_sde, long long sde, int *is_dir)
+{
+    long long mode, uid, gid, size, nlink, mtime_ns;
+    unsigned long long ino, dev;
+    if (!PyObject_TypeCheck(st, (PyTypeObject *)stat_result_type) || !stat_ll(st, 0, &mode) ||
+        !stat_ull(st, 1, &ino) || !stat_ull(st, 2, &dev) || !stat_ll(st, 3, &nlink) || !stat_ll(st, 4, &uid) ||
+        !stat_ll(st, 5, &gid) || !stat_ll(st, 6, &size) || !stat_ll(st, 14, &mtime_ns))
+        return 0;
+    int fmt = (int)(mode & S_IFMT);
+    char tf;
+    if (fmt == S_IFDIR) {
+        /* S_IFDIR shares a bit with containerd's loose device test: a directory with an rdev
+         * would carry device numbers (entries.EntryWriter.handle), so only rdev 0 is taken here */
+        long long rdev;
+        if (!stat_ll(st, 18, &rdev) || rdev != 0)
+            return 0;
+        tf = '5';
+        size = 0;
+    } else if (fmt == S_IFREG && nlink <= 1) {
+        tf = '0';
+        if (size >= (1LL << 19))
+            return 0;
+    } else {
+        return 0; /* symlinks, devices, FIFOs, sockets, hardlinks: the Python path */
+    }
+    /* mtime: Go Truncate(1s) is a floor; containerd 1.7's clamp first (entries.EntryWriter.handle) */
+    long long sec = mtime_ns >= 0 ? mtime_ns / 1000000000LL : -((-mtime_ns + 999999999LL) / 1000000000LL);
+    long long nsec = mtime_ns - sec * 1000000000LL;
+    long long mtime = (have_sde && (sec > sde || (sec == sde && nsec > 0))) ? sde : sec;
+    long long perm = mode & 07777;
+    const long long max7 = 1LL << 21, max11 = 1LL << 33;
+    if (uid < 0 || uid >= max7 || gid < 0 || gid >= max7 || mtime < 0 || mtime >= max11 || size < 0)
+        return 0;
+
+    /* name: path, "/" appended for a directory; the fast path needs it ASCII (no NUL) */
+    if (!is_ascii(path, plen) || plen + 1 >= 4096)
+        return 0;
+    char namebuf[4096];
+    memcpy(namebuf, path, (size_t)plen);
+    Py_ssize_t nlen = plen;
+    if (fmt == S_IFDIR)
+        namebuf[nlen++] = '/';
+    const char *name = namebuf, *prefix = "";
+    Py_ssize_t pfx = 0;
+    if (nlen > 100 && !split_name(&name, &nlen, &prefix, &pfx))
+        return 0;
+
+    /* capability: absent (or unsupported) only; a value or an error goes to the Python path */
+    char full[8192];
+    if (cap_plen + (size_t)plen + 1 > sizeof full)
+        return 0;
+    memcpy(full, cap_path, cap_plen);
+    memcpy(full + cap_plen, path, (size_t)plen);
+    full[cap_plen + (size_t)plen] = 0;
+    ssize_t xr;
+    Py_BEGIN_ALLOW_THREADS
+    xr = capability_size(dirfd, base, full);
+    Py_END_ALLOW_THREADS
+    if (xr >= 0 || (errno != ENODATA && errno != ENOTSUP && errno != EOPNOTSUPP))
+        return 0;
+
+    size_t pad = (size_t)((512 - (size % 512)) % 512);
+    size_t start = out->len;
+    char *b = buf_reserve(out, 512 + (size_t)size + pad);
+    if (b == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    fill_block(b, name, nlen, prefix, pfx, perm, uid, gid, size, mtime, tf, "", 0, 0, 0);
+    out->len += 512;
+    if (fmt == S_IFDIR) {
+        *is_dir = 1;
+        return 1;
+    }
+    if (size == 0)
+        return 1;
+
+    /* the body, as read_body: the walked file (type, size, inode, device, mtime), unchanged;
+     * opened beneath the listing's directory (itself opened beneath the root), by its name */
+    int ok = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int fd = open_beneath(dirfd, base, BC_O_FILE);
+    struct stat before, after;
+    if (fd >= 0) {
+        if (fstat(fd, &before) == 0 && S_ISREG(before.st_mode) && (long long)before.st_size == size &&
+            (!ino || (unsigned long long)before.st_ino == ino) && (!dev || (unsigned long long)before.st_dev == dev) &&
+            (!mtime_ns || (long long)before.st_mtim.tv_sec * 1000000000LL + before.st_mtim.tv_nsec == mtime_ns)) {
+            char *p = out->p + out->len;
+            long long remaining = size;
+            while (remaining > 0) {
+                ssize_t n = read(fd, p, (size_t)remaining);
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n <= 0)
+                    break;
+                p += n;
+                remaining -= n;
+            }
+            ok = remaining == 0 && fstat(fd, &after) == 0 && after.st_size == before.st_size &&
+                 after.st_mtim.tv_sec == before.st_mtim.tv_sec && after.st_mtim.tv_nsec == before.st_mtim.tv_nsec &&
+                 after.st_ctim.tv_sec == before.st_ctim.tv_sec && after.st_ctim.tv_nsec == before.st_ctim.tv_nsec;
+        }
+        close(fd);
+    }
+    Py_END_ALLOW_THREADS
+    if (!ok) {
+        out->len = start; /* the Python path reads it again and raises the named error */
+        return 0;
+    }
+    memset(out->p + out->len + size, 0, pad);
+    out->len += (size_t)size + pad;
+    return 1;
+}
+
+static PyObject *
+encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* (rootfd, root_prefix, prefix, listing, start, sde, added_dirs, limit) ->
+     *   (data, next, entries, reason): the entries listing[start:next] encoded (headers, bodies,
+     *   padding), stopping at the end of the listing (reason 0), after a directory (1: the caller
+     *   walks into it first, as the pre-order walk does), before an entry the Python path must
+     *   take (2: listing[next]), or once data reaches limit bytes (3). */
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "encode_batch takes 8 arguments");
+        return NULL;
+    }
+    PyObject *oroot = args[1], *oprefix = args[2], *listing = args[3], *added = args[6];
+    if (stat_result_type == NULL || !PyLong_Check(args[0]) || !PyBytes_Check(oroot) || !PyBytes_Check(oprefix) ||
+        !PyList_CheckExact(listing) || !PyLong_Check(args[4]) || !PySet_Check(added) || !PyLong_Check(args[7])) {
+        PyErr_SetString(PyExc_TypeError, "encode_batch: bad arguments");
+        return NULL;
+    }
+    int rootfd = (int)PyLong_AsLong(args[0]);
+    Py_ssize_t start = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t limit = PyLong_AsSsize_t(args[7]);
+    int have_sde = args[5] != Py_None;
+    long long sde = 0;
+    int native = 1;
+    if (have_sde) {
+        int overflow = 0;
+        sde = PyLong_AsLongLongAndOverflow(args[5], &overflow);
+        if (overflow)
+            native = 0; /* an out-of-range epoch: every entry to the Python path */
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    if (start < 0 || start > PyList_GET_SIZE(listing)) {
+        PyErr_SetString(PyExc_ValueError, "encode_batch: start out of range");
+        return NULL;
+    }
+    const char *root = PyBytes_AS_STRING(oroot);
+    size_t rlen = (size_t)PyBytes_GET_SIZE(oroot);
+    const char *pre = PyBytes_AS_STRING(oprefix);
+    Py_ssize_t prelen = PyBytes_GET_SIZE(oprefix);
+    Py_ssize_t n = PyList_GET_SIZE(listing);
+    struct bc_buf out = {NULL, 0, 0};
+    Py_ssize_t i = start, count = 0;
+    int reason = 0; /* 0 end of listing, 1 descend, 2 a Python entry next, 3 limit reached */
+    char path[4096];
+    /* the listing's directory, opened beneath the root without following symlinks (as
+     * Snapshot.open_dir); if that fails every entry goes to the Python path, which raises */
+    int dirfd = rootfd;
+    if (native && prelen > 0) {
+        if (prelen >= (Py_ssize_t)sizeof path || pre[prelen - 1] != '/' || !rel_is_plain(pre, prelen - 1)) {
+            native = 0;
+        } else {
+            memcpy(path, pre, (size_t)prelen - 1);
+            path[prelen - 1] = 0;
+            Py_BEGIN_ALLOW_THREADS
+            dirfd = open_beneath(rootfd, path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+            Py_END_ALLOW_THREADS
+            if (dirfd < 0)
+                native = 0;
+        }
+    }
+    while (native && i < n && (Py_ssize_t)out.len < limit) {
+        PyObject *item = PyList_GET_ITEM(listing, i);
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 0))) {
+            reason = 2;
+            break;
+        }
+        PyObject *oname = PyTuple_GET_ITEM(item, 0);
+        Py_ssize_t nl = PyBytes_GET_SIZE(oname);
+        if (prelen + nl >= (Py_ssize_t)sizeof path) {
+            reason = 2;
+            break;
+        }
+        memcpy(path, pre, (size_t)prelen);
+        memcpy(path + prelen, PyBytes_AS_STRING(oname), (size_t)nl);
+        Py_ssize_t plen = prelen + nl;
+        path[plen] = 0;
+        int is_dir = 0;
+        int r = 0;
+        if (rel_is_plain(path + prelen, nl) && memchr(path + prelen, '/', (size_t)nl) == NULL)
+            r = encode_one(&out, dirfd, root, rlen, path, plen, path + prelen, PyTuple_GET_ITEM(item, 1), have_sde,
+                           sde, &is_dir);
+        if (r < 0) {
+            if (dirfd != rootfd)
+                close(dirfd);
+            free(out.p);
+            return NULL;
+        }
+        if (r == 0) {
+            reason = 2;
+            break;
+        }
+        i++;
+        count++;
+        if (is_dir) {
+            PyObject *key = PyBytes_FromStringAndSize(path, plen);
+            if (key == NULL || PySet_Add(added, key) < 0) {
+                Py_XDECREF(key);
+                if (dirfd != rootfd)
+                    close(dirfd);
+                free(out.p);
+                return NULL;
+            }
+            Py_DECREF(key);
+            reason = 1;
+            break;
+        }
+    }
+    if (dirfd != rootfd)
+        close(dirfd);
+    if (reason == 0 && i < n)
+        reason = native ? 3 : 2;
+    PyObject *data = PyBytes_FromStringAndSize(out.p ? out.p : "", (Py_ssize_t)out.len);
+    free(out.p);
+    if (data == NULL)
+        return NULL;
+    return Py_BuildValue("(Nnni)", data, i, count, reason);
+}
+
 /* ---- module ---------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
@@ -535,6 +870,9 @@ static PyMethodDef methods[] = {
     {"scandir", (PyCFunction)bc_scandir, METH_O,
      "scandir(dirfd) -> list[tuple[bytes, os.stat_result]] | None: the entries of an open directory "
      "with their lstat, sorted by raw name; None on any error."},
+    {"encode_batch", (PyCFunction)(void (*)(void))encode_batch, METH_FASTCALL,
+     "encode_batch(rootfd, root_prefix, prefix, listing, start, sde, added_dirs, limit) -> "
+     "(data, next, entries, reason): a base layer's common entries of one directory listing."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -14,6 +14,19 @@ def ustar_header(
     devminor: int,
     /,
 ) -> bytes | None: ...
-def read_body(rootfd: int, rel: bytes, size: int, ino: int, dev: int, mtime_ns: int, header: bytes, /) -> bytes | None: ...
+def read_body(
+    rootfd: int, rel: bytes, size: int, ino: int, dev: int, mtime_ns: int, header: bytes, /
+) -> bytes | None: ...
 def lgetxattr(path: bytes, name: bytes, /) -> bytes | None: ...
 def scandir(dirfd: int, /) -> list[tuple[bytes, os.stat_result]] | None: ...
+def encode_batch(
+    rootfd: int,
+    root_prefix: bytes,
+    prefix: bytes,
+    listing: list[tuple[bytes, os.stat_result]],
+    start: int,
+    sde: int | None,
+    added_dirs: set[bytes],
+    limit: int,
+    /,
+) -> tuple[bytes, int, int, int]: ...

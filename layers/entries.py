@@ -25,7 +25,7 @@ from blobchain.layers.tarentry import (
     TarEntry,
 )
 
-__all__ = ["CAPABILITY_PAX_KEY", "EntrySource", "tar_entries"]
+__all__ = ["CAPABILITY_PAX_KEY", "EntrySource", "EntryWriter", "tar_entries"]
 
 CAPABILITY_PAX_KEY = "SCHILY.xattr.security.capability"
 _NS = 1_000_000_000
@@ -63,7 +63,7 @@ def tar_entries(
     ``whiteout_epoch`` replaces containerd 1.6's wall-clock whiteout time; ``source_date_epoch``
     clamps every entry's mtime (whiteouts included) when later, as containerd 1.7 does.
     """
-    w = _Writer(upper, whiteout_epoch, source_date_epoch)
+    w = EntryWriter(upper, whiteout_epoch, source_date_epoch)
     out = w.out
     handle = w.handle
     for ch in changes:
@@ -73,7 +73,11 @@ def tar_entries(
             out.clear()
 
 
-class _Writer:
+class EntryWriter:
+    """The state of one layer's entries: :meth:`handle` turns one change into ``out``'s entries
+    (its parents first, hardlink peers after), remembering directories emitted and hardlink
+    sources. :func:`tar_entries` drives it; so does the fused base-layer writer."""
+
     __slots__ = ("added_dirs", "inode_refs", "inode_src", "out", "sde", "upper", "whiteout_mtime")
 
     def __init__(self, upper: EntrySource, whiteout_epoch: int, sde: int | None) -> None:

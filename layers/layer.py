@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from blobchain.layers.baselayer import native_base_layer, write_base_tar
 from blobchain.layers.changes import Change, diff
 from blobchain.layers.compress import compressor_id, open_compressor, open_decompressor
 from blobchain.layers.digest import HashingWriter
@@ -91,7 +92,11 @@ def write_layer(
         check_windows(opts)
     with open_compressor(opts, sink, threads=threads) as comp:
         tee = HashingWriter(comp.write)
-        write_tar(entries_for(src, opts), src.upper, tee.write, progress)
+        if src.lower is None and src.kind == "rootfs" and not src.windows and native_base_layer(src.upper):
+            # A base layer: the same bytes from the fused, native-assisted walk.
+            write_base_tar(src.upper, tee.write, progress, source_date_epoch=opts.source_date_epoch)
+        else:
+            write_tar(entries_for(src, opts), src.upper, tee.write, progress)
     return LayerStats(diff_id=tee.digest, tar_size=tee.size, compressor=compressor_id(opts))
 
 

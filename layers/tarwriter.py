@@ -32,7 +32,7 @@ from blobchain.layers.tarentry import (
 )
 from blobchain.layers.tarheader import BLOCK_SIZE, encode_header
 
-__all__ = ["CHUNK_SIZE", "write_tar"]
+__all__ = ["CHUNK_SIZE", "Sink", "finish", "native_root", "write_entry", "write_tar"]
 
 CHUNK_SIZE = 1 << 20  # body read size and write batch size
 _NATIVE_MAX = CHUNK_SIZE // 2  # bodies below this are read by the native helper in one piece
@@ -44,7 +44,7 @@ _TRAILER = bytes(2 * BLOCK_SIZE)
 _HEADER_ONLY = frozenset((TYPE_LINK, TYPE_SYMLINK, TYPE_CHAR, TYPE_BLOCK, TYPE_DIR, TYPE_FIFO))
 
 
-class _Sink:
+class Sink:
     """Batches small pieces into ~1 MiB writes (large chunks pass through without a copy) and
     rate-limits progress reports."""
 
@@ -105,42 +105,54 @@ def write_tar(
     modified while read, vanished), :class:`UnreadableFile` on read errors, and whatever
     :func:`encode_header` or ``snapshot.open_file`` raise.
     """
-    sink = _Sink(write, progress)
-    lib = _native.lib
-    # The native body read opens beneath the root descriptor with openat2, exactly as
-    # Snapshot.open_file does; any other snapshot (or the fallback walk) takes the Python path.
-    rootfd = (
-        snapshot.fd
-        if lib is not None and type(snapshot) is _snapshot.Snapshot and _snapshot.use_openat2
-        else -1
-    )
-    add = sink.add
+    sink = Sink(write, progress)
+    rootfd = native_root(snapshot)
     for e in entries:
-        header = encode_header(e)
-        size = e.size
-        if size > 0 and e.typeflag not in _HEADER_ONLY:
-            if rootfd >= 0 and size < _NATIVE_MAX and e.source is not None:
-                # header + body + padding in one piece, or None on any anomaly (then the Python
-                # path below reads the file again and raises the precise error).
-                piece = lib.read_body(rootfd, e.source, size, e.ino, e.dev, e.mtime_ns, header)  # type: ignore[union-attr]
-                if piece is not None:
-                    add(piece)
-                    sink.count += 1
-                    if progress is not None:
-                        sink.report()
-                    continue
-            add(header)
-            _copy_body(e, snapshot, sink)
-            add(_ZEROS[: -size % BLOCK_SIZE])
-        else:
-            add(header)
-        sink.count += 1
-        if progress is not None:
-            sink.report()
+        write_entry(e, snapshot, sink, rootfd)
+    return finish(sink)
+
+
+def native_root(snapshot: Any) -> int:
+    """The root descriptor the native body reader may open beneath, or -1 for the Python path.
+
+    The native read opens with openat2 exactly as :meth:`Snapshot.open_file` does; any other
+    snapshot type (or the openat2-less fallback walk) is read by the Python code."""
+    if _native.lib is not None and type(snapshot) is _snapshot.Snapshot and _snapshot.use_openat2:
+        return int(snapshot.fd)
+    return -1
+
+
+def write_entry(e: TarEntry, snapshot: Any, sink: Sink, rootfd: int) -> None:
+    """One entry: its header, then its body padded to 512 bytes (see :func:`write_tar`)."""
+    header = encode_header(e)
+    size = e.size
+    if size > 0 and e.typeflag not in _HEADER_ONLY:
+        if rootfd >= 0 and size < _NATIVE_MAX and e.source is not None:
+            # header + body + padding in one piece, or None on any anomaly (then the Python
+            # path below reads the file again and raises the precise error).
+            piece = _native.lib.read_body(rootfd, e.source, size, e.ino, e.dev, e.mtime_ns, header)  # type: ignore[union-attr]
+            if piece is not None:
+                sink.add(piece)
+                sink.count += 1
+                if sink.progress is not None:
+                    sink.report()
+                return
+        sink.add(header)
+        _copy_body(e, snapshot, sink)
+        sink.add(_ZEROS[: -size % BLOCK_SIZE])
+    else:
+        sink.add(header)
+    sink.count += 1
+    if sink.progress is not None:
+        sink.report()
+
+
+def finish(sink: Sink) -> int:
+    """Close's two zero blocks, the last write and progress report; the stream's byte count."""
     sink.add(_TRAILER)
     sink.flush()
-    if progress is not None:
-        progress(sink.count, sink.written)
+    if sink.progress is not None:
+        sink.progress(sink.count, sink.written)
     return sink.written
 
 
@@ -175,7 +187,7 @@ def _check_walked(e: TarEntry, st: os.stat_result) -> None:
         raise _changed(e, "mtime differs")
 
 
-def _copy_body(e: TarEntry, snapshot: Any, sink: _Sink) -> None:
+def _copy_body(e: TarEntry, snapshot: Any, sink: Sink) -> None:
     fd = _open(e, snapshot)
     try:
         before = os.fstat(fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blobchain.layers import native
+from blobchain.layers.baselayer import native_base_layer, write_base_tar
 from blobchain.layers.changes import diff
 from blobchain.layers.entries import tar_entries
 from blobchain.layers.errors import BlobchainError, FileChanged
@@ -69,6 +71,29 @@ def _layer(lower: Path | None, upper: Path, use_native: bool) -> bytes:
         native.lib = saved
 
 
+def _base(upper: Path, sde: int | None = None) -> bytes:
+    """The fused base-layer writer (native)."""
+    buf = io.BytesIO()
+    with open_snapshot(upper) as up:
+        assert native_base_layer(up)
+        n = write_base_tar(up, buf.write, source_date_epoch=sde)
+    assert n == len(buf.getvalue())
+    return buf.getvalue()
+
+
+def _reference(upper: Path, sde: int | None = None) -> bytes:
+    """The pure-Python reference for the same base layer."""
+    saved = native.lib
+    native.lib = None
+    try:
+        buf = io.BytesIO()
+        with open_snapshot(upper) as up:
+            write_tar(tar_entries(diff(None, up), up, source_date_epoch=sde), up, buf.write)
+        return buf.getvalue()
+    finally:
+        native.lib = saved
+
+
 # --- whole layers ------------------------------------------------------------------------------
 
 
@@ -80,13 +105,15 @@ def _layer(lower: Path | None, upper: Path, use_native: bool) -> bytes:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     print_blob=True,
 )
-@given(chains())
-def test_layers_equal_with_and_without_native(states: list[Model]) -> None:
+@given(chains(), st.sampled_from([None, 0, 1, 1_700_000_000, 4_000_000_000]))
+def test_layers_equal_with_and_without_native(states: list[Model], sde: int | None) -> None:
     with tempfile.TemporaryDirectory(prefix="bc-native-") as work:
         dirs = [fsgen.build(Path(work) / f"s{i}", m.spec()) for i, m in enumerate(states)]
         for i, d in enumerate(dirs):
             lower = dirs[i - 1] if i else None
             assert _layer(lower, d, True) == _layer(lower, d, False)
+            # every state as a base layer, through the fused writer
+            assert _base(d, sde) == _reference(d, sde)
 
 
 @needs_lib
@@ -96,6 +123,8 @@ def test_parity_pairs_equal_with_and_without_native(tmp_path: Path, name: str) -
     lower, upper = fsgen.build_pair(tmp_path, fsgen.PAIRS[name])
     assert _layer(lower, upper, True) == _layer(lower, upper, False)
     assert _layer(None, upper, True) == _layer(None, upper, False)
+    assert _base(upper) == _reference(upper)
+    assert _base(lower) == _reference(lower)
 
 
 @needs_lib
@@ -104,6 +133,9 @@ def test_kitchen_sink_equal_with_and_without_native(tmp_path: Path) -> None:
     lower, upper = fsgen.build_pair(tmp_path, fsgen.kitchen_sink())
     assert _layer(lower, upper, True) == _layer(lower, upper, False)
     assert _layer(None, upper, True) == _layer(None, upper, False)
+    for tree in (lower, upper):
+        for sde in (None, 0, 1_000_000_000):
+            assert _base(tree, sde) == _reference(tree, sde)
 
 
 # --- headers -----------------------------------------------------------------------------------
@@ -352,3 +384,53 @@ def test_scandir_declines_a_bad_descriptor(tmp_path: Path) -> None:
         os.close(fd)
     assert lib.scandir(-1) is None
     assert lib.scandir(1 << 40) is None
+
+
+# --- the fused base-layer writer ----------------------------------------------------------------
+
+
+@needs_lib
+def test_base_layer_of_a_deep_wide_tree(tmp_path: Path) -> None:
+    """Several size-limited batches per directory, deep pre-order, long names (USTAR prefix
+    split and PAX), empty and 512-multiple bodies, a body over the native limit, a hardlink
+    pair and a symlink between native entries, pre-1970 mtimes."""
+    base = tmp_path / "t"
+    d = base
+    for depth in range(6):
+        d = d / (f"dir{depth}-" + "x" * 40)
+        d.mkdir(parents=True)
+        for k in range(30):
+            (d / f"f{k:03d}").write_bytes(os.urandom(k * 100_003 % 70_000))
+    (base / "big").write_bytes(os.urandom((1 << 19) + 1))
+    (base / "exact").write_bytes(b"e" * 1024)
+    (base / "empty").write_bytes(b"")
+    os.link(base / "exact", base / "hl")
+    os.symlink("exact", base / "sym")
+    (base / ("n" * 120)).write_bytes(b"long")
+    os.utime(base / "empty", ns=(-5_000_000_001, -5_000_000_001))
+    for sde in (None, 10, 1_700_000_000):
+        assert _base(base, sde) == _reference(base, sde)
+
+
+@needs_lib
+def test_base_layer_progress_and_count(tmp_path: Path) -> None:
+    for k in range(200):
+        (tmp_path / f"f{k}").write_bytes(b"x" * k)
+    calls: list[tuple[int, int]] = []
+    buf = io.BytesIO()
+    with open_snapshot(tmp_path) as up:
+        n = write_base_tar(up, buf.write, lambda a, b: calls.append((a, b)))
+    assert calls[-1] == (200, n) == (200, len(buf.getvalue()))
+    assert all(a <= b for (a, _), (b, _) in itertools.pairwise(calls))
+
+
+@needs_lib
+def test_base_layer_changed_file_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that changes between the listing and its read: the Python path's FileChanged."""
+    (tmp_path / "f").write_bytes(b"hello")
+    with open_snapshot(tmp_path) as up:
+        listing = up.scandir(b"")
+        (tmp_path / "f").write_bytes(b"HELLO!")
+        monkeypatch.setattr(Snapshot, "scandir", lambda self, rel=b"": listing)
+        with pytest.raises(FileChanged):
+            write_base_tar(up, io.BytesIO().write)
