@@ -705,22 +705,35 @@ def push(
 
 @app.command()
 def unpack(
-    source: Annotated[str, typer.Argument(help="LAYOUT[:TAG] (or oci:LAYOUT[:TAG]): the image to unpack")],
+    source: Annotated[
+        str, typer.Argument(help="LAYOUT[:TAG] (or oci:LAYOUT[:TAG]), or docker://REGISTRY/REPO:TAG")
+    ],
     dest: Annotated[str, typer.Argument(help="DIR: a new or empty directory")],
     platform: Annotated[
         str | None, typer.Option("--platform", help="os/arch[/variant] of an index (default: this host's)")
     ] = None,
+    ca: Ca = None,
+    insecure: Insecure = False,
+    insecure_remote: InsecureRemote = False,
     as_json: AsJson = False,
 ) -> None:
-    """Unpack an image from an OCI layout into DIR with blobchain's applier (whiteouts applied,
-    nothing written outside DIR, blobs and diffIDs verified). DIR appears only when complete."""
-    from blobchain.client.image import LayoutImageSource, parse_image_ref, resolve
+    """Unpack an image from an OCI layout (or a registry) into DIR with blobchain's applier
+    (whiteouts applied, nothing written outside DIR, blobs and diffIDs verified). DIR appears
+    only when complete."""
+    from blobchain.client import image as images
     from blobchain.client.unpack import check_target, unpack_layers
 
-    _, layout, tag = parse_image_ref(source if source.startswith("oci:") else "oci:" + source)
-    check_target(os.path.abspath(dest))
-    src = LayoutImageSource(layout, tag)
-    img = resolve(src, platform=Platform.parse(platform) if platform else None)
+    src: images.ImageSource
+    if source.startswith("docker://"):
+        ref = source[len("docker://") :]
+        images.parse_image_ref(ref)  # a bad reference: invalid_image_reference
+        check_target(os.path.abspath(dest))
+        src = images.RegistryImageSource(ref, _PushArgs(ca, insecure, insecure_remote).options())
+    else:
+        _, layout, tag = images.parse_image_ref(source if source.startswith("oci:") else "oci:" + source)
+        check_target(os.path.abspath(dest))
+        src = images.LayoutImageSource(layout, tag)
+    img = images.resolve(src, platform=Platform.parse(platform) if platform else None)
     result = unpack_layers(img, lambda layer: src.open_blob(layer.descriptor), dest)
     data = {"manifest": img.manifest.digest, "chain_id": img.top_chain_id, **result.to_dict()}
     if as_json:

@@ -96,7 +96,7 @@ def _read_tar(reader: BinaryIO) -> Iterator[tuple[tarfile.TarFile, tarfile.TarIn
         with tarfile.open(fileobj=reader, mode="r|", encoding="utf-8", errors="surrogateescape") as tf:
             while (info := tf.next()) is not None:
                 # TarFile keeps every header it has read; drop them so memory stays flat.
-                tf.members.clear()
+                tf.members.clear()  # type: ignore[attr-defined]  # undocumented list of read headers
                 yield tf, info
     except tarfile.TarError as e:
         raise InvalidLayer(f"unreadable layer tar: {e}") from e

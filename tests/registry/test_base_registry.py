@@ -233,3 +233,19 @@ def test_a_download_torn_mid_blob_resumes_from_what_arrived(
     rc = main(["verify", "--store", str(out)])
     assert rc == 0
     assert comparable(_umoci_rootfs(f"{out}:app", tmp_path, "bundle")) == comparable(b["ours"][-1])
+
+
+@needs_root
+def test_unpack_straight_from_a_registry(
+    tmp_path: Path, plain_registry: regservice.RegistryProcess, base_on_registry: dict, capsys
+) -> None:
+    b = base_on_registry
+    before = {d: blob_gets(plain_registry, d) for d in b["layers"]}
+    out = tmp_path / "u"
+    data = _cli(capsys, "unpack", f"docker://{b['ref']}", str(out), "--insecure", "--json")
+    assert data["layers"] == 2
+    assert comparable(out) == comparable(b["top"])  # what umoci unpacked from the layout
+    assert {d: blob_gets(plain_registry, d) - before[d] for d in b["layers"]} == dict.fromkeys(b["layers"], 1)
+    capsys.readouterr()
+    assert main(["unpack", "docker://Not A Ref", str(tmp_path / "x")]) == 2
+    assert "invalid_image_reference" in capsys.readouterr().err
