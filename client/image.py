@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from blobchain.layers.errors import AlreadyExists, InvalidArgument, NotFound, register
 from blobchain.layers.identity import chain_ids
 from blobchain.layers.imageconfig import Platform, host_platform
-from blobchain.layers.oci import REF_NAME
+from blobchain.layers.oci import INDEX_TYPES, MANIFEST_TYPES, REF_NAME
 from blobchain.layers.records import Compression, Descriptor, check_digest
 from blobchain.storage.content.verified import VerifyingReader
 
@@ -25,8 +25,6 @@ if TYPE_CHECKING:  # httpx loads only when a registry is read
     from blobchain.registry.client import TransportOptions
 
 __all__ = [
-    "INDEX_TYPES",
-    "MANIFEST_TYPES",
     "ImageLayer",
     "ImageNotFound",
     "ImageSource",
@@ -41,14 +39,6 @@ __all__ = [
     "resolve",
 ]
 
-INDEX_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-)
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
 # Manifests and configs are small; a bigger one is not an image we should parse in memory.
 MAX_JSON = 4 << 20
 

@@ -8,7 +8,9 @@ and so yields the blob digest). Nothing is held whole in memory or read twice.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -78,6 +80,45 @@ def entries_for(src: LayerSource, opts: LayerOptions) -> Iterator[TarEntry]:
     return entries
 
 
+class _OverlappedSink:
+    """``sink`` called on one helper thread, in order, one chunk in flight: the store's own
+    hashing and file writes (both release the GIL) overlap the walk and the compressor.
+
+    Only immutable ``bytes`` are handed over (anything else is written inline, after the chunk
+    in flight). An error of the sink surfaces on the next call or at :meth:`close`."""
+
+    def __init__(self, sink: Callable[[bytes], object]) -> None:
+        self._sink = sink
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[object] | None = None
+
+    def __call__(self, data: bytes) -> None:
+        self._wait()
+        if type(data) is bytes and len(data) >= _OVERLAP_MIN:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="blob-sink")
+            self._pending = self._pool.submit(self._sink, data)
+        else:
+            self._sink(data)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the chunk in flight (raising its error) and stop the thread."""
+        try:
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+
+_OVERLAP_MIN = 64 << 10
+
+
 def write_layer(
     src: LayerSource,
     opts: LayerOptions,
@@ -90,12 +131,24 @@ def write_layer(
     committed if the walk fails (the caller aborts its ingest)."""
     if src.windows:
         check_windows(opts)
-    with open_compressor(opts, sink, threads=threads) as comp, OverlappedHashingWriter(comp.write) as tee:
-        if src.lower is None and src.kind == "rootfs" and not src.windows and native_base_layer(src.upper):
-            # A base layer: the same bytes from the fused, native-assisted walk.
-            write_base_tar(src.upper, tee.write, progress, source_date_epoch=opts.source_date_epoch)
-        else:
-            write_tar(entries_for(src, opts), src.upper, tee.write, progress)
+    out = _OverlappedSink(sink)
+    try:
+        with open_compressor(opts, out, threads=threads) as comp, OverlappedHashingWriter(comp.write) as tee:
+            if (
+                src.lower is None
+                and src.kind == "rootfs"
+                and not src.windows
+                and native_base_layer(src.upper)
+            ):
+                # A base layer: the same bytes from the fused, native-assisted walk.
+                write_base_tar(src.upper, tee.write, progress, source_date_epoch=opts.source_date_epoch)
+            else:
+                write_tar(entries_for(src, opts), src.upper, tee.write, progress)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            out.close()  # the first error is the one to report; the sink sees nothing more
+        raise
+    out.close()  # every byte is in the sink when this returns
     return LayerStats(diff_id=tee.digest, tar_size=tee.size, compressor=compressor_id(opts))
 
 

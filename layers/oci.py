@@ -15,7 +15,9 @@ from blobchain.layers.records import Compression, Descriptor, check_digest
 __all__ = [
     "CONFIG_MEDIA_TYPE",
     "INDEX_MEDIA_TYPE",
+    "INDEX_TYPES",
     "MANIFEST_MEDIA_TYPE",
+    "MANIFEST_TYPES",
     "REF_NAME",
     "DOCKER_CONFIG_MEDIA_TYPE",
     "DOCKER_INDEX_MEDIA_TYPE",
@@ -37,6 +39,9 @@ DOCKER_MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+js
 DOCKER_CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
 DOCKER_INDEX_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.list.v2+json"
 REF_NAME = "org.opencontainers.image.ref.name"
+# What a reader accepts as an image index / a single image's manifest, OCI or Docker scheme.
+INDEX_TYPES = (INDEX_MEDIA_TYPE, DOCKER_INDEX_MEDIA_TYPE)
+MANIFEST_TYPES = (MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE)
 
 # The image-spec grammar of an ``org.opencontainers.image.ref.name`` (annotations.md), the one
 # umoci and skopeo's oci: transport check:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
 from blobchain.layers.errors import InvalidArgument, NotFound
+from blobchain.layers.oci import INDEX_TYPES, REF_NAME
 from blobchain.layers.records import Descriptor
 from blobchain.registry.client import RegistryClient, TransportOptions
 from blobchain.registry.errors import BlobUnknown, ManifestBlobUnknown
@@ -37,15 +38,6 @@ __all__ = [
     "push",
 ]
 
-INDEX_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-)
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
-REF_NAME = "org.opencontainers.image.ref.name"
 
 
 class BlobSource(Protocol):

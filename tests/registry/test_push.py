@@ -366,6 +366,18 @@ def test_failed_blob_pushes_no_manifest(tmp_path, plain_registry, layout):
     assert plain_registry.tags("broken/app") == []
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT at its default and unblocked, as a shell in a terminal
+    starts a command. An ignored or blocked SIGINT is inherited through exec, and a test process
+    that ran in-process workers may carry one; the push would then rightly ignore Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _sigint_state() -> tuple[object, bool]:
+    return signal.getsignal(signal.SIGINT), signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
 def test_interrupted_push_rerun_sends_only_what_is_missing(tmp_path, plain_registry):
     root = tmp_path / "snaps"
     snaps, prev = [], None
@@ -391,6 +403,7 @@ def test_interrupted_push_rerun_sends_only_what_is_missing(tmp_path, plain_regis
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            preexec_fn=_as_from_a_terminal,
         )
         with open(os.path.join(out, "index.json")) as f:
             man = json.load(
@@ -402,7 +415,7 @@ def test_interrupted_push_rerun_sends_only_what_is_missing(tmp_path, plain_regis
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, err.decode()
+        assert proc.returncode == 130, (err.decode(), proxy.body_bytes, _sigint_state())
         assert b"interrupted" in err
         assert plain_registry.tags("interrupt/app") == []
         present = [d for d in layers if plain_registry.has_blob(d)]
