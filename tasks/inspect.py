@@ -1,5 +1,5 @@
 """The operator's view of a chain in distributed mode (``blobchain status``): for each ref of the
-chain, its state, who holds its lease (worker and pid), the lease's time left, the attempts and
+chain, its state, who holds its claim (worker and pid), the claim's time left, the attempts and
 takeovers. Read-only; a few pipelined Redis reads per ref."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ DONE, RUNNING, HOLDER_LOST, IDLE = "done", "running", "holder-lost", "idle"
 class RefStatus:
     ref_id: str
     snapshot: str
-    # done (blob recorded, nothing building) | running (a live lease) | holder-lost (the holder
-    # died or was cut off: its lease expired unreleased; a janitor sends the task again within
+    # done (blob recorded, nothing building) | running (a live claim) | holder-lost (the holder
+    # died or was cut off: its claim expired unreleased; a janitor sends the task again within
     # one poll) | idle (no blob and nothing building: queued, waiting or never submitted)
     state: str
     variant: str | None = None
@@ -65,7 +65,7 @@ def chain_status(
     for rec in records:
         row = RefStatus(rec.ref_id, rec.spec.snapshot, DONE if rec.blob is not None else IDLE)
         for flight in sorted(flights.get(rec.ref_id, ())):
-            with redis_errors(client, f"read lease {flight}"):
+            with redis_errors(client, f"read claim {flight}"):
                 pipe = client.pipeline(transaction=False)
                 pipe.get(claims.redis_key(flight))
                 pipe.pttl(claims.redis_key(flight))

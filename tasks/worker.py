@@ -3,7 +3,7 @@
 - Pool: prefork (a Python-heavy layer walk uses a whole core; time limits need prefork).
 - ``-E``: task events for Flower and ``task_send_sent_event`` watchers.
 - ``--without-mingle --without-gossip``: blobchain needs no start-up sync of revoked ids nor
-  worker-to-worker gossip (work is deduplicated by leases in Redis, not by Celery), and mingle
+  worker-to-worker gossip (work is deduplicated by claims in Redis, not by Celery), and mingle
   would add a broadcast round-trip to every start of a scaled-out fleet.
 - ``REMAP_SIGTERM=SIGQUIT``: SIGTERM (what ``docker stop`` and Kubernetes send) starts the soft
   shutdown: running layers get ``worker_soft_shutdown_timeout`` seconds to finish, then the
