@@ -203,7 +203,6 @@ class Client:
         force: bool = False,
         create_if_needed: bool = True,
         lease: Lease | None = None,
-        docker_media_types: bool = False,
         source_date_epoch: int | None = None,
     ) -> Job:
         """Make sure ``ref_id`` and its ancestors have blobs, then set chain IDs, as BuildKit's
@@ -215,11 +214,9 @@ class Client:
         opts = LayerOptions(
             compression=Compression.parse(compression),
             level=level,
-            force=force,
-            docker_media_types=docker_media_types,
             source_date_epoch=source_date_epoch,
         )
-        return self.executor.submit(ref_id, opts, create_if_needed=create_if_needed)
+        return self.executor.submit(ref_id, opts, create_if_needed=create_if_needed, force=force)
 
     def hold(self, lease: Lease, result: ChainResult) -> None:
         for blob in result.layer_blobs():

@@ -179,7 +179,6 @@ class _ChainArgs:
     level: int | None = None
     upper: bool = False
     windows: bool = False
-    docker: bool = False
     source_date_epoch: int | None = None
     quiet: bool = False
 
@@ -188,7 +187,6 @@ class _ChainArgs:
         LayerOptions(
             compression=self.compression,  # type: ignore[arg-type]
             level=self.level,
-            docker_media_types=self.docker,
             source_date_epoch=self.source_date_epoch,
         )
 
@@ -365,12 +363,16 @@ def _follow(job: Job, labels: dict[str, str], quiet: bool) -> ChainResult:
 
 
 def _print_result(
-    result: ChainResult, as_json: bool, extra: dict[str, Any] | None = None, *, exported: bool = False
+    result: ChainResult,
+    as_json: bool,
+    extra: dict[str, Any] | None = None,
+    *,
+    exported: bool = False,
+    docker: bool = False,
 ) -> None:
     data = result.to_dict()
     if exported:
         # What the image's manifest says: the export's scheme, not the stored record's.
-        docker = result.options.docker_media_types
         for layer, blob in zip(data["layers"], result.layer_blobs(), strict=True):
             layer["media_type"] = layer_media_type(blob.compression, docker=docker)
     if extra:
@@ -413,7 +415,6 @@ def _run_chain(
             level=args.level,
             force=True,
             lease=lease,
-            docker_media_types=args.docker,
             source_date_epoch=args.source_date_epoch,
         )
         result = _follow(job, labels, args.quiet)
@@ -468,10 +469,10 @@ def export(
         platform, entrypoint, cmd, env, workdir, user, label, expose, stop_signal, config, comment, created,
         annotation,
     )  # fmt: skip
-    image = image_args.options(len(snapshots))
+    image = replace(image_args.options(len(snapshots)), docker_media_types=docker)
     push_args = _PushArgs(ca, insecure, insecure_remote, push_jobs)
     _check_push_target(push_to, push_args)
-    args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
+    args = _ChainArgs(compression, level, upper, windows, source_date_epoch, quiet)
     args.check()
     settings = load_settings(**({} if store is None else {"store": store}))
     if not settings.distributed:
@@ -504,7 +505,7 @@ def export(
         for p, existed in fresh.items():
             remove_if_empty(p, keep_dir=existed)
         raise
-    _print_result(result, as_json, extra, exported=True)
+    _print_result(result, as_json, extra, exported=True, docker=docker)
 
 
 @app.command()
@@ -566,10 +567,10 @@ def submit(
         platform, entrypoint, cmd, env, workdir, user, label, expose, stop_signal, config, comment, created,
         annotation,
     )  # fmt: skip
-    image = image_args.options(len(snapshots))
+    image = replace(image_args.options(len(snapshots)), docker_media_types=docker)
     push_args = _PushArgs(ca, insecure, insecure_remote, push_jobs)
     _check_push_target(push_to, push_args)
-    args = _ChainArgs(compression, level, upper, windows, docker, source_date_epoch, quiet)
+    args = _ChainArgs(compression, level, upper, windows, source_date_epoch, quiet)
     args.check()
     if oci:
         check_destination(oci, tag, [os.path.abspath(s) for s in snapshots])
@@ -586,7 +587,7 @@ def submit(
             extra["pushed"] = _push_chain(client, result, push_to, image, push_args, quiet, base_image).to_dict()
         if base_image is not None:
             extra["base"] = _base_summary(base_image)
-    _print_result(result, as_json, extra or None, exported=bool(oci))
+    _print_result(result, as_json, extra or None, exported=bool(oci), docker=docker)
 
 
 def _check_push_target(target: str | None, args: _PushArgs) -> None:

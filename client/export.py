@@ -125,7 +125,7 @@ def build_image(result: ChainResult, image: ImageOptions | None = None) -> Image
     """Config and manifest for ``result``: pure, so the same chain and options give the same
     manifest digest in any process (export, push from a layout, push from S3)."""
     opts = (image or ImageOptions()).with_created_epoch(result.options.source_date_epoch)
-    docker = result.options.docker_media_types
+    docker = opts.docker_media_types
     if docker and opts.annotations:
         raise InvalidImageOption(
             "Docker schema2 manifests carry no annotations (drop --annotation or use OCI types)"

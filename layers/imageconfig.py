@@ -167,6 +167,9 @@ class ImageOptions:
     # The base image's config (``--base``): its platform, execution config, rootfs and history
     # come first in ours. None: the chain is the whole image.
     base_config: Mapping[str, Any] | None = None
+    # The media-type scheme: Docker schema2 instead of OCI for the manifest, config and layers
+    # (a property of the export: the stored blobs are the same bytes either way).
+    docker_media_types: bool = False
 
     def __post_init__(self) -> None:
         for e in self.env:

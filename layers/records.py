@@ -90,14 +90,17 @@ class Compression(enum.StrEnum):
         return {Compression.UNCOMPRESSED: None, Compression.GZIP: 5, Compression.ZSTD: 3}[self]
 
 
+_NOT_BYTES = frozenset({"force", "docker_media_types"})
+
+
 @dataclass(frozen=True)
 class LayerOptions:
-    """How a layer is produced. Part of the determinism contract: same options, same bytes."""
+    """How a layer is produced: only what determines its bytes (the determinism contract: same
+    options, same bytes). Scheduling (``force``, ``create_if_needed``) is an argument of the
+    build; the media-type scheme belongs to the export (``ImageOptions``)."""
 
     compression: Compression = Compression.GZIP
     level: int | None = None
-    force: bool = False
-    docker_media_types: bool = False
     # Clamp every entry's mtime to this epoch (BuildKit rewrite-timestamp / SOURCE_DATE_EPOCH).
     source_date_epoch: int | None = None
     # containerd 1.6 writes "now"; we write a fixed time (containerd 2.x and BuildKit >= 0.19 use 0).
@@ -132,7 +135,8 @@ class LayerOptions:
 
     @property
     def media_type(self) -> str:
-        return self.compression.media_type(docker=self.docker_media_types)
+        """The stored blob's type: OCI's. An export derives its scheme's type from the compression."""
+        return self.compression.media_type()
 
     def variant_key(self) -> str:
         """Single-flight and variant key: what makes two blobs of one ref different."""
@@ -147,7 +151,9 @@ class LayerOptions:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerOptions:
-        return cls(**d)
+        # Messages sent before scheduling and presentation left these options carry both keys:
+        # neither changes the bytes ("force" travels beside the options now).
+        return cls(**{k: v for k, v in d.items() if k not in _NOT_BYTES})
 
 
 @dataclass(frozen=True)

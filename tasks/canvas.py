@@ -28,6 +28,7 @@ def chain_signature(
     create_if_needed: bool,
     ref_id: str,
     *,
+    force: bool = False,
     header_ids: Sequence[str] | None = None,
     body_id: str | None = None,
 ) -> Signature:
@@ -46,7 +47,7 @@ def chain_signature(
         if header_ids is not None:
             options["task_id"] = header_ids[i]
         header.append(
-            app.signature(BUILD_TASK, args=(r, o, create_if_needed), options=options, immutable=True)
+            app.signature(BUILD_TASK, args=(r, o, create_if_needed, force), options=options, immutable=True)
         )
     body_opts: dict[str, Any] = {"queue": QUEUE}
     if body_id is not None:

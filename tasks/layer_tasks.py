@@ -100,6 +100,7 @@ class _Delivery:
         ref_id: str,
         opts: dict[str, Any],
         create_if_needed: bool,
+        force: bool,
         wait_since: float | None,
         unavailable: int,
         takeover: dict[str, Any] | None,
@@ -108,6 +109,7 @@ class _Delivery:
         self.ref_id = ref_id
         self.opts = opts
         self.create_if_needed = create_if_needed
+        self.force = force
         self.wait_since = wait_since
         self.unavailable = unavailable
         self.takeover = takeover
@@ -119,7 +121,7 @@ class _Delivery:
         return kw
 
     def args(self) -> list[Any]:
-        return [self.ref_id, self.opts, self.create_if_needed]
+        return [self.ref_id, self.opts, self.create_if_needed, self.force]
 
     def again(self, e: BlobchainError, *, waiting: bool) -> Retry:
         """Retry this message later: ``waiting`` for another holder, else for a service."""
@@ -225,6 +227,7 @@ def build_ref_task(
     ref_id: str,
     opts: dict[str, Any],
     create_if_needed: bool = True,
+    force: bool = False,
     wait_since: float | None = None,
     unavailable: int = 0,
     takeover: dict[str, Any] | None = None,
@@ -232,7 +235,9 @@ def build_ref_task(
     """Make sure ``ref_id`` has its blob (``opts``: ``LayerOptions.to_dict()``). Returns
     ``{"ref", "action", "record"}`` (the record as ``RefRecord.to_dict()``), plus ``takeover``
     (the reason) when this delivery was sent again after its holder died."""
-    d = _Delivery(self, ref_id, opts, create_if_needed, wait_since, unavailable, takeover)
+    # A message from before "force" travelled beside the options carries it inside them.
+    force = force or bool(opts.get("force", False))
+    d = _Delivery(self, ref_id, opts, create_if_needed, force, wait_since, unavailable, takeover)
     try:
         options = LayerOptions.from_dict(opts)
         ctx = worker_context(self.app)
@@ -276,6 +281,7 @@ def build_ref_task(
             options,
             build_deps(ctx, options, d.record(flight)),
             create_if_needed=create_if_needed,
+            force=force,
             progress=progress,
             on_work=_counter(ctx, flight),
         )

@@ -292,12 +292,14 @@ class CeleryExecutor:
         self._jobs: list[CeleryJob] = []
         self._lock = threading.Lock()
 
-    def submit(self, ref_id: str, opts: LayerOptions, *, create_if_needed: bool = True) -> CeleryJob:
+    def submit(
+        self, ref_id: str, opts: LayerOptions, *, create_if_needed: bool = True, force: bool = False
+    ) -> CeleryJob:
         chain = [r.ref_id for r in chain_records(ref_id, self.deps.metadata)]
         header_ids = [str(uuid.uuid4()) for _ in chain]
         body_id = str(uuid.uuid4())
         sig = chain_signature(
-            self.app, chain, opts, create_if_needed, ref_id, header_ids=header_ids, body_id=body_id
+            self.app, chain, opts, create_if_needed, ref_id, force=force, header_ids=header_ids, body_id=body_id
         )
         errors = (
             *tuple(getattr(self.app.backend, "connection_errors", ())),

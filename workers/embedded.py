@@ -103,7 +103,9 @@ def _throttled(emit: Callable[[RefEvent], object], ref_id: str) -> Progress:
     return Throttle(lambda files, nbytes: emit(RefEvent(ref_id, RUNNING, files, nbytes)), _PROGRESS_EVERY_S)
 
 
-def _child_build(ref_id: str, opts: LayerOptions, create_if_needed: bool, at_once: int = 1) -> BuildOutcome:
+def _child_build(
+    ref_id: str, opts: LayerOptions, create_if_needed: bool, force: bool, at_once: int = 1
+) -> BuildOutcome:
     global _child_busy
     assert _child_deps is not None
     deps = _child_deps.sharing_cores(opts, at_once)
@@ -111,7 +113,9 @@ def _child_build(ref_id: str, opts: LayerOptions, create_if_needed: bool, at_onc
     _child_busy = True
     _child_events.put(RefEvent(ref_id, RUNNING))
     try:
-        return build_ref(ref_id, opts, deps, create_if_needed=create_if_needed, progress=progress)
+        return build_ref(
+            ref_id, opts, deps, create_if_needed=create_if_needed, force=force, progress=progress
+        )
     except BlobchainError:
         raise
     except Exception as e:
@@ -228,7 +232,9 @@ class EmbeddedExecutor:
         for st in states:
             st.update(ev)
 
-    def submit(self, ref_id: str, opts: LayerOptions, *, create_if_needed: bool = True) -> EmbeddedJob:
+    def submit(
+        self, ref_id: str, opts: LayerOptions, *, create_if_needed: bool = True, force: bool = False
+    ) -> EmbeddedJob:
         records = chain_records(ref_id, self.deps.metadata)
         chain = [r.ref_id for r in records]
         state = JobState(chain)
@@ -243,7 +249,13 @@ class EmbeddedExecutor:
         lone = len(missing) <= 1 and _stops_quickly(opts)
         builds = [
             self._threads.submit(
-                self._build_one, r, opts, create_if_needed, at_once, self._in_process or r not in missing or lone
+                self._build_one,
+                r,
+                opts,
+                create_if_needed,
+                force,
+                at_once,
+                self._in_process or r not in missing or lone,
             )
             for r in chain
         ]
@@ -276,14 +288,20 @@ class EmbeddedExecutor:
         return max(1, min(self._jobs, n_builds))
 
     def _build_one(
-        self, ref_id: str, opts: LayerOptions, create_if_needed: bool, at_once: int = 1, local: bool = True
+        self,
+        ref_id: str,
+        opts: LayerOptions,
+        create_if_needed: bool,
+        force: bool,
+        at_once: int = 1,
+        local: bool = True,
     ) -> RefRecord:
         if local:
             self._emit(RefEvent(ref_id, RUNNING))  # pool children announce themselves
         try:
             outcome = self._flight.do(
-                f"{flight_key(ref_id, opts)}-{create_if_needed}",
-                lambda: self._until_free(ref_id, opts, create_if_needed, at_once, local),
+                f"{flight_key(ref_id, opts)}-{create_if_needed}-{force}",
+                lambda: self._until_free(ref_id, opts, create_if_needed, force, at_once, local),
             )
         except BaseException as e:
             self._emit(RefEvent(ref_id, FAILED, error=error_dict(e)))
@@ -293,7 +311,13 @@ class EmbeddedExecutor:
         return outcome.record
 
     def _until_free(
-        self, ref_id: str, opts: LayerOptions, create_if_needed: bool, at_once: int, local: bool = True
+        self,
+        ref_id: str,
+        opts: LayerOptions,
+        create_if_needed: bool,
+        force: bool,
+        at_once: int,
+        local: bool = True,
     ) -> BuildOutcome:
         """Build (here when ``local``, else in a pool process); while another process (another
         CLI run) holds the ref, wait with jittered backoff, up to the wait budget (then the
@@ -309,8 +333,11 @@ class EmbeddedExecutor:
                     emit(files, nbytes)
 
                 deps = self.deps.sharing_cores(opts, at_once)
-                return build_ref(ref_id, opts, deps, create_if_needed=create_if_needed, progress=progress)
-            return self._ensure_pool().submit(_child_build, ref_id, opts, create_if_needed, at_once).result()
+                return build_ref(
+                    ref_id, opts, deps, create_if_needed=create_if_needed, force=force, progress=progress
+                )
+            pool = self._ensure_pool()
+            return pool.submit(_child_build, ref_id, opts, create_if_needed, force, at_once).result()
 
         retrying = Retrying(
             retry=retry_if_exception_type(InProgress),

@@ -146,7 +146,9 @@ class Job(Protocol):
 
 @runtime_checkable
 class Executor(Protocol):
-    def submit(self, ref_id: str, opts: LayerOptions, *, create_if_needed: bool = True) -> Job: ...
+    def submit(
+        self, ref_id: str, opts: LayerOptions, *, create_if_needed: bool = True, force: bool = False
+    ) -> Job: ...
 
     def close(self, *, cancel: bool = False) -> None:
         """Release the executor; ``cancel`` (Ctrl-C): stop builds running here rather than wait."""

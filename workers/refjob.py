@@ -86,10 +86,12 @@ def build_ref(
     deps: Deps,
     *,
     create_if_needed: bool = True,
+    force: bool = False,
     progress: Progress | None = None,
     on_work: OnWork | None = None,
 ) -> BuildOutcome:
-    """Make sure ``ref_id`` has a blob (and, with ``opts.force``, one in ``opts``' compression).
+    """Make sure ``ref_id`` has a blob (and, with ``force``, one in ``opts``' compression, as
+    BuildKit's forced compression).
 
     Refs with a blob are not recomputed. Raises NoBlobs when there is none and
     ``create_if_needed`` is false, InProgress when another worker holds the ref's claim.
@@ -99,7 +101,7 @@ def build_ref(
     rec = deps.metadata.get(ref_id)
     if rec is None:
         raise RefNotFound(f"unknown ref {ref_id}", ref=ref_id)
-    if (done := _done(deps, rec, opts)) is not None:
+    if (done := _done(deps, rec, opts, force)) is not None:
         return BuildOutcome(done, "cached")
     if rec.blob is None and not create_if_needed:
         raise NoBlobs(f"no blobs for ref {ref_id}", ref=ref_id)
@@ -114,7 +116,7 @@ def build_ref(
     try:
         # The previous holder may have committed between our first look and the acquire.
         rec = deps.metadata.get(ref_id) or rec
-        if (done := _done(deps, rec, opts)) is not None:
+        if (done := _done(deps, rec, opts, force)) is not None:
             return BuildOutcome(done, "cached")
         gc_lease = f"build-{uuid.uuid4().hex}"
         deps.leases.create_lease(gc_lease, deps.lease_ttl_s * 10)
@@ -160,13 +162,13 @@ def _commit(deps: Deps, ref_id: str, blob: LayerBlob, claim: Claim) -> RefRecord
     return deps.metadata.set_blob(ref_id, blob, token=claim.token, claim_key=claim.key)
 
 
-def _done(deps: Deps, rec: RefRecord, opts: LayerOptions) -> RefRecord | None:
+def _done(deps: Deps, rec: RefRecord, opts: LayerOptions, force: bool) -> RefRecord | None:
     """The record if nothing needs doing: an intact blob (and the forced variant, if asked)."""
     if rec.blob is not None and rec.blob.from_base:
         return rec  # a base image's layer: its blob exists already, fetched only when needed
     if not intact(deps, rec, rec.blob):
         return None
-    if opts.force and not intact(deps, rec, rec.blob_for(opts)):
+    if force and not intact(deps, rec, rec.blob_for(opts)):
         return None
     if rec.damaged:  # marks were cleared (or others remain): report the record as it is now
         rec = deps.metadata.get(rec.ref_id) or rec

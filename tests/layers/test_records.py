@@ -71,3 +71,17 @@ def test_errors_cross_process_boundaries():
     e3 = from_code(d["code"], d["message"], d["details"])
     assert isinstance(e3, UnknownCompression) and isinstance(e3, InvalidArgument)
     assert isinstance(from_code("nope", "m"), BlobchainError)
+
+
+def test_layer_options_hold_only_what_determines_the_bytes():
+    # Scheduling (force) is an argument of the build, the media-type scheme one of the export:
+    # neither is a layer option, so neither can change a variant key or a stored media type.
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(LayerOptions)}
+    assert names == {"compression", "level", "source_date_epoch", "whiteout_epoch"}
+    assert LayerOptions(compression="gzip").media_type == "application/vnd.oci.image.layer.v1.tar+gzip"
+    # A message sent by an older client still carries both keys: they are dropped, not refused.
+    old = {"compression": "zstd", "level": 3, "force": True, "docker_media_types": True}
+    assert LayerOptions.from_dict(old) == LayerOptions(compression="zstd", level=3)
+    assert LayerOptions.from_dict(LayerOptions(compression="zstd").to_dict()) == LayerOptions(compression="zstd")

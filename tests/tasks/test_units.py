@@ -107,7 +107,8 @@ def test_chain_signature_is_one_flat_chord() -> None:
     sig = chain_signature(app, ["a", "b", "c"], opts, True, "c", header_ids=["1", "2", "3"], body_id="9")
     header = list(sig.tasks)
     assert [t.task for t in header] == [BUILD_TASK] * 3
-    assert [t.args for t in header] == [(r, opts.to_dict(), True) for r in "abc"]
+    # (ref, what determines the bytes, create_if_needed, force): scheduling travels beside the options
+    assert [t.args for t in header] == [(r, opts.to_dict(), True, False) for r in "abc"]
     assert all(t.immutable for t in header)
     assert all(not getattr(t, "tasks", None) for t in header)  # no nested groups
     assert [t.options["task_id"] for t in header] == ["1", "2", "3"]

@@ -106,7 +106,7 @@ def test_gc_between_publish_and_record_keeps_the_blob(
         assert rec.blob is not None
         assert content.info(rec.blob.digest) is not None, f"GC took {ref}'s blob before its record"
         # A forced second variant goes through the convert path: same rule.
-        conv = build_ref(ref, LayerOptions(compression="zstd", force=True), deps).record
+        conv = build_ref(ref, LayerOptions(compression="zstd"), deps, force=True).record
         zstd = conv.blob_for(LayerOptions(compression="zstd"))
         assert zstd is not None and content.info(zstd.digest) is not None
     assert store.collected == []
