@@ -42,7 +42,7 @@ from blobchain.layers.oci import (
     manifest_bytes,
 )
 from blobchain.layers.records import Descriptor, LayerBlob, RefRecord
-from blobchain.storage.content import BlobReader
+from blobchain.storage.content import BlobReader, ContentStore
 from blobchain.storage.content.local import LocalContentStore
 from blobchain.storage.deps import Deps
 from blobchain.workers.executor import ChainResult
@@ -52,9 +52,9 @@ __all__ = ["Image", "build_image", "export_layout", "write_image_index"]
 _CHUNK = 1 << 20
 
 
-def _same_store(reader: BlobReader, dest: str) -> bool:
-    root = getattr(reader, "root", None)
-    return root is not None and os.path.realpath(os.fspath(root)) == os.path.realpath(dest)
+def _same_store(store: ContentStore, dest: str) -> bool:
+    root = store.layout_root
+    return root is not None and os.path.realpath(root) == os.path.realpath(dest)
 
 
 def _put_bytes(store: LocalContentStore, data: bytes, name: str) -> None:

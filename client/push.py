@@ -25,7 +25,7 @@ from blobchain.layers.imageconfig import ImageOptions
 from blobchain.registry.client import TransportOptions
 from blobchain.registry.push import LayoutSource, PushEvent, PushPlan, PushResult, push
 from blobchain.registry.reference import parse_reference
-from blobchain.storage.content import BlobReader
+from blobchain.storage.content import ContentStore
 from blobchain.storage.content.local import LocalContentStore
 from blobchain.workers.executor import ChainResult
 
@@ -44,7 +44,7 @@ class StoreSource:
     on the base's own registry they are mounted from its repository (or found present)."""
 
     def __init__(
-        self, reader: BlobReader, extra: Mapping[str, bytes] | None = None, base: BaseImage | None = None
+        self, reader: ContentStore, extra: Mapping[str, bytes] | None = None, base: BaseImage | None = None
     ) -> None:
         self.reader = reader
         self.extra = dict(extra or {})
@@ -54,7 +54,7 @@ class StoreSource:
         if digest in self.extra:
             return io.BytesIO(self.extra[digest][offset:])
         if self.base is not None and digest in self.base.digests:
-            return self.base.open(self.reader, digest, offset)  # type: ignore[arg-type]
+            return self.base.open(self.reader, digest, offset)
         return self.reader.open(digest, offset=offset)
 
     def mount_hints(self, registry: str, digest: str) -> Sequence[str]:
@@ -69,7 +69,7 @@ class StoreSource:
 
     def pushed(self, registry: str, repository: str, digests: Sequence[str]) -> None:
         # Only where labels are cheap: relabelling an S3 object copies it.
-        if not isinstance(self.reader, LocalContentStore):
+        if not self.reader.cheap_labels:
             return
         for d in digests:
             info = self.reader.info(d)
@@ -115,7 +115,7 @@ def parse_layout_ref(value: str) -> tuple[str, str | None]:
 
 def push_chain(
     result: ChainResult,
-    reader: BlobReader,
+    reader: ContentStore,
     target: str,
     *,
     image: ImageOptions | None = None,

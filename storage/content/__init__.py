@@ -109,6 +109,17 @@ class BlobWriter(Protocol):
 
 @runtime_checkable
 class ContentStore(BlobReader, BlobWriter, Protocol):
+    # Capabilities, said by each store rather than guessed from its class:
+    cheap_labels: bool
+    """True when ``set_labels`` is a metadata write (local); False when it rewrites the blob
+    (S3 copies the object onto itself), so optional labels such as mount hints are skipped."""
+
+    @property
+    def layout_root(self) -> str | None:
+        """The OCI image layout directory this store is (local), None when it is not a
+        directory (S3): an export into that directory writes no second copy of a blob."""
+        ...
+
     def delete(self, digest: str) -> bool:
         """Remove a blob; True if it existed."""
         ...

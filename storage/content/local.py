@@ -236,6 +236,8 @@ class _LabelDB:
 class LocalContentStore:
     """A :class:`~blobchain.storage.content.ContentStore` over an OCI image layout directory."""
 
+    cheap_labels = True  # a row in .blobchain/content.db
+
     def __init__(self, root: str | os.PathLike[str], *, busy_timeout_s: float = 30.0) -> None:
         self.root = Path(root)
         self.blobs_dir = self.root / "blobs" / "sha256"
@@ -249,6 +251,10 @@ class LocalContentStore:
 
     def __repr__(self) -> str:
         return f"LocalContentStore({str(self.root)!r})"
+
+    @property
+    def layout_root(self) -> str:
+        return str(self.root)
 
     def _write_layout_marker(self) -> None:
         marker = self.root / "oci-layout"

@@ -181,6 +181,9 @@ _CONFLICT_ATTEMPTS = 5
 class S3ContentStore:
     """:class:`blobchain.storage.content.ContentStore` on an S3 bucket (boto3 client passed in)."""
 
+    cheap_labels = False  # labels are object metadata: changing them copies the object
+    layout_root = None  # not a directory
+
     def __init__(
         self,
         client: Any,

@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -138,6 +139,18 @@ class ContentStoreContract:
             assert isinstance(w, Ingest)
         finally:
             w.abort()
+
+    def test_capabilities_are_said_by_the_store(self, content_store: ContentStore) -> None:
+        # What callers branch on (push's mount-hint labels, export into the store's own
+        # directory) is on the contract, not found by the store's class.
+        assert isinstance(content_store.cheap_labels, bool)
+        root = content_store.layout_root
+        if root is not None:
+            assert os.path.isfile(os.path.join(root, "oci-layout")) and content_store.cheap_labels
+            d = content_store.ingest("cap")
+            d.write(b"x")
+            info = d.commit()
+            assert os.path.isfile(os.path.join(root, "blobs", "sha256", info.digest[7:]))
 
     def test_ingest_commit_roundtrip(self, content_store: ContentStore) -> None:
         data = payload(1, 300_000)
