@@ -446,6 +446,10 @@ class LocalContentStore:
             # Read-only, honouring the umask the file was created under (containerd: mode &^ 0333).
             os.chmod(tmp, stat.S_IMODE(os.stat(tmp).st_mode) & ~0o333)
             os.link(tmp, final)
+            # Drop the temp name now: unlinking changes the inode's ctime, and the fingerprint
+            # taken below must be the blob's lasting one (else every quick verify re-reads it).
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         except FileExistsError:
             # Same digest: keep the existing blob; refresh its age for GC grace. Its fingerprint
             # follows only if it was intact-as-recorded before (a touch must not launder a
