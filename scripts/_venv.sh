@@ -21,7 +21,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 STAMP="$VENV/.blobchain-installed$1"
-if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+# Reinstall when what the install builds changed: the package list, or the C extension's source.
+stale=
+for f in pyproject.toml setup.py layers/_speedups.c; do
+  [ "$ROOT/$f" -nt "$STAMP" ] && stale=1
+done
+if [ ! -f "$STAMP" ] || [ -n "$stale" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
   "$VENV/bin/python" -m pip install -q -e "$ROOT$1" 2>&1 | grep -v '^WARNING: Location' || true
   "$VENV/bin/python" -c 'import blobchain.client' && touch "$STAMP"
