@@ -90,11 +90,25 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="blobchain-parent-watch", daemon=True).start()
 
 
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread while it may start pool processes: a spawned child inherits
+    the mask, so a Ctrl-C that lands while it is still importing the stack stays pending until
+    ``_child_init`` has its handler (else the child dies with a KeyboardInterrupt traceback and
+    breaks the pool)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _child_init(opener: Callable[[], Deps], events: Any, parent: int | None = None) -> None:
     global _child_deps, _child_events
     if parent is not None:
         _die_with_parent(parent)
     signal.signal(signal.SIGINT, _on_sigint)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since spawn: see above
     _child_deps = opener()
     _child_events = events
 
@@ -337,7 +351,9 @@ class EmbeddedExecutor:
                     ref_id, opts, deps, create_if_needed=create_if_needed, force=force, progress=progress
                 )
             pool = self._ensure_pool()
-            return pool.submit(_child_build, ref_id, opts, create_if_needed, force, at_once).result()
+            with _sigint_blocked():  # submit may spawn a child; only the spawn is covered
+                fut = pool.submit(_child_build, ref_id, opts, create_if_needed, force, at_once)
+            return fut.result()
 
         retrying = Retrying(
             retry=retry_if_exception_type(InProgress),

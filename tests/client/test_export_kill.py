@@ -66,3 +66,42 @@ def test_kill_9_of_the_parent_takes_its_pool_children(tmp_path: Path) -> None:
     rerun = subprocess.run(cmd + quick, capture_output=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr.decode(errors="replace")
     assert list((out / ".blobchain" / "ingest").iterdir()) == []
+
+
+def test_ctrl_c_reaching_a_pool_child_while_it_starts_does_not_break_the_export(tmp_path: Path) -> None:
+    """Regression: a SIGINT that reached a build process while it was still importing the stack
+    (before its handler was installed) killed it with a KeyboardInterrupt traceback, breaking
+    the pool (CI saw the traceback in the Ctrl-C test). Children now start with SIGINT blocked
+    until their initializer has its handler: an idle child ignores it and the export goes on."""
+    snaps = []
+    for i in range(3):
+        s = tmp_path / f"s{i}"
+        s.mkdir()
+        for j in range(i + 1):
+            (s / f"f{j}").write_bytes(os.urandom(4096))
+        snaps.append(str(s))
+    out = tmp_path / "oci"
+    cmd = [sys.executable, "-c", "import sys; from blobchain.client.cli import main; sys.exit(main())"]
+    proc = subprocess.Popen(
+        [*cmd, "export", *snaps, "--oci", str(out), "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    signalled: set[int] = set()
+    parent = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            for child in parent.children(recursive=True):
+                if child.pid in signalled:
+                    continue
+                with contextlib.suppress(psutil.Error):
+                    if any("spawn_main" in part for part in child.cmdline()):
+                        os.kill(child.pid, signal.SIGINT)  # as early in its start-up as we can
+                        signalled.add(child.pid)
+        time.sleep(0.001)
+    _, stderr = proc.communicate(timeout=60)
+    assert signalled, "no build process was started: the test exercised nothing"
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert (out / "index.json").is_file()
