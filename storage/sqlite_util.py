@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 __all__ = ["ProcessConnection", "connect", "is_full"]
 
@@ -105,3 +106,25 @@ class ProcessConnection:
         elif self._conn is not None:
             _INHERITED.append(self._conn)
         self._conn = None
+
+
+@contextmanager
+def transaction(
+    conn: sqlite3.Connection, *, write: bool, map_error: Callable[[sqlite3.Error], Exception]
+) -> Iterator[sqlite3.Connection]:
+    """One transaction on ``conn`` (``BEGIN IMMEDIATE`` for a write, so the write lock is taken
+    before anything is read): committed on success, rolled back on any exception, and every
+    sqlite3 error raised as ``map_error``'s named error. The caller holds its connection lock."""
+    try:
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    except sqlite3.Error as e:
+        raise map_error(e) from e
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException as e:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if isinstance(e, sqlite3.Error):
+            raise map_error(e) from e
+        raise

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from blobchain.layers.errors import StoreFull, Unavailable
 from blobchain.storage.leases import LeaseBase
-from blobchain.storage.sqlite_util import ProcessConnection, is_full
+from blobchain.storage.sqlite_util import ProcessConnection, is_full, transaction
 
 __all__ = ["SqliteLeaseManager"]
 
@@ -62,18 +62,10 @@ class SqliteLeaseManager(LeaseBase):
         with self._lock:
             try:
                 conn = self._db.get()
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             except sqlite3.Error as e:
                 raise self._map(e) from e
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as e:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if isinstance(e, sqlite3.Error):
-                    raise self._map(e) from e
-                raise
+            with transaction(conn, write=write, map_error=self._map) as tx:
+                yield tx
 
     def _map(self, e: sqlite3.Error) -> StoreFull | Unavailable:
         if is_full(e, self.path):

@@ -26,7 +26,7 @@ from blobchain.layers.errors import (
 )
 from blobchain.layers.records import LayerBlob, RefRecord, RefSpec
 from blobchain.storage.metadata.base import MetadataBase
-from blobchain.storage.sqlite_util import ProcessConnection, is_full
+from blobchain.storage.sqlite_util import ProcessConnection, is_full, transaction
 
 __all__ = ["SCHEMA_VERSION", "SqliteMetadataStore"]
 
@@ -112,18 +112,10 @@ class SqliteMetadataStore(MetadataBase):
         with self._lock:
             try:
                 conn = self._connection()
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             except sqlite3.Error as e:
                 raise self._map(e) from e
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as e:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if isinstance(e, sqlite3.Error):
-                    raise self._map(e) from e
-                raise
+            with transaction(conn, write=write, map_error=self._map) as tx:
+                yield tx
 
     def _map(self, e: sqlite3.Error) -> BlobchainError:
         if is_full(e, self.path):
