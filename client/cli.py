@@ -27,7 +27,7 @@ from rich.progress import (
 
 from blobchain.client.api import Client
 from blobchain.client.layout import check_destination, check_disjoint, check_layout, is_fresh, remove_if_empty
-from blobchain.config.settings import MAX_JOBS, load_settings
+from blobchain.config.defaults import MAX_JOBS, quick_settings
 from blobchain.layers.errors import (
     AlreadyExists,
     BlobchainError,
@@ -474,7 +474,7 @@ def export(
     _check_push_target(push_to, push_args)
     args = _ChainArgs(compression, level, upper, windows, source_date_epoch, quiet)
     args.check()
-    settings = load_settings(**({} if store is None else {"store": store}))
+    settings = quick_settings(**({} if store is None else {"store": store}))
     if not settings.distributed:
         settings = settings.model_copy(update={"store": store or oci})
     # Everything that can be checked is checked before the first byte is written.
@@ -756,7 +756,7 @@ def index(
 ) -> None:
     """Write a multi-platform image index over images already in LAYOUT (platforms from their
     configs), tagged --tag."""
-    settings = load_settings()
+    settings = quick_settings()
     if not settings.distributed:  # as export: the layout is the embedded store
         settings = settings.model_copy(update={"store": layout})
     with Client(settings) as client:
@@ -770,7 +770,7 @@ def index(
 
 def _reading_client(store: str | None) -> Client:
     """A client for reading commands: never creates a store that is not there."""
-    settings = load_settings(**({} if store is None else {"store": store}))
+    settings = quick_settings(**({} if store is None else {"store": store}))
     return Client(settings, create_store=False)
 
 
@@ -841,7 +841,7 @@ def verify(
     """
     from blobchain.workers.verify import verify_store
 
-    settings = load_settings()
+    settings = quick_settings()
     if store is not None:
         if not os.path.isfile(os.path.join(store, "oci-layout")):
             raise NotFound(f"{store} is not an OCI layout or blobchain store (no oci-layout)", path=store)
