@@ -14,7 +14,7 @@ in 1 MiB reads into the compressor, whose output is counted and sha256-hashed, n
 
 Cases (``name:level[:tN]``):
   zlib:L     Python's zlib (single thread), gzip wrapper: the classic zlib baseline
-  gzip:L:tN  blobchain's gzip (zlib-ng, 1 MiB blocks, the default "deflate+stored" strategy)
+  gzip:L:tN  blobchain's gzip with the default strategy (GZIP_STRATEGY: "libdeflate+stored")
   gzipd:L:tN the same with the earlier "deflate" strategy (every block through zlib-ng)
   gzips:L:tN the same with the "deflate+stored" strategy (zlib-ng, stored when the probe says so)
   gzipld:L:tN the same with the "libdeflate+stored" strategy (libdeflate, one gzip member per block)

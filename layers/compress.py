@@ -11,17 +11,17 @@ gzip
     block with ``Z_FINISH``) so the pieces concatenate into one deflate stream. One gzip member,
     header ``1f 8b 08 00 00000000 XFL ff`` (as Go's ``compress/gzip`` writes it), trailer
     CRC-32 + ISIZE. At most a few blocks are in flight, so memory does not grow with the layer.
-    The default strategy, ``deflate+stored``, first probes each block (a fast deflate of a
-    fixed sample, :func:`block_is_incompressible`) and writes a block that will not shrink as
-    *stored* deflate blocks instead of spending full deflate effort on it; the plain ``deflate``
-    strategy (every block through zlib-ng) is the earlier format, still selectable.
-gzip, ``libdeflate+stored``
+    The ``deflate+stored`` strategy first probes each block (a fast deflate of a fixed sample,
+    :func:`block_is_incompressible`) and writes a block that will not shrink as *stored*
+    deflate blocks instead of spending full deflate effort on it; the plain ``deflate``
+    strategy (every block through zlib-ng) is the format before it. Both stay selectable.
+gzip, ``libdeflate+stored`` (the default)
     The same 1 MiB blocks and probe, but each block becomes its own gzip **member** (RFC 1952
     §2.2: a gzip file is a series of members; Go's ``gzip.Reader`` reads them all): the header
     above, the block as raw deflate from libdeflate (python-deflate's ``deflate_compress``,
-    which has no dictionary or flush API, hence no priming and one final block per member) or
-    as stored blocks, then the block's CRC-32 + ISIZE. Blocks share nothing, so any thread
-    count and any ``write`` split give the same members.
+    which has no dictionary or flush API, hence no priming and one final block per member) at
+    the same level number, or as stored blocks, then the block's CRC-32 + ISIZE. Blocks share
+    nothing, so any thread count and any ``write`` split give the same members.
 zstd
     python-zstandard in multi-threaded mode (``threads >= 1``, never 0: libzstd's single-thread
     mode emits different bytes), one frame, XXH64 checksum on, content size never written.
@@ -86,7 +86,7 @@ GZIP_PROBE_SLICES = 16
 GZIP_PROBE_SLICE = 2 << 10
 GZIP_PROBE_LEVEL = 2
 GZIP_STRATEGIES = ("deflate", "deflate+stored", "libdeflate+stored")
-GZIP_STRATEGY = "deflate+stored"  # the default (docs/compression.md, "gzip strategies")
+GZIP_STRATEGY = "libdeflate+stored"  # the default (docs/compression.md, "gzip strategies")
 _STORED_MAX = 0xFFFF  # the most bytes one stored deflate block holds
 # Blocks in flight per worker thread, and a hard cap so a many-core host stays within budget
 # (each in-flight block holds ~1 MiB of input plus its output).
@@ -434,8 +434,9 @@ def _libdeflate_fingerprint(level: int) -> str:
 def _libdeflate_member(level: int, block: bytes, zdict: bytes, last: bool) -> tuple[bytes, int]:
     """``libdeflate+stored``: ``block`` as one whole gzip member (``zdict`` and ``last`` are
     unused: members share no window and each ends its own deflate stream). An incompressible
-    block is stored blocks, the last of them final; any other is libdeflate's raw deflate,
-    which always ends with a final block. The CRC is returned for the interface only."""
+    block is stored blocks, the last of them final; any other is libdeflate's raw deflate at
+    ``level`` (libdeflate's level of the same number), which always ends with a final block.
+    The CRC is returned for the interface only."""
     crc = zlib_ng.crc32(block)
     if block_is_incompressible(block):
         body: bytes | bytearray = _stored_blocks(block, True)

@@ -238,7 +238,7 @@ def _documented_members(data: bytes, level: int) -> bytes:
                 expected += bytes([final]) + len(piece).to_bytes(2, "little")
                 expected += (len(piece) ^ 0xFFFF).to_bytes(2, "little") + piece
         else:
-            expected += deflate.deflate_compress(block, level)
+            expected += deflate.deflate_compress(block, level)  # libdeflate's level of that number
         expected += zlib.crc32(block).to_bytes(4, "little") + len(block).to_bytes(4, "little")
     return bytes(expected)
 
@@ -301,25 +301,26 @@ def test_stored_strategy_stores_random_blocks_and_deflates_text() -> None:
     assert not block_is_incompressible(b"")
     data = _mixed_blocks(4)
     plain = compress(LayerOptions(GZIP, 5), data, strategy="deflate")
-    stored = compress(LayerOptions(GZIP, 5), data)
+    stored = compress(LayerOptions(GZIP, 5), data, strategy="deflate+stored")
     assert gzip.decompress(stored) == data
     # The random MiB (and the random tail) become stored blocks: 5 bytes per 64 KiB - 1 of
     # overhead, less than zlib-ng's own stored fallback; the text blocks are the same deflate.
     assert len(stored) < len(plain)
     rnd_only = rnd.randbytes(3 * MIB + 17)
-    blob = compress(LayerOptions(GZIP, 9), rnd_only)
+    blob = compress(LayerOptions(GZIP, 9), rnd_only, strategy="deflate+stored")
     headers = 3 * 5 * -(-MIB // 65535) + 5  # 17 stored blocks per MiB block, one for the tail
     assert len(blob) == 10 + len(rnd_only) + headers + 8
     assert gzip.decompress(blob) == rnd_only
 
 
-def test_stored_strategy_is_the_default_and_named_in_the_id() -> None:
-    assert GZIP_STRATEGY == "deflate+stored"
+def test_libdeflate_is_the_default_and_earlier_ids_are_unchanged() -> None:
+    assert GZIP_STRATEGY == LD
     data = _mixed_blocks(5)
-    assert compress(LayerOptions(GZIP), data) == compress(LayerOptions(GZIP), data, strategy="deflate+stored")
+    assert compress(LayerOptions(GZIP), data) == compress(LayerOptions(GZIP), data, strategy=LD)
+    assert compressor_id(LayerOptions(GZIP)) == compressor_id(LayerOptions(GZIP), gzip_strategy=LD)
     legacy = compressor_id(LayerOptions(GZIP), gzip_strategy="deflate")
-    new = compressor_id(LayerOptions(GZIP))
-    # The earlier strategy keeps the id its blobs were recorded with; the new one extends it.
+    new = compressor_id(LayerOptions(GZIP), gzip_strategy="deflate+stored")
+    # The earlier strategies keep the ids their blobs were recorded with.
     assert legacy.endswith(f"gzip level=5 block={GZIP_BLOCK_SIZE} dict={GZIP_DICT_SIZE} memlevel=8")
     assert new == legacy + f" stored=probe:{GZIP_PROBE_SLICES}x{GZIP_PROBE_SLICE}@level{GZIP_PROBE_LEVEL}"
     with pytest.raises(InvalidArgument):
@@ -436,17 +437,20 @@ def test_gzip_header_bytes(level: int, header: str) -> None:
     assert gzip_header(level).hex() == header
 
 
-def test_gzip_trailer_is_crc_and_size() -> None:
+@pytest.mark.parametrize("strategy", GZIP_STRATEGIES)
+def test_gzip_trailer_is_crc_and_size(strategy: str) -> None:
     data = make_data(MIB + 5, seed=4)
-    blob = compress(LayerOptions(GZIP), data)
-    assert blob[-8:-4] == zlib.crc32(data).to_bytes(4, "little")
-    assert blob[-4:] == len(data).to_bytes(4, "little")
+    blob = compress(LayerOptions(GZIP), data, strategy=strategy)
+    # one member: the whole stream's; a member per block: the last block's
+    tail = data[MIB:] if strategy == LD else data
+    assert blob[-8:-4] == zlib.crc32(tail).to_bytes(4, "little")
+    assert blob[-4:] == len(tail).to_bytes(4, "little")
 
 
-def test_gzip_of_empty_input() -> None:
+def test_gzip_of_empty_input_zlib_ng() -> None:
     # Header, a final empty fixed-Huffman block (03 00), CRC 0, ISIZE 0: 20 bytes. Go writes a
-    # final empty stored block instead (23 bytes); both decode to nothing.
-    blob = compress(LayerOptions(GZIP), b"")
+    # final empty stored block instead (23 bytes), as libdeflate+stored does; all decode to nothing.
+    blob = compress(LayerOptions(GZIP), b"", strategy="deflate+stored")
     assert blob.hex() == "1f8b08000000000000ff" + "0300" + "00000000" + "00000000"
     assert gzip.decompress(blob) == b""
 
@@ -454,7 +458,7 @@ def test_gzip_of_empty_input() -> None:
 def test_input_of_exactly_whole_blocks_ends_with_its_last_block() -> None:
     # A full block is held back until more input or close(), so no empty final block is added.
     data = make_data(2 * MIB, seed=1)
-    blob = compress(LayerOptions(GZIP), data, chunks=MIB)
+    blob = compress(LayerOptions(GZIP), data, chunks=MIB, strategy="deflate+stored")
     d = zlib.decompressobj(-15)
     assert d.decompress(blob[10:-8]) == data
     assert d.eof and d.unused_data == b""
@@ -504,7 +508,9 @@ def test_zstd_job_sizes_follow_libzstd() -> None:
 
 
 def _is_complete(comp: Compression, blob: bytes) -> bool:
-    d = zlib.decompressobj(31) if comp is GZIP else zstandard.ZstdDecompressor().decompressobj()
+    if comp is GZIP:
+        return gunzip_members(blob)[2]
+    d = zstandard.ZstdDecompressor().decompressobj()
     try:
         d.decompress(blob)
     except (zlib.error, zstandard.ZstdError):
@@ -615,8 +621,11 @@ def test_passthrough_forwards_unchanged() -> None:
 
 def test_compressor_id() -> None:
     gz = compressor_id(LayerOptions(GZIP))
-    assert gz.startswith(f"zlib-ng {zlib_ng.ZLIBNG_RUNTIME_VERSION} (python-zlib-ng ")
-    assert f"level={GZIP.default_level()} block={GZIP_BLOCK_SIZE} dict={GZIP_DICT_SIZE}" in gz
+    assert gz.startswith(f"libdeflate (python-deflate {deflate.__version__}, ")
+    assert f"level={GZIP.default_level()} block={GZIP_BLOCK_SIZE} members" in gz
+    zng = compressor_id(LayerOptions(GZIP), gzip_strategy="deflate+stored")
+    assert zng.startswith(f"zlib-ng {zlib_ng.ZLIBNG_RUNTIME_VERSION} (python-zlib-ng ")
+    assert f"level={GZIP.default_level()} block={GZIP_BLOCK_SIZE} dict={GZIP_DICT_SIZE}" in zng
     assert compressor_id(LayerOptions(GZIP, 9)) != gz
     zs = compressor_id(LayerOptions(ZSTD, 19))
     assert zs.startswith("zstd " + ".".join(map(str, zstandard.ZSTD_VERSION)))
@@ -699,9 +708,14 @@ _MEMORY_CHILD = textwrap.dedent(
     comp, level, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) << 20
     base = bytes(range(256)) * 1024 + bytes((i * 7919) % 251 for i in range(1 << 16))
     h_in, h_out = hashlib.sha256(), hashlib.sha256()
-    if comp == "gzip":
-        d = zlib.decompressobj(31)
-        feed = lambda b: h_out.update(d.decompress(b))
+    if comp == "gzip":  # any number of members, as a streaming reader decodes them
+        d = [zlib.decompressobj(31)]
+        def feed(b):
+            while b:
+                h_out.update(d[0].decompress(b))
+                b = d[0].unused_data
+                if d[0].eof:
+                    d[0] = zlib.decompressobj(31)
     else:
         d = zstandard.ZstdDecompressor().decompressobj()
         feed = lambda b: h_out.update(d.decompress(b))
