@@ -4,6 +4,7 @@ message; progress is a live display of files and bytes per layer."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -15,15 +16,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
 
 from blobchain.client.api import Client
 from blobchain.client.layout import check_destination, check_disjoint, check_layout, is_fresh, remove_if_empty
@@ -261,6 +253,8 @@ class _PushDisplay:
 
     def __init__(self, quiet: bool) -> None:
         show = not quiet and (err.is_terminal or os.environ.get("BLOBCHAIN_PROGRESS") == "1")
+        if show:  # rich's progress widgets load only for a display (start-up of -q and pipes)
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
         self._bar = (
             Progress(
                 TextColumn("{task.description}"),
@@ -336,6 +330,8 @@ def _follow(job: Job, labels: dict[str, str], quiet: bool) -> ChainResult:
 
     if quiet or (not err.is_terminal and os.environ.get("BLOBCHAIN_PROGRESS") != "1"):
         return job.wait()
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     cols = (
         SpinnerColumn(finished_text="✓"),
         TextColumn("{task.description}"),
@@ -888,6 +884,7 @@ def worker(
     raise typer.Exit(run_worker(concurrency=concurrency, name=name, queues=queues, extra=list(ctx.args)))
 
 
+@functools.cache
 def _click_exceptions() -> tuple[type[Exception], ...]:
     """Click's exception base, wherever this typer keeps it: typer >= 0.20 vendors click as
     ``typer._click`` (pinned in pyproject.toml), older ones use the ``click`` package."""
@@ -906,8 +903,6 @@ def _click_exceptions() -> tuple[type[Exception], ...]:
         pass
     return tuple(found)
 
-
-_CLICK_ERRORS = _click_exceptions()
 
 
 def _usage_error(e: Exception) -> int:
@@ -950,10 +945,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.exit_code or 0)
     except (typer.Abort, EOFError):
         return 1
-    except _CLICK_ERRORS as e:  # usage errors: unknown option, bad or missing value
-        return _usage_error(e)
     except OSError as e:  # a filesystem failure nothing below named: still one line
         return _error(from_os_error(e, "blobchain"))
+    except Exception as e:
+        # Usage errors (unknown option, bad or missing value): click's classes, looked up only
+        # now (the standalone click package costs start-up otherwise).
+        if isinstance(e, _click_exceptions()):
+            return _usage_error(e)
+        raise
 
 
 if __name__ == "__main__":
