@@ -12,9 +12,6 @@ leaves no child publishing blobs or holding ``content.db``."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import multiprocessing as mp
 import os
 import pickle
 import signal
@@ -22,10 +19,8 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any
-
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 from blobchain.layers.compress import available_cpus
 from blobchain.layers.errors import BlobchainError
@@ -47,13 +42,15 @@ from blobchain.workers.executor import (
 from blobchain.workers.flight import Flight
 from blobchain.workers.progress import Progress, Throttle
 from blobchain.workers.refjob import BuildOutcome, build_ref, flight_key
-from blobchain.workers.retry import JitteredBackoff
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 __all__ = ["EmbeddedExecutor", "EmbeddedJob"]
 
 _PROGRESS_EVERY_S = 0.2
 # Waiting for a ref another process (another CLI run) holds: short first waits, then every 2 s.
-_WAIT = JitteredBackoff(0.05, 2.0)
+_WAIT_FIRST_S, _WAIT_CAP_S = 0.05, 2.0
 _CANCEL_GRACE_S = 3.0
 _PARENT_POLL_S = 0.5
 _PR_SET_PDEATHSIG = 1
@@ -83,6 +80,9 @@ def _die_with_parent(parent: int) -> None:
     """SIGKILL this process when ``parent`` dies: the kernel's parent-death signal (Linux), and
     a watcher thread for what it misses (it fires on the exit of the parent *thread* that
     spawned us, and not at all if the parent died before it was set)."""
+    import ctypes
+    import ctypes.util
+
     libc_name = ctypes.util.find_library("c")
     if libc_name is not None:
         with contextlib.suppress(OSError, AttributeError):
@@ -300,6 +300,10 @@ class EmbeddedExecutor:
         (or none) never pays for spawning them and importing the stack again in each."""
         with self._pool_lock:
             if self._pool is None:
+                # Imported here: a CLI run that builds nothing in a pool never loads them.
+                import multiprocessing as mp
+                from concurrent.futures import ProcessPoolExecutor
+
                 ctx = mp.get_context("spawn")  # no fork with threads running
                 self._events = ctx.Queue()
                 self._pool = ProcessPoolExecutor(
@@ -445,14 +449,29 @@ class EmbeddedExecutor:
                 fut = pool.submit(_child_build, ref_id, opts, create_if_needed, force, at_once)
             return fut.result()
 
+        try:
+            return once()
+        except InProgress as e:
+            held = [e]  # the first attempt, as tenacity would have made it
+        # Imported only now: tenacity loads asyncio (and tornado, when installed) at import,
+        # ~30 ms of every CLI start-up for a wait that is rare.
+        from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set
+
+        from blobchain.workers.retry import JitteredBackoff
+
+        def attempt() -> BuildOutcome:
+            if held:
+                raise held.pop()
+            return once()
+
         retrying = Retrying(
             retry=retry_if_exception_type(InProgress),
-            wait=_WAIT,
+            wait=JitteredBackoff(_WAIT_FIRST_S, _WAIT_CAP_S),
             stop=stop_after_delay(self._wait_budget_s) | stop_when_event_set(self._cancelled),
             before_sleep=lambda _: self._emit(RefEvent(ref_id, WAITING)),
             reraise=True,
         )
-        return retrying(once)
+        return retrying(attempt)
 
     def close(self, *, cancel: bool = False) -> None:
         if cancel:
