@@ -14,8 +14,10 @@ in 1 MiB reads into the compressor, whose output is counted and sha256-hashed, n
 
 Cases (``name:level[:tN]``):
   zlib:L     Python's zlib (single thread), gzip wrapper: the classic zlib baseline
-  gzip:L:tN  blobchain's gzip (zlib-ng, 1 MiB blocks, the default "deflate+stored" strategy)
+  gzip:L:tN  blobchain's gzip with the default strategy (GZIP_STRATEGY: "libdeflate+stored")
   gzipd:L:tN the same with the earlier "deflate" strategy (every block through zlib-ng)
+  gzips:L:tN the same with the "deflate+stored" strategy (zlib-ng, stored when the probe says so)
+  gzipld:L:tN the same with the "libdeflate+stored" strategy (libdeflate, one gzip member per block)
   isal:L     python-isal (ISA-L igzip), single thread, for reference (levels 0-3)
   zstd:L:tN  blobchain's zstd (libzstd MT mode) with N threads
   go:L       Go's stdlib compress/gzip (what containerd 1.6 uses), if ``go`` is on PATH
@@ -45,6 +47,7 @@ DEFAULT_CASES = (
     [f"go:{lvl}" for lvl in (1, 6, 9)]
     + [f"zlib:{lvl}" for lvl in range(1, 10)]
     + [f"gzip:{lvl}:t{t}" for lvl in range(1, 10) for t in (1, 2)]
+    + [f"gzipld:{lvl}:t{t}" for lvl in range(1, 10) for t in (1, 2)]
     + [f"isal:{lvl}" for lvl in range(4)]
     + [f"zstd:{lvl}:t{t}" for lvl in (1, 3, 9, 19) for t in (1, 2)]
 )
@@ -155,12 +158,14 @@ def _run_case(case: str, corpus: str) -> dict[str, object]:
         from isal import isal_zlib
 
         run = _stdlib_like(lambda: isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31))
-    elif name in ("gzip", "gzipd", "zstd"):
+    elif name in ("gzip", "gzipd", "gzips", "gzipld", "zstd"):
         from blobchain.layers.compress import GZIP_STRATEGY, open_compressor
         from blobchain.layers.records import LayerOptions
 
-        strategy = "deflate" if name == "gzipd" else GZIP_STRATEGY
-        comp = "gzip" if name == "gzipd" else name
+        strategy = {"gzipd": "deflate", "gzips": "deflate+stored", "gzipld": "libdeflate+stored"}.get(
+            name, GZIP_STRATEGY
+        )
+        comp = "zstd" if name == "zstd" else "gzip"
 
         def run(corpus: str, sink: Callable[[bytes], None]) -> None:
             opts = LayerOptions(comp, level)  # type: ignore[arg-type]

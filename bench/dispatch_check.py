@@ -1,6 +1,6 @@
 """CPU-dispatch check: do the compressors give the same bytes whatever the CPU's features?
 
-zlib-ng (and libzstd) choose code paths at run time by CPU features (SSE2, SSSE3, SSE4.2,
+zlib-ng, libdeflate (and libzstd) choose code paths at run time by CPU features (SSE2, SSSE3, SSE4.2,
 PCLMULQDQ, AVX2, AVX-512, VPCLMULQDQ). Blob digests must not depend on that. This script
 compresses a fixed corpus with every gzip level and strategy and a few zstd levels, and prints
 the sha256 of each output as JSON. Run it natively and under Debian's ``qemu-user`` with an older
@@ -47,7 +47,7 @@ def corpus() -> bytes:
 def cases() -> list[tuple[str, str, int, str, int]]:
     """(name, compression, level, gzip strategy, threads)."""
     out = []
-    for strategy in ("deflate", "deflate+stored"):
+    for strategy in ("deflate", "deflate+stored", "libdeflate+stored"):
         out += [(f"gzip:{lvl}:{strategy}", "gzip", lvl, strategy, 2) for lvl in range(1, 10)]
     out += [(f"zstd:{lvl}:t{t}", "zstd", lvl, "deflate+stored", t) for lvl in (1, 3, 9) for t in (1, 2)]
     return out

@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from blobchain.config.defaults import Defaults, check_jobs
 from blobchain.config.factory import DepsOpener, open_deps
-from blobchain.config.settings import Settings, check_jobs, load_settings
-from blobchain.layers.errors import RefNotFound, SnapshotOutsideRoots
+from blobchain.layers.errors import FailedPrecondition, RefNotFound, SnapshotOutsideRoots
 from blobchain.layers.imageconfig import ImageOptions
 from blobchain.layers.records import Compression, Descriptor, LayerOptions, RefRecord, RefSpec
 from blobchain.layers.snapshot import open_snapshot
@@ -23,6 +23,7 @@ from blobchain.workers.plan import make_plan
 
 if TYPE_CHECKING:  # the registry client (httpx) loads only for a push: start-up of export
     from blobchain.client.base import BaseImage
+    from blobchain.config.defaults import AnySettings
     from blobchain.layers.imageconfig import Platform
     from blobchain.registry.client import TransportOptions
     from blobchain.registry.push import PushEvent, PushResult
@@ -72,11 +73,13 @@ def chain_specs(
 class Client:
     """``Client()`` runs embedded (in-process, local store) unless the settings name a broker;
     then work goes to Celery workers. ``executor=`` overrides the choice (e.g. for tests);
-    ``deps=`` hands in stores already open (the executor's, to share one set)."""
+    ``deps=`` hands in stores already open (the executor's, to share one set). ``settings``:
+    a :class:`~blobchain.config.settings.Settings` (default: ``load_settings()``), or the
+    :class:`~blobchain.config.defaults.Defaults` that ``quick_settings()`` gives."""
 
     def __init__(
         self,
-        settings: Settings | None = None,
+        settings: AnySettings | None = None,
         *,
         executor: Executor | None = None,
         deps: Deps | None = None,
@@ -84,7 +87,11 @@ class Client:
         in_process: bool = False,
         create_store: bool = True,
     ) -> None:
-        self.settings = settings or load_settings()
+        if settings is None:
+            from blobchain.config.settings import load_settings
+
+            settings = load_settings()
+        self.settings: AnySettings = settings
         self._executor = executor
         self._jobs = check_jobs(jobs)
         self._in_process = in_process
@@ -104,7 +111,7 @@ class Client:
     def executor(self) -> Executor:
         """The executor the settings call for, given the client's stores, made on first use."""
         if self._executor is None:
-            if self.settings.distributed:
+            if not isinstance(self.settings, Defaults) and self.settings.distributed:
                 from blobchain.tasks.submit import CeleryExecutor
 
                 self._executor = CeleryExecutor(self.settings, self.deps)
@@ -174,6 +181,8 @@ class Client:
         from blobchain.config.factory import open_distributed
         from blobchain.tasks.inspect import chain_status
 
+        if isinstance(self.settings, Defaults):
+            raise FailedPrecondition("chain status needs distributed mode (BLOBCHAIN_BROKER_URL)")
         claims = open_distributed(self.settings).claims
         return chain_status(self.deps.metadata, claims, ref_id, self.settings.key_prefix)
 

@@ -4,6 +4,7 @@ message; progress is a live display of files and bytes per layer."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -15,19 +16,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
 
 from blobchain.client.api import Client
 from blobchain.client.layout import check_destination, check_disjoint, check_layout, is_fresh, remove_if_empty
-from blobchain.config.settings import MAX_JOBS, load_settings
+from blobchain.config.defaults import MAX_JOBS, quick_settings
 from blobchain.layers.errors import (
     AlreadyExists,
     BlobchainError,
@@ -261,6 +253,8 @@ class _PushDisplay:
 
     def __init__(self, quiet: bool) -> None:
         show = not quiet and (err.is_terminal or os.environ.get("BLOBCHAIN_PROGRESS") == "1")
+        if show:  # rich's progress widgets load only for a display (start-up of -q and pipes)
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
         self._bar = (
             Progress(
                 TextColumn("{task.description}"),
@@ -336,6 +330,8 @@ def _follow(job: Job, labels: dict[str, str], quiet: bool) -> ChainResult:
 
     if quiet or (not err.is_terminal and os.environ.get("BLOBCHAIN_PROGRESS") != "1"):
         return job.wait()
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     cols = (
         SpinnerColumn(finished_text="✓"),
         TextColumn("{task.description}"),
@@ -474,7 +470,7 @@ def export(
     _check_push_target(push_to, push_args)
     args = _ChainArgs(compression, level, upper, windows, source_date_epoch, quiet)
     args.check()
-    settings = load_settings(**({} if store is None else {"store": store}))
+    settings = quick_settings(**({} if store is None else {"store": store}))
     if not settings.distributed:
         settings = settings.model_copy(update={"store": store or oci})
     # Everything that can be checked is checked before the first byte is written.
@@ -756,7 +752,7 @@ def index(
 ) -> None:
     """Write a multi-platform image index over images already in LAYOUT (platforms from their
     configs), tagged --tag."""
-    settings = load_settings()
+    settings = quick_settings()
     if not settings.distributed:  # as export: the layout is the embedded store
         settings = settings.model_copy(update={"store": layout})
     with Client(settings) as client:
@@ -770,7 +766,7 @@ def index(
 
 def _reading_client(store: str | None) -> Client:
     """A client for reading commands: never creates a store that is not there."""
-    settings = load_settings(**({} if store is None else {"store": store}))
+    settings = quick_settings(**({} if store is None else {"store": store}))
     return Client(settings, create_store=False)
 
 
@@ -841,7 +837,7 @@ def verify(
     """
     from blobchain.workers.verify import verify_store
 
-    settings = load_settings()
+    settings = quick_settings()
     if store is not None:
         if not os.path.isfile(os.path.join(store, "oci-layout")):
             raise NotFound(f"{store} is not an OCI layout or blobchain store (no oci-layout)", path=store)
@@ -888,6 +884,7 @@ def worker(
     raise typer.Exit(run_worker(concurrency=concurrency, name=name, queues=queues, extra=list(ctx.args)))
 
 
+@functools.cache
 def _click_exceptions() -> tuple[type[Exception], ...]:
     """Click's exception base, wherever this typer keeps it: typer >= 0.20 vendors click as
     ``typer._click`` (pinned in pyproject.toml), older ones use the ``click`` package."""
@@ -906,8 +903,6 @@ def _click_exceptions() -> tuple[type[Exception], ...]:
         pass
     return tuple(found)
 
-
-_CLICK_ERRORS = _click_exceptions()
 
 
 def _usage_error(e: Exception) -> int:
@@ -950,10 +945,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.exit_code or 0)
     except (typer.Abort, EOFError):
         return 1
-    except _CLICK_ERRORS as e:  # usage errors: unknown option, bad or missing value
-        return _usage_error(e)
     except OSError as e:  # a filesystem failure nothing below named: still one line
         return _error(from_os_error(e, "blobchain"))
+    except Exception as e:
+        # Usage errors (unknown option, bad or missing value): click's classes, looked up only
+        # now (the standalone click package costs start-up otherwise).
+        if isinstance(e, _click_exceptions()):
+            return _usage_error(e)
+        raise
 
 
 if __name__ == "__main__":

@@ -15,13 +15,15 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from blobchain.config.settings import Settings
+from blobchain.config.defaults import Defaults
 from blobchain.layers.errors import InvalidSetting, StoreNotFound, from_os_error
 from blobchain.storage.deps import Deps
 
 if TYPE_CHECKING:
     import redis
 
+    from blobchain.config.defaults import AnySettings
+    from blobchain.config.settings import Settings
     from blobchain.storage.claims.redis import RedisClaimService
 
 __all__ = ["DepsOpener", "DistributedStores", "open_deps", "open_distributed", "redis_client"]
@@ -37,10 +39,10 @@ class DistributedStores:
     redis: redis.Redis
 
 
-def open_deps(settings: Settings, *, create: bool = True) -> Deps:
+def open_deps(settings: AnySettings, *, create: bool = True) -> Deps:
     """The stores ``settings`` name. ``create=False`` (reading commands) refuses to create an
     embedded store that does not exist yet (StoreNotFound) instead of making an empty one."""
-    if settings.distributed:
+    if not isinstance(settings, Defaults) and settings.distributed:
         return open_distributed(settings).deps
     from blobchain.storage.claims.local import LocalClaimService
     from blobchain.storage.content.local import LocalContentStore
@@ -103,7 +105,7 @@ class DepsOpener:
     """Opens the stores ``settings`` name in whichever process calls it: what an executor hands
     to the processes it starts (picklable: the settings travel, never an open connection)."""
 
-    settings: Settings
+    settings: AnySettings
 
     def __call__(self) -> Deps:
         return open_deps(self.settings)

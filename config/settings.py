@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -18,62 +17,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+# The checks that need no model live in config/defaults (the CLI's start-up imports no pydantic).
+from blobchain.config.defaults import MAX_JOBS, check_jobs, check_redis_url, default_store, redact_url
 from blobchain.layers.errors import InvalidSetting
 
 __all__ = ["MAX_JOBS", "Settings", "check_jobs", "check_redis_url", "load_settings", "redact_url"]
-
-# More builds at once than this is a typo, not a machine: each is a process.
-MAX_JOBS = 1024
-_REDIS_SCHEMES = ("redis", "rediss")
-
-
-def _default_store() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "blobchain", "store")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-
-
-def check_jobs(jobs: int | None, name: str = "jobs") -> int | None:
-    """``jobs`` if None or 1..MAX_JOBS, else InvalidSetting."""
-    if jobs is None:
-        return None
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
-        raise InvalidSetting(f"{name} must be an integer in 1..{MAX_JOBS}, got {jobs!r}", setting=name)
-    return jobs
-
-
-def check_redis_url(url: str, name: str = "broker_url") -> str:
-    """``url`` if it is a usable Redis URL (redis:// or rediss://, a host, a valid port and
-    database), else InvalidSetting. The message never shows the password."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # raises on a bad or out-of-range port
-        host = parts.hostname
-        shown = redact_url(url)
-    except ValueError as e:
-        raise InvalidSetting(f"{name}: not a valid URL ({e})", setting=name) from None
-    if parts.scheme not in _REDIS_SCHEMES:
-        raise InvalidSetting(
-            f"{name}={shown}: scheme must be redis:// or rediss://, not {parts.scheme + '://' if parts.scheme else 'none'}",
-            setting=name,
-        )
-    if not host:
-        raise InvalidSetting(f"{name}={shown}: no host", setting=name)
-    if port == 0:
-        raise InvalidSetting(f"{name}={shown}: port 0", setting=name)
-    db = parts.path.lstrip("/")
-    if db and not db.isdigit():
-        raise InvalidSetting(f"{name}={shown}: database {db!r} is not a number", setting=name)
-    return url
 
 
 class Settings(BaseSettings):
@@ -81,7 +29,7 @@ class Settings(BaseSettings):
 
     # --- embedded mode ---
     store: str = Field(
-        default_factory=_default_store, description="OCI layout used as the local content store"
+        default_factory=default_store, description="OCI layout used as the local content store"
     )
     # Snapshot paths must resolve inside one of these (os.pathsep-separated in the env); empty = any.
     roots: Annotated[tuple[str, ...], NoDecode] = ()

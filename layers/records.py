@@ -86,7 +86,9 @@ class Compression(enum.StrEnum):
         return {Compression.UNCOMPRESSED: None, Compression.GZIP: (1, 9), Compression.ZSTD: (1, 22)}[self]
 
     def default_level(self) -> int | None:
-        # gzip 5: within 0.3 % of Go's level-6 size, faster than 6 (docs/compression.md).
+        # gzip 5: libdeflate 5 (the default strategy) is at most 0.2 % larger than Go's level 6 on
+        # eight corpora, and smaller than zlib-ng 5, whose blobs stored under the same key
+        # (gzip-5) stay a fair reuse; libdeflate 4 was +2.8 % on Go source (docs/compression.md).
         return {Compression.UNCOMPRESSED: None, Compression.GZIP: 5, Compression.ZSTD: 3}[self]
 
 

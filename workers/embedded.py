@@ -1,7 +1,9 @@
 """The default executor: one machine, no services. Every ref of a chain is built at once (a
 parent's diff never waits for its child's), each in a process of a pool so Python-heavy walks
 use every core; chain IDs are set in order once all are built. The pool starts only when two or
-more layers need building: refs already built, and a lone build, run in this process.
+more layers need building and they are not small: refs already built, a lone build, and builds
+that together read at most ``SMALL_ENTRIES`` entries and ``SMALL_BYTES`` bytes run in this
+process (spawning a build process, which imports the stack again, costs more than they do).
 
 Pool children die with the process that started them: each asks the kernel for SIGKILL when its
 parent goes (``PR_SET_PDEATHSIG``) and also watches its parent pid, so a ``kill -9`` of the CLI
@@ -10,23 +12,21 @@ leaves no child publishing blobs or holding ``content.db``."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import multiprocessing as mp
 import os
 import pickle
 import signal
+import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any
-
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 from blobchain.layers.compress import available_cpus
 from blobchain.layers.errors import BlobchainError
+from blobchain.layers.overlay import ROOTFS
 from blobchain.layers.records import Compression, LayerOptions, RefRecord
+from blobchain.layers.snapshot import open_snapshot
 from blobchain.storage.deps import Deps
 from blobchain.workers.chainjob import chain_records, finalize_chain
 from blobchain.workers.errors import InProgress
@@ -42,16 +42,23 @@ from blobchain.workers.executor import (
 from blobchain.workers.flight import Flight
 from blobchain.workers.progress import Progress, Throttle
 from blobchain.workers.refjob import BuildOutcome, build_ref, flight_key
-from blobchain.workers.retry import JitteredBackoff
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 __all__ = ["EmbeddedExecutor", "EmbeddedJob"]
 
 _PROGRESS_EVERY_S = 0.2
 # Waiting for a ref another process (another CLI run) holds: short first waits, then every 2 s.
-_WAIT = JitteredBackoff(0.05, 2.0)
+_WAIT_FIRST_S, _WAIT_CAP_S = 0.05, 2.0
 _CANCEL_GRACE_S = 3.0
 _PARENT_POLL_S = 0.5
 _PR_SET_PDEATHSIG = 1
+# Builds that together read no more than this run in this process even when there are several:
+# each pool process costs ~0.5 s CPU to start (it imports the stack again), more than walking
+# this many entries and compressing this many bytes (bench/run_startup.py).
+SMALL_ENTRIES = 4096
+SMALL_BYTES = 16 << 20
 
 # --- the pool side: one Deps per process -----------------------------------------------------
 
@@ -73,6 +80,9 @@ def _die_with_parent(parent: int) -> None:
     """SIGKILL this process when ``parent`` dies: the kernel's parent-death signal (Linux), and
     a watcher thread for what it misses (it fires on the exit of the parent *thread* that
     spawned us, and not at all if the parent died before it was set)."""
+    import ctypes
+    import ctypes.util
+
     libc_name = ctypes.util.find_library("c")
     if libc_name is not None:
         with contextlib.suppress(OSError, AttributeError):
@@ -144,6 +154,73 @@ def _child_build(
         _child_busy = False
 
 
+class _Budget:
+    """What small builds may still read: entries listed and bytes of regular files (or of a
+    stored blob to convert)."""
+
+    def __init__(self, entries: int, nbytes: int) -> None:
+        self.entries = entries
+        self.nbytes = nbytes
+
+    def spend(self, entries: int, nbytes: int) -> bool:
+        """Take ``entries`` and ``nbytes``; False once either is overdrawn."""
+        self.entries -= entries
+        self.nbytes -= nbytes
+        return self.entries >= 0 and self.nbytes >= 0
+
+
+def _fits(path: str, roots: Sequence[str] | None, budget: _Budget) -> bool:
+    """Whether snapshot ``path`` fits in ``budget`` (spent as it is listed; stops as soon as it
+    is overdrawn). Listed through the engine's confined snapshot, as the build reads it: never
+    outside the roots, no symlink followed. Unreadable counts as not small: the build says why."""
+    try:
+        snap = open_snapshot(path, roots)
+    except (BlobchainError, OSError):
+        return False
+    with snap:
+        dirs = [b""]
+        while dirs:
+            rel = dirs.pop()
+            try:
+                listed = snap.scandir(rel)
+            except (BlobchainError, OSError):
+                return False
+            size = 0
+            for name, st in listed:
+                if stat.S_ISDIR(st.st_mode):
+                    dirs.append(rel + b"/" + name if rel else name)
+                elif stat.S_ISREG(st.st_mode):
+                    size += st.st_size
+            if not budget.spend(len(listed), size):
+                return False
+    return True
+
+
+def _small(records: Sequence[RefRecord], missing: set[str], roots: Sequence[str] | None, budget: _Budget) -> bool:
+    """Whether the builds of ``missing`` (refs of ``records``, base first) together fit in
+    ``budget``: each reads its snapshot and its lower (the ancestors down to the nearest rootfs),
+    or converts its stored blob."""
+    seen: set[str] = set()
+    for i, rec in enumerate(records):
+        if rec.ref_id not in missing:
+            continue
+        if rec.blob is not None:  # converted from the stored blob: no walk
+            if not budget.spend(0, rec.blob.size):
+                return False
+            continue
+        reads = [rec.spec.snapshot]
+        for parent in reversed(records[:i]):
+            reads.append(parent.spec.snapshot)
+            if parent.spec.kind == ROOTFS:
+                break
+        for path in reads:
+            if path not in seen:
+                seen.add(path)
+                if not _fits(path, roots, budget):
+                    return False
+    return True
+
+
 def _stops_quickly(opts: LayerOptions) -> bool:
     """True when a build returns to Python (and so sees a cancel) at least every few hundred
     milliseconds: gzip and tar work in 1 MiB pieces; zstd from level 10 up has jobs of 16 MiB and
@@ -185,8 +262,9 @@ class EmbeddedExecutor:
     """Builds with ``deps`` here and, in ``jobs`` processes (default: all cores), with the stores
     ``opener`` opens in each (a picklable callable: ``config.factory.DepsOpener``).
     ``in_process=True`` builds in threads of this process instead (no process start-up; handy
-    for tests and tiny chains). A build that finds its ref held elsewhere waits up to
-    ``wait_budget_s``."""
+    for tests). Without it, builds that together list at most ``small_entries`` entries and read
+    at most ``small_bytes`` bytes run here too (0 and 0: only a lone build does). A build that
+    finds its ref held elsewhere waits up to ``wait_budget_s``."""
 
     def __init__(
         self,
@@ -196,6 +274,8 @@ class EmbeddedExecutor:
         jobs: int | None = None,
         wait_budget_s: float = 3600.0,
         in_process: bool = False,
+        small_entries: int = SMALL_ENTRIES,
+        small_bytes: int = SMALL_BYTES,
     ) -> None:
         self.deps = deps
         self._opener = opener
@@ -209,6 +289,8 @@ class EmbeddedExecutor:
         self._pool: ProcessPoolExecutor | None = None
         self._events: Any = None
         self._in_process = in_process
+        self._small_entries = small_entries
+        self._small_bytes = small_bytes
         self._pool_lock = threading.Lock()
         # Set on Ctrl-C: a build running in this process stops at its next progress report.
         self._cancelled = threading.Event()
@@ -218,6 +300,10 @@ class EmbeddedExecutor:
         (or none) never pays for spawning them and importing the stack again in each."""
         with self._pool_lock:
             if self._pool is None:
+                # Imported here: a CLI run that builds nothing in a pool never loads them.
+                import multiprocessing as mp
+                from concurrent.futures import ProcessPoolExecutor
+
                 ctx = mp.get_context("spawn")  # no fork with threads running
                 self._events = ctx.Queue()
                 self._pool = ProcessPoolExecutor(
@@ -257,10 +343,10 @@ class EmbeddedExecutor:
         # Only the refs still missing this variant build; the others are answered from the store.
         missing = {r.ref_id for r in records if r.blob_for(opts) is None and not (r.blob and r.blob.from_base)}
         at_once = self._builds_at_once(len(missing))
-        # Refs already built, and a lone build, run here: no build process is started for them.
-        # Not a lone build at a high zstd level: one libzstd call can then run for seconds, and
-        # only a pool child can be killed when Ctrl-C must not wait for it.
-        lone = len(missing) <= 1 and _stops_quickly(opts)
+        # Refs already built, a lone build and small builds run here: no build process is
+        # started for them. Not at a high zstd level: one libzstd call can then run for
+        # seconds, and only a pool child can be killed when Ctrl-C must not wait for it.
+        here = self._in_process or not missing or (_stops_quickly(opts) and self._build_here(records, missing))
         builds = [
             self._threads.submit(
                 self._build_one,
@@ -269,7 +355,7 @@ class EmbeddedExecutor:
                 create_if_needed,
                 force,
                 at_once,
-                self._in_process or r not in missing or lone,
+                here or r not in missing,
             )
             for r in chain
         ]
@@ -296,6 +382,14 @@ class EmbeddedExecutor:
 
         threading.Thread(target=finish, name=f"blobchain-chain-{ref_id}", daemon=True).start()
         return EmbeddedJob(ref_id, state, outer)
+
+    def _build_here(self, records: Sequence[RefRecord], missing: set[str]) -> bool:
+        """Whether the builds of ``missing`` run in this process: one alone, or several small."""
+        if len(missing) <= 1:
+            return True
+        if self._pool is not None:  # started already: it costs nothing more
+            return False
+        return _small(records, missing, self.deps.roots, _Budget(self._small_entries, self._small_bytes))
 
     def _builds_at_once(self, n_builds: int) -> int:
         """How many of ``n_builds`` run together (at most ``jobs``): they share the cores."""
@@ -355,14 +449,29 @@ class EmbeddedExecutor:
                 fut = pool.submit(_child_build, ref_id, opts, create_if_needed, force, at_once)
             return fut.result()
 
+        try:
+            return once()
+        except InProgress as e:
+            held = [e]  # the first attempt, as tenacity would have made it
+        # Imported only now: tenacity loads asyncio (and tornado, when installed) at import,
+        # ~30 ms of every CLI start-up for a wait that is rare.
+        from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set
+
+        from blobchain.workers.retry import JitteredBackoff
+
+        def attempt() -> BuildOutcome:
+            if held:
+                raise held.pop()
+            return once()
+
         retrying = Retrying(
             retry=retry_if_exception_type(InProgress),
-            wait=_WAIT,
+            wait=JitteredBackoff(_WAIT_FIRST_S, _WAIT_CAP_S),
             stop=stop_after_delay(self._wait_budget_s) | stop_when_event_set(self._cancelled),
             before_sleep=lambda _: self._emit(RefEvent(ref_id, WAITING)),
             reraise=True,
         )
-        return retrying(once)
+        return retrying(attempt)
 
     def close(self, *, cancel: bool = False) -> None:
         if cancel:

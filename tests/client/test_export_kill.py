@@ -5,6 +5,7 @@ rerun finishes the export."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from blobchain.workers.embedded import SMALL_BYTES
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +80,8 @@ def test_ctrl_c_reaching_a_pool_child_while_it_starts_does_not_break_the_export(
     for i in range(3):
         s = tmp_path / f"s{i}"
         s.mkdir()
-        for j in range(i + 1):
-            (s / f"f{j}").write_bytes(os.urandom(4096))
+        for j in range(i + 1):  # together over the small-build budget: built in the pool
+            (s / f"f{j}").write_bytes(os.urandom(SMALL_BYTES // 4))
         snaps.append(str(s))
     out = tmp_path / "oci"
     cmd = [sys.executable, "-c", "import sys; from blobchain.client.cli import main; sys.exit(main())"]
@@ -104,4 +107,54 @@ def test_ctrl_c_reaching_a_pool_child_while_it_starts_does_not_break_the_export(
     assert signalled, "no build process was started: the test exercised nothing"
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert (out / "index.json").is_file()
+
+
+def test_ctrl_c_of_a_build_running_in_the_cli_process_exits_130_cleanly(tmp_path: Path) -> None:
+    """A lone build runs in the CLI's own process (no pool): Ctrl-C still stops it (no partial
+    blob, no manifest), exits 130 with the one-line message and no traceback, and a rerun completes."""
+    snap = tmp_path / "big"
+    snap.mkdir()
+    # 3 bits of entropy a byte at gzip's slowest level: seconds (random bytes go out as stored
+    # blocks, far too fast to interrupt).
+    eight = bytes(b"abcdefgh"[i % 8] for i in range(256))
+    (snap / "data.bin").write_bytes(os.urandom(24 << 20).translate(eight))
+    out = tmp_path / "oci"
+    cmd = [sys.executable, "-c", "import sys; from blobchain.client.cli import main; sys.exit(main())"]
+    args = ["export", str(snap), "--oci", str(out), "-c", "gzip", "--level", "9", "-q"]
+    proc = subprocess.Popen(cmd + args, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        ingest = out / ".blobchain" / "ingest"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (ingest.exists() and any(ingest.iterdir())):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.02)
+        assert ingest.exists() and any(ingest.iterdir()), "the export never started writing"
+        spawned = [
+            c
+            for c in psutil.Process(proc.pid).children(recursive=True)
+            if "spawn_main" in " ".join(c.cmdline())
+        ]
+        assert spawned == [], "a lone build started build processes"
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal Ctrl-C does
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert not ingest.exists() or not any(ingest.iterdir())
+    assert not (out / "index.json").exists()
+    # A layer whose last bytes were already being compressed may have been committed: whole (its
+    # digest is its name) and reused by the rerun. Nothing partial is visible.
+    if (out / "blobs" / "sha256").exists():
+        for blob in (out / "blobs" / "sha256").iterdir():
+            assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+    rerun = subprocess.run(
+        [*cmd, "export", str(snap), "--oci", str(out), "-c", "gzip", "--level", "1", "-q"],
+        capture_output=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr.decode(errors="replace")
     assert (out / "index.json").is_file()

@@ -1,7 +1,12 @@
+import dataclasses
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
+from blobchain.config.defaults import Defaults, quick_settings
 from blobchain.config.settings import (
     MAX_JOBS,
     Settings,
@@ -135,3 +140,64 @@ def test_a_config_file_that_is_not_toml(monkeypatch, tmp_path):
     bad.write_text("jobs = 0\n")
     with pytest.raises(InvalidSetting, match="BLOBCHAIN_JOBS"):
         load_settings()
+
+
+# --- the defaults read without pydantic (config/defaults.py) ---------------------------------
+
+
+def _clean_env(monkeypatch, tmp_path):
+    for k in list(os.environ):
+        if k.upper().startswith("BLOBCHAIN_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+
+
+def test_defaults_have_every_field_of_the_model_with_its_default_value(monkeypatch, tmp_path):
+    _clean_env(monkeypatch, tmp_path)
+    model, plain = Settings(), Defaults()
+    assert {f.name for f in dataclasses.fields(Defaults)} == set(Settings.model_fields)
+    for name in Settings.model_fields:
+        assert getattr(plain, name) == getattr(model, name), name
+    for name in ("distributed", "key_prefix", "store"):
+        assert getattr(plain, name) == getattr(model, name)
+    assert plain.secret("s3_secret_key") is None is model.secret("s3_secret_key")
+    with pytest.raises(ValueError, match="BLOBCHAIN_BROKER_URL"):
+        plain.redis_urls()
+    with pytest.raises(AttributeError):
+        plain.secret("no_such_setting")
+    moved = plain.model_copy(update={"store": str(tmp_path / "x")})
+    assert moved.store == model.model_copy(update={"store": str(tmp_path / "x")}).store
+    assert plain.store == str(tmp_path / "xdg" / "blobchain" / "store")
+
+
+def test_quick_settings_uses_the_model_whenever_something_is_configured(monkeypatch, tmp_path):
+    _clean_env(monkeypatch, tmp_path)
+    assert isinstance(quick_settings(), Defaults)
+    assert quick_settings(store="/s") == Defaults(store="/s")
+    assert isinstance(quick_settings(jobs=2), Settings)  # an override to validate
+    for name in ("BLOBCHAIN_JOBS", "blobchain_jobs"):  # pydantic-settings matches any case
+        monkeypatch.setenv(name, "3")
+        s = quick_settings(store="/s")
+        assert isinstance(s, Settings) and s.jobs == 3 and s.store == "/s"
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("BLOBCHAIN_JOBS", "0")
+    with pytest.raises(InvalidSetting):
+        quick_settings()  # still validated
+    monkeypatch.delenv("BLOBCHAIN_JOBS")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('store = "/from/file"\n')
+    monkeypatch.setenv("BLOBCHAIN_CONFIG", str(cfg))
+    assert quick_settings().store == "/from/file"
+
+
+def test_the_defaults_path_imports_no_pydantic_settings(tmp_path):
+    # Importing the CLI, the client and the factory and reading the defaults: no pydantic-settings
+    # (typer itself imports pydantic to coerce option values, so pydantic may be there).
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("BLOBCHAIN_")}
+    code = (
+        "import sys, blobchain.client.cli, blobchain.config, blobchain.config.factory;"
+        "from blobchain.config.defaults import quick_settings; quick_settings(store='x');"
+        "print('pydantic_settings' in sys.modules, 'blobchain.config.settings' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -10,6 +10,7 @@ import textwrap
 import threading
 import zlib
 
+import deflate
 import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +24,7 @@ from blobchain.layers.compress import (
     GZIP_PROBE_LEVEL,
     GZIP_PROBE_SLICE,
     GZIP_PROBE_SLICES,
+    GZIP_STRATEGIES,
     GZIP_STRATEGY,
     block_is_incompressible,
     compressor_id,
@@ -90,6 +92,24 @@ def decompress(comp: Compression, blob: bytes) -> bytes:
 
 
 LEVELS = [(GZIP, 1), (GZIP, 6), (GZIP, 9), (ZSTD, 1), (ZSTD, 3), (ZSTD, 9), (TAR, None)]
+LD = "libdeflate+stored"
+
+
+def gunzip_members(blob: bytes) -> tuple[bytes, int, bool]:
+    """Decode a gzip stream member by member with stdlib zlib: (data, members, complete), where
+    complete means every byte belongs to a member that ended (its CRC and ISIZE checked)."""
+    out, members, rest = bytearray(), 0, blob
+    while rest:
+        d = zlib.decompressobj(31)
+        try:
+            out += d.decompress(rest)
+        except zlib.error:
+            return bytes(out), members, False
+        if not d.eof:
+            return bytes(out), members, False
+        members += 1
+        rest = d.unused_data
+    return bytes(out), members, members > 0
 
 
 # --- round trips ------------------------------------------------------------------------------
@@ -117,14 +137,17 @@ def test_round_trip_data_kinds(comp: Compression, level: int, kind: str) -> None
         assert len(blob) < len(data) * 1.01  # and incompressible data barely grows
 
 
-def test_gzip_all_levels_round_trip_with_stdlib_zlib() -> None:
+@pytest.mark.parametrize("strategy", GZIP_STRATEGIES)
+def test_gzip_all_levels_round_trip_with_stdlib_zlib(strategy: str) -> None:
     data = make_data(MIB + 999, seed=3)
     sizes = set()
     for level in range(1, 10):
-        blob = compress(LayerOptions(GZIP, level), data)
-        d = zlib.decompressobj(31)  # gzip wrapper, one member
-        assert d.decompress(blob) == data
-        assert d.eof and d.unused_data == b""
+        blob = compress(LayerOptions(GZIP, level), data, strategy=strategy)
+        got, members, complete = gunzip_members(blob)
+        assert got == data and complete
+        # zlib-ng's strategies write one member; libdeflate's one per 1 MiB block
+        assert members == (2 if strategy == LD else 1)
+        assert open_decompressor(io.BytesIO(blob), GZIP).read() == data
         sizes.add(len(blob))
     assert len(sizes) > 3  # the level reaches the deflater
 
@@ -136,29 +159,43 @@ def test_gzip_all_levels_round_trip_with_stdlib_zlib() -> None:
     cuts=st.lists(st.integers(1, 700_000), max_size=12),
     comp=st.sampled_from([GZIP, ZSTD]),
     threads=st.integers(1, 4),
+    strategy=st.sampled_from(GZIP_STRATEGIES),
 )
 def test_property_chunking_and_threads_do_not_change_bytes(
-    size: int, seed: int, cuts: list[int], comp: Compression, threads: int
+    size: int, seed: int, cuts: list[int], comp: Compression, threads: int, strategy: str
 ) -> None:
     data = make_data(size, seed=seed)
     opts = LayerOptions(comp, 1)
-    reference = compress(opts, data, threads=1)
-    assert compress(opts, data, threads=threads, chunks=cuts) == reference
+    reference = compress(opts, data, threads=1, strategy=strategy)
+    assert compress(opts, data, threads=threads, chunks=cuts, strategy=strategy) == reference
     assert decompress(comp, reference) == data
 
 
 # --- determinism ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("comp", "level"), [(GZIP, 1), (GZIP, 6), (GZIP, 9), (ZSTD, 1), (ZSTD, 3)])
-def test_output_independent_of_threads_and_chunking(comp: Compression, level: int) -> None:
+@pytest.mark.parametrize(
+    ("comp", "level", "strategy"),
+    [
+        (GZIP, 1, GZIP_STRATEGY),
+        (GZIP, 6, GZIP_STRATEGY),
+        (GZIP, 9, GZIP_STRATEGY),
+        (GZIP, 1, LD),
+        (GZIP, 4, LD),
+        (GZIP, 9, LD),
+        (ZSTD, 1, GZIP_STRATEGY),
+        (ZSTD, 3, GZIP_STRATEGY),
+    ],
+)
+def test_output_independent_of_threads_and_chunking(comp: Compression, level: int, strategy: str) -> None:
     data = make_data(4 * MIB + 4321, seed=11)
     opts = LayerOptions(comp, level)
-    reference = compress(opts, data, threads=1)
+    reference = compress(opts, data, threads=1, strategy=strategy)
     for threads in (1, 2, 4):
         for chunks in (None, 1000, MIB, 3 * MIB + 1, [1, MIB - 2, 5, 2 * MIB]):
-            assert compress(opts, data, threads=threads, chunks=chunks) == reference, (threads, chunks)
-    assert compress(opts, data, threads=None) == reference  # os.cpu_count()
+            got = compress(opts, data, threads=threads, chunks=chunks, strategy=strategy)
+            assert got == reference, (threads, chunks)
+    assert compress(opts, data, threads=None, strategy=strategy) == reference  # os.cpu_count()
 
 
 @pytest.mark.parametrize("comp", [GZIP, ZSTD])
@@ -187,7 +224,28 @@ def _documented_probe(block: bytes) -> bool:
     return len(c.compress(sample) + c.flush()) >= len(sample)
 
 
+def _documented_members(data: bytes, level: int) -> bytes:
+    """``libdeflate+stored``, from docs/compression.md alone: one gzip member per 1 MiB block
+    (one empty member for empty input), stored blocks when the probe says so, else libdeflate."""
+    expected = bytearray()
+    blocks = [data[i : i + GZIP_BLOCK_SIZE] for i in range(0, len(data), GZIP_BLOCK_SIZE)] or [b""]
+    for block in blocks:
+        expected += gzip_header(level)
+        if _documented_probe(block):
+            for off in range(0, len(block), 65535):
+                piece = block[off : off + 65535]
+                final = off + len(piece) == len(block)
+                expected += bytes([final]) + len(piece).to_bytes(2, "little")
+                expected += (len(piece) ^ 0xFFFF).to_bytes(2, "little") + piece
+        else:
+            expected += deflate.deflate_compress(block, level)  # libdeflate's level of that number
+        expected += zlib.crc32(block).to_bytes(4, "little") + len(block).to_bytes(4, "little")
+    return bytes(expected)
+
+
 def _documented_stream(data: bytes, level: int, strategy: str) -> bytes:
+    if strategy == LD:
+        return _documented_members(data, level)
     expected = bytearray(gzip_header(level))
     blocks = [data[i : i + GZIP_BLOCK_SIZE] for i in range(0, len(data), GZIP_BLOCK_SIZE)] or [b""]
     for i, block in enumerate(blocks):
@@ -222,7 +280,7 @@ def _mixed_blocks(seed: int) -> bytes:
     )
 
 
-@pytest.mark.parametrize("strategy", ["deflate", "deflate+stored"])
+@pytest.mark.parametrize("strategy", GZIP_STRATEGIES)
 @pytest.mark.parametrize("kind", ["mixed", "blocks"])
 def test_gzip_matches_the_documented_block_format(strategy: str, kind: str) -> None:
     """Rebuild the gzip stream from the format contract alone; it must match byte for byte."""
@@ -243,25 +301,26 @@ def test_stored_strategy_stores_random_blocks_and_deflates_text() -> None:
     assert not block_is_incompressible(b"")
     data = _mixed_blocks(4)
     plain = compress(LayerOptions(GZIP, 5), data, strategy="deflate")
-    stored = compress(LayerOptions(GZIP, 5), data)
+    stored = compress(LayerOptions(GZIP, 5), data, strategy="deflate+stored")
     assert gzip.decompress(stored) == data
     # The random MiB (and the random tail) become stored blocks: 5 bytes per 64 KiB - 1 of
     # overhead, less than zlib-ng's own stored fallback; the text blocks are the same deflate.
     assert len(stored) < len(plain)
     rnd_only = rnd.randbytes(3 * MIB + 17)
-    blob = compress(LayerOptions(GZIP, 9), rnd_only)
+    blob = compress(LayerOptions(GZIP, 9), rnd_only, strategy="deflate+stored")
     headers = 3 * 5 * -(-MIB // 65535) + 5  # 17 stored blocks per MiB block, one for the tail
     assert len(blob) == 10 + len(rnd_only) + headers + 8
     assert gzip.decompress(blob) == rnd_only
 
 
-def test_stored_strategy_is_the_default_and_named_in_the_id() -> None:
-    assert GZIP_STRATEGY == "deflate+stored"
+def test_libdeflate_is_the_default_and_earlier_ids_are_unchanged() -> None:
+    assert GZIP_STRATEGY == LD
     data = _mixed_blocks(5)
-    assert compress(LayerOptions(GZIP), data) == compress(LayerOptions(GZIP), data, strategy="deflate+stored")
+    assert compress(LayerOptions(GZIP), data) == compress(LayerOptions(GZIP), data, strategy=LD)
+    assert compressor_id(LayerOptions(GZIP)) == compressor_id(LayerOptions(GZIP), gzip_strategy=LD)
     legacy = compressor_id(LayerOptions(GZIP), gzip_strategy="deflate")
-    new = compressor_id(LayerOptions(GZIP))
-    # The earlier strategy keeps the id its blobs were recorded with; the new one extends it.
+    new = compressor_id(LayerOptions(GZIP), gzip_strategy="deflate+stored")
+    # The earlier strategies keep the ids their blobs were recorded with.
     assert legacy.endswith(f"gzip level=5 block={GZIP_BLOCK_SIZE} dict={GZIP_DICT_SIZE} memlevel=8")
     assert new == legacy + f" stored=probe:{GZIP_PROBE_SLICES}x{GZIP_PROBE_SLICE}@level{GZIP_PROBE_LEVEL}"
     with pytest.raises(InvalidArgument):
@@ -275,17 +334,88 @@ def test_stored_strategy_is_the_default_and_named_in_the_id() -> None:
     layout=st.lists(st.sampled_from(["text", "random", "zeros"]), min_size=1, max_size=4),
     tail=st.integers(0, MIB),
     threads=st.sampled_from([1, 2, 3]),
+    strategy=st.sampled_from(["deflate+stored", LD]),
 )
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_property_stored_strategy_matches_the_documented_format(
-    seed: int, layout: list[str], tail: int, threads: int
+    seed: int, layout: list[str], tail: int, threads: int, strategy: str
 ) -> None:
     rnd = random.Random(seed)
     parts = {"text": lambda n: make_data(n, seed=seed, kind="text"), "random": rnd.randbytes, "zeros": bytes}
     data = b"".join(parts[k](MIB) for k in layout)[: (len(layout) - 1) * MIB + tail]
-    got = compress(LayerOptions(GZIP, 4), data, threads=threads, chunks=65_536 + seed % 1000)
-    assert got == _documented_stream(data, 4, "deflate+stored")
+    got = compress(LayerOptions(GZIP, 4), data, threads=threads, chunks=65_536 + seed % 1000, strategy=strategy)
+    assert got == _documented_stream(data, 4, strategy)
     assert gzip.decompress(got) == data
+
+
+# --- libdeflate+stored: one gzip member per block ---------------------------------------------
+
+
+def test_libdeflate_members_one_per_block_with_their_own_crc_and_size() -> None:
+    data = _mixed_blocks(6)  # text, random, text, a random third of a block
+    blob = compress(LayerOptions(GZIP, 4), data, strategy=LD)
+    got, members, complete = gunzip_members(blob)
+    assert got == data and complete and members == 4
+    # Every member opens with the Go header and closes with its own block's CRC-32 and ISIZE.
+    assert blob.count(gzip_header(4)) >= 4
+    assert blob[-8:-4] == zlib.crc32(data[3 * MIB :]).to_bytes(4, "little")
+    assert blob[-4:] == (MIB // 3).to_bytes(4, "little")
+    # The random blocks are stored: the whole random MiB appears verbatim in 65535-byte runs.
+    assert data[MIB : MIB + 65535] in blob
+    assert open_decompressor(io.BytesIO(blob), GZIP).read() == data
+
+
+@pytest.mark.parametrize("level", range(1, 10))
+def test_libdeflate_every_level_round_trips_and_reaches_libdeflate(level: int) -> None:
+    data = make_data(2 * MIB + 333, seed=level)
+    blob = compress(LayerOptions(GZIP, level), data, strategy=LD)
+    assert gzip.decompress(blob) == data
+    assert blob == _documented_members(data, level)
+
+
+def test_libdeflate_empty_input_is_one_empty_member_as_go_writes_it() -> None:
+    # libdeflate ends an empty stream with a final empty stored block: Go's 23 bytes exactly.
+    blob = compress(LayerOptions(GZIP, 6), b"", strategy=LD)
+    assert blob.hex() == "1f8b08000000000000ff" + "010000ffff" + "00000000" + "00000000"
+    assert gzip.decompress(blob) == b""
+
+
+def test_libdeflate_whole_blocks_add_no_empty_member() -> None:
+    data = make_data(2 * MIB, seed=1)
+    for chunks in (None, MIB, 1000):
+        blob = compress(LayerOptions(GZIP, 3), data, chunks=chunks, strategy=LD)
+        got, members, complete = gunzip_members(blob)
+        assert got == data and complete and members == 2
+
+
+def test_libdeflate_incompressible_input_grows_by_framing_only() -> None:
+    rnd = random.Random(8)
+    data = rnd.randbytes(3 * MIB + 17)
+    blob = compress(LayerOptions(GZIP, 6), data, strategy=LD)
+    stored_headers = 3 * 5 * -(-MIB // 65535) + 5
+    assert len(blob) == len(data) + stored_headers + 4 * (10 + 8)  # four members
+    assert gzip.decompress(blob) == data
+
+
+def test_libdeflate_compressor_id_names_library_framing_probe_and_fingerprint() -> None:
+    ident = compressor_id(LayerOptions(GZIP, 4), gzip_strategy=LD)
+    assert ident.startswith(f"libdeflate (python-deflate {deflate.__version__}, ")
+    assert f"gzip level=4 block={GZIP_BLOCK_SIZE} members " in ident
+    assert f"stored=probe:{GZIP_PROBE_SLICES}x{GZIP_PROBE_SLICE}@level{GZIP_PROBE_LEVEL}" in ident
+    assert f"(zlib-ng {zlib_ng.ZLIBNG_RUNTIME_VERSION})" in ident  # the probe's deflater
+    assert "fingerprint " in ident
+    ids = {compressor_id(LayerOptions(GZIP, lvl), gzip_strategy=LD) for lvl in range(1, 10)}
+    assert len(ids) == 9  # the level is named even where libdeflate's output is the same (8, 9)
+    assert compressor_id(LayerOptions(GZIP, 4), gzip_strategy=LD) == ident  # stable
+    assert ident not in {compressor_id(LayerOptions(GZIP, 4), gzip_strategy=s) for s in ("deflate", "deflate+stored")}
+
+
+def test_libdeflate_truncated_stream_is_detected() -> None:
+    blob = compress(LayerOptions(GZIP, 4), make_data(3 * MIB, seed=2), strategy=LD)
+    cut = blob[: len(blob) - 100]
+    assert not gunzip_members(cut)[2]
+    with pytest.raises((EOFError, gzip.BadGzipFile, OSError)):
+        open_decompressor(io.BytesIO(cut), GZIP).read()
 
 
 # --- gzip framing -----------------------------------------------------------------------------
@@ -307,17 +437,20 @@ def test_gzip_header_bytes(level: int, header: str) -> None:
     assert gzip_header(level).hex() == header
 
 
-def test_gzip_trailer_is_crc_and_size() -> None:
+@pytest.mark.parametrize("strategy", GZIP_STRATEGIES)
+def test_gzip_trailer_is_crc_and_size(strategy: str) -> None:
     data = make_data(MIB + 5, seed=4)
-    blob = compress(LayerOptions(GZIP), data)
-    assert blob[-8:-4] == zlib.crc32(data).to_bytes(4, "little")
-    assert blob[-4:] == len(data).to_bytes(4, "little")
+    blob = compress(LayerOptions(GZIP), data, strategy=strategy)
+    # one member: the whole stream's; a member per block: the last block's
+    tail = data[MIB:] if strategy == LD else data
+    assert blob[-8:-4] == zlib.crc32(tail).to_bytes(4, "little")
+    assert blob[-4:] == len(tail).to_bytes(4, "little")
 
 
-def test_gzip_of_empty_input() -> None:
+def test_gzip_of_empty_input_zlib_ng() -> None:
     # Header, a final empty fixed-Huffman block (03 00), CRC 0, ISIZE 0: 20 bytes. Go writes a
-    # final empty stored block instead (23 bytes); both decode to nothing.
-    blob = compress(LayerOptions(GZIP), b"")
+    # final empty stored block instead (23 bytes), as libdeflate+stored does; all decode to nothing.
+    blob = compress(LayerOptions(GZIP), b"", strategy="deflate+stored")
     assert blob.hex() == "1f8b08000000000000ff" + "0300" + "00000000" + "00000000"
     assert gzip.decompress(blob) == b""
 
@@ -325,7 +458,7 @@ def test_gzip_of_empty_input() -> None:
 def test_input_of_exactly_whole_blocks_ends_with_its_last_block() -> None:
     # A full block is held back until more input or close(), so no empty final block is added.
     data = make_data(2 * MIB, seed=1)
-    blob = compress(LayerOptions(GZIP), data, chunks=MIB)
+    blob = compress(LayerOptions(GZIP), data, chunks=MIB, strategy="deflate+stored")
     d = zlib.decompressobj(-15)
     assert d.decompress(blob[10:-8]) == data
     assert d.eof and d.unused_data == b""
@@ -366,6 +499,38 @@ def test_zstd_input_ending_on_a_job_boundary_gives_one_frame_every_time() -> Non
     assert off[-7:-4] != b"\x01\x00\x00"
 
 
+def _zstd_compressobj_reference(level: int, data: bytes, threads: int) -> bytes:
+    """The frame as the earlier compressobj() path made it (1 MiB feeds, the job-boundary
+    flush): the stream writer must give the same bytes (same compressor id)."""
+    cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True, write_content_size=False)
+    c = cctx.compressobj()
+    out = bytearray()
+    for off in range(0, len(data), MIB):
+        out += c.compress(data[off : off + MIB])
+    if data and len(data) % zstd_job_size(level) == 0:
+        out += c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    out += c.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("level", [1, 3])
+@pytest.mark.parametrize("size", [0, 5, 3 * MIB + 7, 2 << 20, 8 << 20, 16 << 20])
+def test_zstd_stream_writer_gives_the_compressobj_bytes(level: int, size: int) -> None:
+    data = (make_data(size // 2, seed=size) + random.Random(size).randbytes(size - size // 2))[:size]
+    pieces: list[object] = []
+    out = bytearray()
+
+    def sink(b: bytes) -> None:
+        pieces.append(b)
+        out.extend(b)
+
+    with open_compressor(LayerOptions(ZSTD, level), sink, threads=2) as c:
+        c.write(data)
+    assert bytes(out) == _zstd_compressobj_reference(level, data, 2)
+    # immutable pieces of at most 1 MiB: the blob sink may hash them on another thread
+    assert all(type(p) is bytes and 0 < len(p) <= MIB for p in pieces)
+
+
 def test_zstd_job_sizes_follow_libzstd() -> None:
     assert [zstd_job_size(lvl) >> 20 for lvl in (1, 3, 9, 19)] == [2, 8, 16, 32]
     assert zstd_job_size(22) == 1 << 29  # long-distance matching: 8 chain cycles
@@ -375,7 +540,9 @@ def test_zstd_job_sizes_follow_libzstd() -> None:
 
 
 def _is_complete(comp: Compression, blob: bytes) -> bool:
-    d = zlib.decompressobj(31) if comp is GZIP else zstandard.ZstdDecompressor().decompressobj()
+    if comp is GZIP:
+        return gunzip_members(blob)[2]
+    d = zstandard.ZstdDecompressor().decompressobj()
     try:
         d.decompress(blob)
     except (zlib.error, zstandard.ZstdError):
@@ -486,8 +653,11 @@ def test_passthrough_forwards_unchanged() -> None:
 
 def test_compressor_id() -> None:
     gz = compressor_id(LayerOptions(GZIP))
-    assert gz.startswith(f"zlib-ng {zlib_ng.ZLIBNG_RUNTIME_VERSION} (python-zlib-ng ")
-    assert f"level={GZIP.default_level()} block={GZIP_BLOCK_SIZE} dict={GZIP_DICT_SIZE}" in gz
+    assert gz.startswith(f"libdeflate (python-deflate {deflate.__version__}, ")
+    assert f"level={GZIP.default_level()} block={GZIP_BLOCK_SIZE} members" in gz
+    zng = compressor_id(LayerOptions(GZIP), gzip_strategy="deflate+stored")
+    assert zng.startswith(f"zlib-ng {zlib_ng.ZLIBNG_RUNTIME_VERSION} (python-zlib-ng ")
+    assert f"level={GZIP.default_level()} block={GZIP_BLOCK_SIZE} dict={GZIP_DICT_SIZE}" in zng
     assert compressor_id(LayerOptions(GZIP, 9)) != gz
     zs = compressor_id(LayerOptions(ZSTD, 19))
     assert zs.startswith("zstd " + ".".join(map(str, zstandard.ZSTD_VERSION)))
@@ -570,9 +740,14 @@ _MEMORY_CHILD = textwrap.dedent(
     comp, level, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) << 20
     base = bytes(range(256)) * 1024 + bytes((i * 7919) % 251 for i in range(1 << 16))
     h_in, h_out = hashlib.sha256(), hashlib.sha256()
-    if comp == "gzip":
-        d = zlib.decompressobj(31)
-        feed = lambda b: h_out.update(d.decompress(b))
+    if comp == "gzip":  # any number of members, as a streaming reader decodes them
+        d = [zlib.decompressobj(31)]
+        def feed(b):
+            while b:
+                h_out.update(d[0].decompress(b))
+                b = d[0].unused_data
+                if d[0].eof:
+                    d[0] = zlib.decompressobj(31)
     else:
         d = zstandard.ZstdDecompressor().decompressobj()
         feed = lambda b: h_out.update(d.decompress(b))
