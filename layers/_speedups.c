@@ -9,6 +9,10 @@
  *   scandir       <- snapshot.Snapshot.scandir's listing of an open directory: (name, lstat)
  *                    pairs sorted by raw name bytes, the stat_result built as os.lstat builds
  *                    it (None on any error: the Python listing then runs and raises)
+ *   listing       <- the same pairs kept in C (a Listing; items built when Python asks)
+ *   encode_batch  <- baselayer's loop over a listing's common entries (EntryWriter.handle +
+ *                    tarwriter.write_entry), stopping at anything else
+ *   skip_same     <- changes._walk over the pairs it drops unreported (changes.same_file true)
  * Nothing here decides anything the Python code does not; tests compare both paths.
  */
 #define PY_SSIZE_T_CLEAN
@@ -449,83 +453,114 @@ free_dirents(struct bc_dirent *ents, size_t n)
     free(ents);
 }
 
-static PyObject *
-bc_scandir(PyObject *self, PyObject *arg)
+/* The entries of an open directory with their lstat, sorted by raw name; called without the
+ * GIL. 0 on success (*out owned by the caller), -1 on any error (nothing to free). */
+static int
+list_dir(int dirfd, struct bc_dirent **out, size_t *count)
 {
-    if (stat_result_type == NULL || !PyLong_Check(arg))
-        Py_RETURN_NONE;
-    long dirfd = PyLong_AsLong(arg);
-    if (dirfd < 0 || dirfd > 0x7fffffff) {
-        PyErr_Clear();
-        Py_RETURN_NONE;
-    }
     struct bc_dirent *ents = NULL;
     size_t n = 0, cap = 0;
     int failed = 0;
-    Py_BEGIN_ALLOW_THREADS
-    int fd = fcntl((int)dirfd, F_DUPFD_CLOEXEC, 0);
+    int fd = fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
     DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
     if (d == NULL) {
-        failed = 1;
         if (fd >= 0)
             close(fd);
-    } else {
-        rewinddir(d); /* the duplicate shares the offset: list from the start */
-        for (;;) {
-            errno = 0;
-            struct dirent *e = readdir(d);
-            if (e == NULL) {
-                failed = errno != 0;
-                break;
-            }
-            const char *nm = e->d_name;
-            if (nm[0] == '.' && (nm[1] == 0 || (nm[1] == '.' && nm[2] == 0)))
-                continue;
-            if (n == cap) {
-                size_t ncap = cap ? cap * 2 : 64;
-                struct bc_dirent *grown = realloc(ents, ncap * sizeof *ents);
-                if (grown == NULL) {
-                    failed = 1;
-                    break;
-                }
-                ents = grown;
-                cap = ncap;
-            }
-            ents[n].name = strdup(nm);
-            if (ents[n].name == NULL) {
-                failed = 1;
-                break;
-            }
-            if (fstatat((int)dirfd, nm, &ents[n].st, AT_SYMLINK_NOFOLLOW) != 0) {
-                free(ents[n].name);
-                failed = 1;
-                break;
-            }
-            n++;
-        }
-        /* the descriptor's offset is shared with the caller's: leave it at the start, as
-         * os.scandir's close does (its open does not rewind, so this matters) */
-        rewinddir(d);
-        closedir(d);
-        if (!failed && n > 1)
-            qsort(ents, n, sizeof *ents, cmp_dirent);
+        return -1;
     }
-    Py_END_ALLOW_THREADS
+    rewinddir(d); /* the duplicate shares the offset: list from the start */
+    for (;;) {
+        errno = 0;
+        struct dirent *e = readdir(d);
+        if (e == NULL) {
+            failed = errno != 0;
+            break;
+        }
+        const char *nm = e->d_name;
+        if (nm[0] == '.' && (nm[1] == 0 || (nm[1] == '.' && nm[2] == 0)))
+            continue;
+        if (n == cap) {
+            size_t ncap = cap ? cap * 2 : 64;
+            struct bc_dirent *grown = realloc(ents, ncap * sizeof *ents);
+            if (grown == NULL) {
+                failed = 1;
+                break;
+            }
+            ents = grown;
+            cap = ncap;
+        }
+        ents[n].name = strdup(nm);
+        if (ents[n].name == NULL) {
+            failed = 1;
+            break;
+        }
+        if (fstatat(dirfd, nm, &ents[n].st, AT_SYMLINK_NOFOLLOW) != 0) {
+            free(ents[n].name);
+            failed = 1;
+            break;
+        }
+        n++;
+    }
+    /* the descriptor's offset is shared with the caller's: leave it at the start, as
+     * os.scandir's close does (its open does not rewind, so this matters) */
+    rewinddir(d);
+    closedir(d);
     if (failed) {
         free_dirents(ents, n);
-        Py_RETURN_NONE;
+        return -1;
     }
+    if (n > 1)
+        qsort(ents, n, sizeof *ents, cmp_dirent);
+    *out = ents;
+    *count = n;
+    return 0;
+}
+
+static long
+check_dirfd(PyObject *arg)
+{
+    if (stat_result_type == NULL || !PyLong_Check(arg))
+        return -1;
+    long dirfd = PyLong_AsLong(arg);
+    if (dirfd < 0 || dirfd > 0x7fffffff) {
+        PyErr_Clear();
+        return -1;
+    }
+    return dirfd;
+}
+
+static PyObject *
+entry_pair(const struct bc_dirent *e)
+{
+    PyObject *name = PyBytes_FromString(e->name);
+    PyObject *st = name ? make_stat(&e->st) : NULL;
+    PyObject *pair = st ? PyTuple_Pack(2, name, st) : NULL;
+    Py_XDECREF(name);
+    Py_XDECREF(st);
+    return pair;
+}
+
+static PyObject *
+bc_scandir(PyObject *self, PyObject *arg)
+{
+    long dirfd = check_dirfd(arg);
+    if (dirfd < 0)
+        Py_RETURN_NONE;
+    struct bc_dirent *ents = NULL;
+    size_t n = 0;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = list_dir((int)dirfd, &ents, &n);
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        Py_RETURN_NONE;
     PyObject *out = PyList_New((Py_ssize_t)n);
     if (out == NULL) {
         free_dirents(ents, n);
         return NULL;
     }
     for (size_t i = 0; i < n; i++) {
-        PyObject *name = PyBytes_FromString(ents[i].name);
-        PyObject *st = name ? make_stat(&ents[i].st) : NULL;
-        PyObject *pair = st ? PyTuple_Pack(2, name, st) : NULL;
-        Py_XDECREF(name);
-        Py_XDECREF(st);
+        PyObject *pair = entry_pair(&ents[i]);
         if (pair == NULL) {
             Py_DECREF(out);
             free_dirents(ents, n);
@@ -535,6 +570,98 @@ bc_scandir(PyObject *self, PyObject *arg)
     }
     free_dirents(ents, n);
     return out;
+}
+
+/* ---- Listing: scandir's result kept in C --------------------------------------------------
+ *
+ * The same (name, lstat) pairs as scandir, as a read-only sequence whose items are built only
+ * when Python asks for one (then kept): encode_batch and skip_same read the C stat directly,
+ * so the common entries never become stat_result objects (19 objects and 3 floats each). */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t n;
+    struct bc_dirent *ents;
+    PyObject **items;
+} ListingObject;
+
+static void
+listing_dealloc(ListingObject *self)
+{
+    if (self->items != NULL) {
+        for (Py_ssize_t i = 0; i < self->n; i++)
+            Py_XDECREF(self->items[i]);
+        PyMem_Free(self->items);
+    }
+    free_dirents(self->ents, (size_t)self->n);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Py_ssize_t
+listing_len(ListingObject *self)
+{
+    return self->n;
+}
+
+static PyObject *
+listing_item(ListingObject *self, Py_ssize_t i)
+{
+    if (i < 0 || i >= self->n) {
+        PyErr_SetString(PyExc_IndexError, "Listing index out of range");
+        return NULL;
+    }
+    PyObject *it = self->items[i];
+    if (it == NULL) {
+        it = entry_pair(&self->ents[i]);
+        if (it == NULL)
+            return NULL;
+        self->items[i] = it;
+    }
+    Py_INCREF(it);
+    return it;
+}
+
+static PySequenceMethods listing_as_sequence = {
+    .sq_length = (lenfunc)listing_len,
+    .sq_item = (ssizeargfunc)listing_item,
+};
+
+static PyTypeObject ListingType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "blobchain.layers._speedups.Listing",
+    .tp_basicsize = sizeof(ListingObject),
+    .tp_dealloc = (destructor)listing_dealloc,
+    .tp_as_sequence = &listing_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A directory's (name, lstat) pairs sorted by raw name; items are built on first use.",
+};
+
+static PyObject *
+bc_listing(PyObject *self, PyObject *arg)
+{
+    long dirfd = check_dirfd(arg);
+    if (dirfd < 0)
+        Py_RETURN_NONE;
+    struct bc_dirent *ents = NULL;
+    size_t n = 0;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = list_dir((int)dirfd, &ents, &n);
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        Py_RETURN_NONE;
+    ListingObject *obj = PyObject_New(ListingObject, &ListingType);
+    if (obj == NULL) {
+        free_dirents(ents, n);
+        return NULL;
+    }
+    obj->n = (Py_ssize_t)n;
+    obj->ents = ents;
+    obj->items = PyMem_Calloc(n ? n : 1, sizeof(PyObject *));
+    if (obj->items == NULL) {
+        Py_DECREF(obj);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)obj;
 }
 
 /* ---- encode_batch ---------------------------------------------------------------------- */
@@ -592,12 +719,104 @@ stat_ull(PyObject *st, Py_ssize_t i, unsigned long long *out)
     return 1;
 }
 
-/* One entry of a base layer (every walked entry an Add), the way entries.EntryWriter.handle and
- * tarwriter.write_tar write it, for the common case only: a directory, or a regular file with
- * one link and a body under 512 KiB; no capability; a header the USTAR fast path takes; sde
- * clamp as in handle. 1: appended; 0: not this case (nothing appended, the Python path takes
- * the entry); -1: Python error set. */
-static int no_getxattrat; /* set once the kernel says ENOSYS (before Linux 6.13) */
+/* What the walk saw of one entry, from a C stat (a Listing) or an os.stat_result (a list). */
+struct bc_meta {
+    long long mode, nlink, uid, gid, size, rdev;
+    long long mtime_sec, mtime_nsec, ctime_sec, ctime_nsec; /* floor seconds, 0..999999999 ns */
+    unsigned long long ino, dev;
+};
+
+static void
+split_ns(long long ns, long long *sec, long long *nsec)
+{
+    /* Python's divmod(ns, 10**9): floor, also before 1970 */
+    long long s = ns / 1000000000LL, r = ns % 1000000000LL;
+    if (r < 0) {
+        r += 1000000000LL;
+        s -= 1;
+    }
+    *sec = s;
+    *nsec = r;
+}
+
+static int
+meta_from_stat_result(PyObject *st, struct bc_meta *m)
+{
+    long long mtime_ns, ctime_ns;
+    if (!PyObject_TypeCheck(st, (PyTypeObject *)stat_result_type) || !stat_ll(st, 0, &m->mode) ||
+        !stat_ull(st, 1, &m->ino) || !stat_ull(st, 2, &m->dev) || !stat_ll(st, 3, &m->nlink) ||
+        !stat_ll(st, 4, &m->uid) || !stat_ll(st, 5, &m->gid) || !stat_ll(st, 6, &m->size) ||
+        !stat_ll(st, 14, &mtime_ns) || !stat_ll(st, 15, &ctime_ns) || !stat_ll(st, 18, &m->rdev))
+        return 0;
+    split_ns(mtime_ns, &m->mtime_sec, &m->mtime_nsec);
+    split_ns(ctime_ns, &m->ctime_sec, &m->ctime_nsec);
+    return 1;
+}
+
+static int
+meta_from_stat(const struct stat *st, struct bc_meta *m)
+{
+    /* seconds whose nanosecond count overflows 64 bits (year 2262) go to the Python path */
+    const long long lim = 9000000000LL;
+    if (st->st_mtim.tv_sec > lim || st->st_mtim.tv_sec < -lim || st->st_ctim.tv_sec > lim || st->st_ctim.tv_sec < -lim)
+        return 0;
+    m->mode = (long long)st->st_mode;
+    m->ino = (unsigned long long)st->st_ino;
+    m->dev = (unsigned long long)st->st_dev;
+    m->nlink = (long long)st->st_nlink;
+    m->uid = st->st_uid == (uid_t)-1 ? -1 : (long long)st->st_uid;
+    m->gid = st->st_gid == (gid_t)-1 ? -1 : (long long)st->st_gid;
+    m->size = (long long)st->st_size;
+    m->rdev = (long long)st->st_rdev;
+    m->mtime_sec = (long long)st->st_mtim.tv_sec;
+    m->mtime_nsec = (long long)st->st_mtim.tv_nsec;
+    m->ctime_sec = (long long)st->st_ctim.tv_sec;
+    m->ctime_nsec = (long long)st->st_ctim.tv_nsec;
+    return 1;
+}
+
+/* The walked entry i of a listing (a Listing or a list of (bytes, stat_result)): its name
+ * and metadata; 0 when it is not something the native paths take. */
+static int
+listing_entry(PyObject *listing, Py_ssize_t i, const char **name, Py_ssize_t *nlen, struct bc_meta *m)
+{
+    if (Py_IS_TYPE(listing, &ListingType)) {
+        const struct bc_dirent *e = &((ListingObject *)listing)->ents[i];
+        *name = e->name;
+        *nlen = (Py_ssize_t)strlen(e->name);
+        return meta_from_stat(&e->st, m);
+    }
+    PyObject *item = PyList_GET_ITEM(listing, i);
+    if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 0)))
+        return 0;
+    PyObject *oname = PyTuple_GET_ITEM(item, 0);
+    *name = PyBytes_AS_STRING(oname);
+    *nlen = PyBytes_GET_SIZE(oname);
+    if ((Py_ssize_t)strlen(*name) != *nlen)
+        return 0;
+    return meta_from_stat_result(PyTuple_GET_ITEM(item, 1), m);
+}
+
+static Py_ssize_t
+listing_size(PyObject *listing)
+{
+    if (Py_IS_TYPE(listing, &ListingType))
+        return ((ListingObject *)listing)->n;
+    if (PyList_CheckExact(listing))
+        return PyList_GET_SIZE(listing);
+    return -1;
+}
+
+/* ---- security.capability lookups ------------------------------------------------------- */
+
+/* getxattrat(2) (Linux >= 6.13) looks one name up relative to the listing's directory instead
+ * of resolving the whole path again. use_getxattrat: 1 try it, 0 the path call only (set on
+ * ENOSYS, or by set_getxattrat for tests and BLOBCHAIN_NO_GETXATTRAT). */
+static int use_getxattrat = 1;
+
+#ifndef SYS_getxattrat
+#define SYS_getxattrat 464
+#endif
 
 struct bc_xattr_args {
     uint64_t value;
@@ -605,43 +824,63 @@ struct bc_xattr_args {
     uint32_t flags;
 };
 
+static const char CAP_NAME[] = "security.capability";
+
 static ssize_t
 capability_size(int dirfd, const char *base, const char *full)
 {
-    /* the size of security.capability (0 copied), -1 with errno; relative to the listing's
-     * directory when the kernel has getxattrat (one component to look up, not the whole path) */
-    if (!no_getxattrat) {
+    /* the size of security.capability (0 copied), -1 with errno */
+    if (use_getxattrat) {
         struct bc_xattr_args xa = {0, 0, 0};
-        long r = syscall(464 /* getxattrat */, dirfd, base, AT_SYMLINK_NOFOLLOW, "security.capability", &xa, sizeof xa);
+        long r = syscall(SYS_getxattrat, dirfd, base, AT_SYMLINK_NOFOLLOW, CAP_NAME, &xa, sizeof xa);
         if (r >= 0 || (errno != ENOSYS && errno != EPERM && errno != EINVAL))
             return (ssize_t)r;
         if (errno == ENOSYS)
-            no_getxattrat = 1; /* EPERM (a seccomp filter) or EINVAL: the path lookup, this time */
+            use_getxattrat = 0; /* EPERM (a seccomp filter) or EINVAL: the path lookup, this time */
     }
-    return lgetxattr(full, "security.capability", NULL, 0);
+    return lgetxattr(full, CAP_NAME, NULL, 0);
 }
 
 static int
-encode_one(struct bc_buf *out, int dirfd, const char *cap_path, size_t cap_plen, const char *path, Py_ssize_t plen,
-           const char *base, PyObject *st, int have_sde, long long sde, int *is_dir)
+no_capability(ssize_t r)
 {
-    long long mode, uid, gid, size, nlink, mtime_ns;
-    unsigned long long ino, dev;
-    if (!PyObject_TypeCheck(st, (PyTypeObject *)stat_result_type) || !stat_ll(st, 0, &mode) ||
-        !stat_ull(st, 1, &ino) || !stat_ull(st, 2, &dev) || !stat_ll(st, 3, &nlink) || !stat_ll(st, 4, &uid) ||
-        !stat_ll(st, 5, &gid) || !stat_ll(st, 6, &size) || !stat_ll(st, 14, &mtime_ns))
-        return 0;
+    /* absent or unsupported: the common case; a value or any other error: the Python path */
+    return r < 0 && (errno == ENODATA || errno == ENOTSUP || errno == EOPNOTSUPP);
+}
+
+static PyObject *
+set_getxattrat(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    int was = use_getxattrat;
+    use_getxattrat = on;
+    return PyBool_FromLong(was);
+}
+
+/* ---- encode_batch ---------------------------------------------------------------------- */
+
+/* One entry of a base layer (every walked entry an Add), the way entries.EntryWriter.handle and
+ * tarwriter.write_tar write it, for the common case only: a directory, or a regular file with
+ * one link and a body under 512 KiB; no capability; a header the USTAR fast path takes; sde
+ * clamp as in handle. 1: appended; 0: not this case (nothing appended, the Python path takes
+ * the entry); -1: Python error set. */
+static int
+encode_one(struct bc_buf *out, int dirfd, const char *cap_path, size_t cap_plen, const char *path, Py_ssize_t plen,
+           const char *base, const struct bc_meta *m, int have_sde, long long sde, int *is_dir)
+{
+    long long mode = m->mode, size = m->size;
     int fmt = (int)(mode & S_IFMT);
     char tf;
     if (fmt == S_IFDIR) {
         /* S_IFDIR shares a bit with containerd's loose device test: a directory with an rdev
          * would carry device numbers (entries.EntryWriter.handle), so only rdev 0 is taken here */
-        long long rdev;
-        if (!stat_ll(st, 18, &rdev) || rdev != 0)
+        if (m->rdev != 0)
             return 0;
         tf = '5';
         size = 0;
-    } else if (fmt == S_IFREG && nlink <= 1) {
+    } else if (fmt == S_IFREG && m->nlink <= 1) {
         tf = '0';
         if (size >= (1LL << 19))
             return 0;
@@ -649,12 +888,11 @@ encode_one(struct bc_buf *out, int dirfd, const char *cap_path, size_t cap_plen,
         return 0; /* symlinks, devices, FIFOs, sockets, hardlinks: the Python path */
     }
     /* mtime: Go Truncate(1s) is a floor; containerd 1.7's clamp first (entries.EntryWriter.handle) */
-    long long sec = mtime_ns >= 0 ? mtime_ns / 1000000000LL : -((-mtime_ns + 999999999LL) / 1000000000LL);
-    long long nsec = mtime_ns - sec * 1000000000LL;
-    long long mtime = (have_sde && (sec > sde || (sec == sde && nsec > 0))) ? sde : sec;
+    long long sec = m->mtime_sec;
+    long long mtime = (have_sde && (sec > sde || (sec == sde && m->mtime_nsec > 0))) ? sde : sec;
     long long perm = mode & 07777;
     const long long max7 = 1LL << 21, max11 = 1LL << 33;
-    if (uid < 0 || uid >= max7 || gid < 0 || gid >= max7 || mtime < 0 || mtime >= max11 || size < 0)
+    if (m->uid < 0 || m->uid >= max7 || m->gid < 0 || m->gid >= max7 || mtime < 0 || mtime >= max11 || size < 0)
         return 0;
 
     /* name: path, "/" appended for a directory; the fast path needs it ASCII (no NUL) */
@@ -670,19 +908,21 @@ encode_one(struct bc_buf *out, int dirfd, const char *cap_path, size_t cap_plen,
     if (nlen > 100 && !split_name(&name, &nlen, &prefix, &pfx))
         return 0;
 
-    /* capability: absent (or unsupported) only; a value or an error goes to the Python path */
     char full[8192];
     if (cap_plen + (size_t)plen + 1 > sizeof full)
         return 0;
     memcpy(full, cap_path, cap_plen);
     memcpy(full + cap_plen, path, (size_t)plen);
     full[cap_plen + (size_t)plen] = 0;
-    ssize_t xr;
-    Py_BEGIN_ALLOW_THREADS
-    xr = capability_size(dirfd, base, full);
-    Py_END_ALLOW_THREADS
-    if (xr >= 0 || (errno != ENODATA && errno != ENOTSUP && errno != EOPNOTSUPP))
-        return 0;
+    if (fmt == S_IFDIR || size == 0) {
+        /* no body to open: the capability by name, beneath the listing's directory */
+        ssize_t xr;
+        Py_BEGIN_ALLOW_THREADS
+        xr = capability_size(dirfd, base, full);
+        Py_END_ALLOW_THREADS
+        if (!no_capability(xr))
+            return 0;
+    }
 
     size_t pad = (size_t)((512 - (size % 512)) % 512);
     size_t start = out->len;
@@ -691,7 +931,7 @@ encode_one(struct bc_buf *out, int dirfd, const char *cap_path, size_t cap_plen,
         PyErr_NoMemory();
         return -1;
     }
-    fill_block(b, name, nlen, prefix, pfx, perm, uid, gid, size, mtime, tf, "", 0, 0, 0);
+    fill_block(b, name, nlen, prefix, pfx, perm, m->uid, m->gid, size, mtime, tf, "", 0, 0, 0);
     out->len += 512;
     if (fmt == S_IFDIR) {
         *is_dir = 1;
@@ -700,16 +940,20 @@ encode_one(struct bc_buf *out, int dirfd, const char *cap_path, size_t cap_plen,
     if (size == 0)
         return 1;
 
-    /* the body, as read_body: the walked file (type, size, inode, device, mtime), unchanged;
-     * opened beneath the listing's directory (itself opened beneath the root), by its name */
+    /* The body: opened beneath the listing's directory (itself opened beneath the root) by its
+     * name; its capability read on the open descriptor (the file read, not a name looked up
+     * again); then exactly size bytes; then ONE fstat, which must show the walked file
+     * (regular, size, inode, device, mtime) with the walked ctime. ctime moves on every write
+     * and metadata change, and the listing's lstat read it (so on a multigrain-timestamp
+     * kernel the next change gets a distinct one): a change at any moment between the listing
+     * and that fstat, including during the read, shows there. The Python path then reads the
+     * file again and decides (it raises FileChanged if it is not the walked file). */
     int ok = 0;
     Py_BEGIN_ALLOW_THREADS
     int fd = open_beneath(dirfd, base, BC_O_FILE);
-    struct stat before, after;
+    struct stat after;
     if (fd >= 0) {
-        if (fstat(fd, &before) == 0 && S_ISREG(before.st_mode) && (long long)before.st_size == size &&
-            (!ino || (unsigned long long)before.st_ino == ino) && (!dev || (unsigned long long)before.st_dev == dev) &&
-            (!mtime_ns || (long long)before.st_mtim.tv_sec * 1000000000LL + before.st_mtim.tv_nsec == mtime_ns)) {
+        if (no_capability(fgetxattr(fd, CAP_NAME, NULL, 0))) {
             char *p = out->p + out->len;
             long long remaining = size;
             while (remaining > 0) {
@@ -721,9 +965,10 @@ encode_one(struct bc_buf *out, int dirfd, const char *cap_path, size_t cap_plen,
                 p += n;
                 remaining -= n;
             }
-            ok = remaining == 0 && fstat(fd, &after) == 0 && after.st_size == before.st_size &&
-                 after.st_mtim.tv_sec == before.st_mtim.tv_sec && after.st_mtim.tv_nsec == before.st_mtim.tv_nsec &&
-                 after.st_ctim.tv_sec == before.st_ctim.tv_sec && after.st_ctim.tv_nsec == before.st_ctim.tv_nsec;
+            ok = remaining == 0 && fstat(fd, &after) == 0 && S_ISREG(after.st_mode) && (long long)after.st_size == size &&
+                 (unsigned long long)after.st_ino == m->ino && (unsigned long long)after.st_dev == m->dev &&
+                 (long long)after.st_mtim.tv_sec == m->mtime_sec && (long long)after.st_mtim.tv_nsec == m->mtime_nsec &&
+                 (long long)after.st_ctim.tv_sec == m->ctime_sec && (long long)after.st_ctim.tv_nsec == m->ctime_nsec;
         }
         close(fd);
     }
@@ -751,7 +996,7 @@ encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *oroot = args[1], *oprefix = args[2], *listing = args[3], *added = args[6];
     if (stat_result_type == NULL || !PyLong_Check(args[0]) || !PyBytes_Check(oroot) || !PyBytes_Check(oprefix) ||
-        !PyList_CheckExact(listing) || !PyLong_Check(args[4]) || !PySet_Check(added) || !PyLong_Check(args[7])) {
+        listing_size(listing) < 0 || !PyLong_Check(args[4]) || !PySet_Check(added) || !PyLong_Check(args[7])) {
         PyErr_SetString(PyExc_TypeError, "encode_batch: bad arguments");
         return NULL;
     }
@@ -769,7 +1014,8 @@ encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (PyErr_Occurred())
         return NULL;
-    if (start < 0 || start > PyList_GET_SIZE(listing)) {
+    Py_ssize_t n = listing_size(listing);
+    if (start < 0 || start > n) {
         PyErr_SetString(PyExc_ValueError, "encode_batch: start out of range");
         return NULL;
     }
@@ -777,7 +1023,6 @@ encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     size_t rlen = (size_t)PyBytes_GET_SIZE(oroot);
     const char *pre = PyBytes_AS_STRING(oprefix);
     Py_ssize_t prelen = PyBytes_GET_SIZE(oprefix);
-    Py_ssize_t n = PyList_GET_SIZE(listing);
     struct bc_buf out = {NULL, 0, 0};
     Py_ssize_t i = start, count = 0;
     int reason = 0; /* 0 end of listing, 1 descend, 2 a Python entry next, 3 limit reached */
@@ -799,25 +1044,21 @@ encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     while (native && i < n && (Py_ssize_t)out.len < limit) {
-        PyObject *item = PyList_GET_ITEM(listing, i);
-        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 0))) {
-            reason = 2;
-            break;
-        }
-        PyObject *oname = PyTuple_GET_ITEM(item, 0);
-        Py_ssize_t nl = PyBytes_GET_SIZE(oname);
-        if (prelen + nl >= (Py_ssize_t)sizeof path) {
+        const char *ename;
+        Py_ssize_t nl;
+        struct bc_meta meta;
+        if (!listing_entry(listing, i, &ename, &nl, &meta) || prelen + nl >= (Py_ssize_t)sizeof path) {
             reason = 2;
             break;
         }
         memcpy(path, pre, (size_t)prelen);
-        memcpy(path + prelen, PyBytes_AS_STRING(oname), (size_t)nl);
+        memcpy(path + prelen, ename, (size_t)nl);
         Py_ssize_t plen = prelen + nl;
         path[plen] = 0;
         int is_dir = 0;
         int r = 0;
         if (rel_is_plain(path + prelen, nl) && memchr(path + prelen, '/', (size_t)nl) == NULL)
-            r = encode_one(&out, dirfd, root, rlen, path, plen, path + prelen, PyTuple_GET_ITEM(item, 1), have_sde,
+            r = encode_one(&out, dirfd, root, rlen, path, plen, path + prelen, &meta, have_sde,
                            sde, &is_dir);
         if (r < 0) {
             if (dirfd != rootfd)
@@ -856,6 +1097,163 @@ encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(Nnni)", data, i, count, reason);
 }
 
+/* ---- skip_same ------------------------------------------------------------------------- */
+
+static ssize_t
+read_full(int fd, char *buf, size_t want)
+{
+    size_t got = 0;
+    while (got < want) {
+        ssize_t n = read(fd, buf + got, want - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -1;
+        if (n == 0)
+            break;
+        got += (size_t)n;
+    }
+    return (ssize_t)got;
+}
+
+#define BC_CMP_CHUNK (256 * 1024)
+
+static int
+same_content(int ldir, int udir, const char *name, char **bufs)
+{
+    /* changes._same_content: both files read to the end and compared; 1 equal, 0 different,
+     * -1 an error (the Python path opens them again and raises the named error) */
+    int fa = open_beneath(ldir, name, BC_O_FILE);
+    if (fa < 0)
+        return -1;
+    int fb = open_beneath(udir, name, BC_O_FILE);
+    if (fb < 0) {
+        close(fa);
+        return -1;
+    }
+    int r = -1;
+    if (*bufs == NULL)
+        *bufs = malloc(2 * BC_CMP_CHUNK);
+    if (*bufs != NULL) {
+        char *a = *bufs, *b = *bufs + BC_CMP_CHUNK;
+        for (;;) {
+            ssize_t na = read_full(fa, a, BC_CMP_CHUNK), nb = read_full(fb, b, BC_CMP_CHUNK);
+            if (na < 0 || nb < 0)
+                break;
+            if (na != nb || memcmp(a, b, (size_t)na) != 0) {
+                r = 0;
+                break;
+            }
+            if (na < BC_CMP_CHUNK) {
+                r = 1;
+                break;
+            }
+        }
+    }
+    close(fa);
+    close(fb);
+    return r;
+}
+
+static int
+open_prefix(int rootfd, const char *pre, Py_ssize_t prelen)
+{
+    /* the directory prefix ("a/b/") names, beneath rootfd, never following a symlink */
+    if (prelen == 0)
+        return rootfd;
+    char path[4096];
+    if (prelen >= (Py_ssize_t)sizeof path || pre[prelen - 1] != '/' || !rel_is_plain(pre, prelen - 1))
+        return -1;
+    memcpy(path, pre, (size_t)prelen - 1);
+    path[prelen - 1] = 0;
+    return open_beneath(rootfd, path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+}
+
+static int
+full_path(char *dst, size_t cap, PyObject *root, const char *pre, Py_ssize_t prelen, const char *name)
+{
+    size_t rl = (size_t)PyBytes_GET_SIZE(root), nl = strlen(name);
+    if (rl + (size_t)prelen + nl + 1 > cap)
+        return 0;
+    memcpy(dst, PyBytes_AS_STRING(root), rl);
+    memcpy(dst + rl, pre, (size_t)prelen);
+    memcpy(dst + rl + (size_t)prelen, name, nl + 1);
+    return 1;
+}
+
+static PyObject *
+skip_same(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* (lower_rootfd, upper_rootfd, lower_root_prefix, upper_root_prefix, prefix, lower, upper,
+     *  i, j) -> (i, j): past the leading pairs lower[i:], upper[j:] that changes._walk would
+     * drop without a word: the same name on both sides, not a directory (the walk descends),
+     * one link (else an Unmodified change), and changes.same_file true: the same inode, or the
+     * same metadata, no capability on either side, and equal nanoseconds, or an empty file, or
+     * equal content (whole-second mtimes). It stops at the first pair it cannot settle that way
+     * (including any error): the Python walk takes that pair and decides (and raises). */
+    if (nargs != 9 || !PyLong_Check(args[0]) || !PyLong_Check(args[1]) || !PyBytes_Check(args[2]) ||
+        !PyBytes_Check(args[3]) || !PyBytes_Check(args[4]) || !PyLong_Check(args[7]) || !PyLong_Check(args[8])) {
+        PyErr_SetString(PyExc_TypeError, "skip_same: bad arguments");
+        return NULL;
+    }
+    int lroot = (int)PyLong_AsLong(args[0]), uroot = (int)PyLong_AsLong(args[1]);
+    Py_ssize_t i = PyLong_AsSsize_t(args[7]), j = PyLong_AsSsize_t(args[8]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *olow = args[5], *oup = args[6];
+    if (!Py_IS_TYPE(olow, &ListingType) || !Py_IS_TYPE(oup, &ListingType) || lroot < 0 || uroot < 0)
+        return Py_BuildValue("(nn)", i, j);
+    ListingObject *ll = (ListingObject *)olow, *ul = (ListingObject *)oup;
+    if (i < 0 || j < 0 || i > ll->n || j > ul->n) {
+        PyErr_SetString(PyExc_ValueError, "skip_same: index out of range");
+        return NULL;
+    }
+    const char *pre = PyBytes_AS_STRING(args[4]);
+    Py_ssize_t prelen = PyBytes_GET_SIZE(args[4]);
+    int ldir = -2, udir = -2; /* opened on first need */
+    char *bufs = NULL;
+    char lfull[8192], ufull[8192];
+    Py_BEGIN_ALLOW_THREADS
+    while (i < ll->n && j < ul->n) {
+        const struct bc_dirent *ea = &ll->ents[i], *eb = &ul->ents[j];
+        const struct stat *a = &ea->st, *b = &eb->st;
+        if (strcmp(ea->name, eb->name) != 0 || S_ISDIR(b->st_mode) || b->st_nlink > 1)
+            break;
+        if (!(a->st_ino == b->st_ino && a->st_dev == b->st_dev)) {
+            if (a->st_mode != b->st_mode || a->st_uid != b->st_uid || a->st_gid != b->st_gid ||
+                a->st_rdev != b->st_rdev || a->st_size != b->st_size || a->st_mtim.tv_sec != b->st_mtim.tv_sec ||
+                a->st_mtim.tv_nsec != b->st_mtim.tv_nsec)
+                break;
+            if (ldir == -2) {
+                ldir = open_prefix(lroot, pre, prelen);
+                udir = open_prefix(uroot, pre, prelen);
+            }
+            if (ldir < 0 || udir < 0)
+                break;
+            if (!full_path(lfull, sizeof lfull, args[2], pre, prelen, ea->name) ||
+                !full_path(ufull, sizeof ufull, args[3], pre, prelen, ea->name))
+                break;
+            if (!no_capability(capability_size(ldir, ea->name, lfull)) ||
+                !no_capability(capability_size(udir, eb->name, ufull)))
+                break;
+            if (b->st_mtim.tv_nsec == 0 && b->st_size != 0) {
+                /* whole seconds, maybe truncated: the content decides (symlinks: readlink, in Python) */
+                if (!S_ISREG(b->st_mode) || same_content(ldir, udir, ea->name, &bufs) != 1)
+                    break;
+            }
+        }
+        i++;
+        j++;
+    }
+    Py_END_ALLOW_THREADS
+    free(bufs);
+    if (ldir >= 0 && ldir != lroot)
+        close(ldir);
+    if (udir >= 0 && udir != uroot)
+        close(udir);
+    return Py_BuildValue("(nn)", i, j);
+}
+
 /* ---- module ---------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
@@ -870,6 +1268,15 @@ static PyMethodDef methods[] = {
     {"scandir", (PyCFunction)bc_scandir, METH_O,
      "scandir(dirfd) -> list[tuple[bytes, os.stat_result]] | None: the entries of an open directory "
      "with their lstat, sorted by raw name; None on any error."},
+    {"listing", (PyCFunction)bc_listing, METH_O,
+     "listing(dirfd) -> Listing | None: scandir's pairs kept in C (items built on first use); None "
+     "on any error."},
+    {"skip_same", (PyCFunction)(void (*)(void))skip_same, METH_FASTCALL,
+     "skip_same(lower_rootfd, upper_rootfd, lower_root_prefix, upper_root_prefix, prefix, lower, upper, "
+     "i, j) -> (i, j): past the leading pairs of two Listings the double walk drops unreported."},
+    {"set_getxattrat", (PyCFunction)set_getxattrat, METH_O,
+     "set_getxattrat(on) -> bool: whether capability lookups try getxattrat(2) (else the path "
+     "call); returns the previous setting."},
     {"encode_batch", (PyCFunction)(void (*)(void))encode_batch, METH_FASTCALL,
      "encode_batch(rootfd, root_prefix, prefix, listing, start, sde, added_dirs, limit) -> "
      "(data, next, entries, reason): a base layer's common entries of one directory listing."},
@@ -898,5 +1305,16 @@ PyInit__speedups(void)
         PyErr_Clear();
         Py_CLEAR(stat_result_type); /* unknown layout: scandir answers None (Python path) */
     }
-    return PyModule_Create(&moddef);
+    if (PyType_Ready(&ListingType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moddef);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ListingType);
+    if (PyModule_AddObject(m, "Listing", (PyObject *)&ListingType) < 0) {
+        Py_DECREF(&ListingType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

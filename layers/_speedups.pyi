@@ -23,10 +23,31 @@ def encode_batch(
     rootfd: int,
     root_prefix: bytes,
     prefix: bytes,
-    listing: list[tuple[bytes, os.stat_result]],
+    listing: Listing | list[tuple[bytes, os.stat_result]],
     start: int,
     sde: int | None,
     added_dirs: set[bytes],
     limit: int,
     /,
 ) -> tuple[bytes, int, int, int]: ...
+
+class Listing:
+    """A directory's (name, lstat) pairs kept in C; items are built on first use."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int, /) -> tuple[bytes, os.stat_result]: ...
+
+def listing(dirfd: int, /) -> Listing | None: ...
+def skip_same(
+    lower_rootfd: int,
+    upper_rootfd: int,
+    lower_root_prefix: bytes,
+    upper_root_prefix: bytes,
+    prefix: bytes,
+    lower: object,
+    upper: object,
+    i: int,
+    j: int,
+    /,
+) -> tuple[int, int]: ...
+def set_getxattrat(on: bool, /) -> bool: ...

@@ -54,7 +54,7 @@ def write_base_tar(
     w = EntryWriter(upper, 0, source_date_epoch)
     added, out, handle = w.added_dirs, w.out, w.handle
     encode = lib.encode_batch
-    stack: list[list] = [[b"", upper.scandir(b""), 0]]
+    stack: list[list] = [[b"", upper.listing(b""), 0]]
     while stack:
         frame = stack[-1]
         prefix, listing, i = frame
@@ -87,5 +87,5 @@ def write_base_tar(
             stack.pop()
         else:
             frame[2] = i
-            stack.append([child + b"/", upper.scandir(child), 0])
+            stack.append([child + b"/", upper.listing(child), 0])
     return finish(sink)

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from stat import S_IFDIR, S_IFLNK, S_IFMT
 from typing import NamedTuple, Protocol
+
+from blobchain.layers import native as _native
+from blobchain.layers import snapshot as _snapshot
 
 __all__ = ["Change", "ChangeKind", "Tree", "diff", "diff_dir", "same_file"]
 
@@ -66,27 +70,55 @@ def diff_dir(lower: Tree | None, upper: Tree, rel: bytes, *, lower_is_dir: bool 
 
     ``lower_is_dir=False`` treats the lower side as empty (it is missing or not a directory).
     """
+    skip = _native_skip(lower, upper)
+    if skip is not None:
+        lower_list = lower.listing(rel) if lower_is_dir else []  # type: ignore[union-attr]
+        return _walk(lower, upper, rel, lower_list, upper.listing(rel), skip)  # type: ignore[attr-defined]
     lower_list = lower.scandir(rel) if lower is not None and lower_is_dir else []
     return _walk(lower, upper, rel, lower_list, upper.scandir(rel))
+
+
+def _native_skip(lower: Tree | None, upper: Tree) -> Callable[..., tuple[int, int]] | None:
+    """The native ``skip_same`` bound to both roots, when both trees are plain snapshots read
+    with openat2 (the descriptors it opens beneath); else None (the walk decides every pair)."""
+    lib = _native.lib
+    if (
+        lib is None
+        or type(lower) is not _snapshot.Snapshot
+        or type(upper) is not _snapshot.Snapshot
+        or not _snapshot.use_openat2
+        or not hasattr(lib, "skip_same")
+    ):
+        return None
+    return partial(lib.skip_same, lower.fd, upper.fd, lower.path(b"x")[:-1], upper.path(b"x")[:-1])
 
 
 def _walk(
     lower: Tree | None,
     upper: Tree,
     rel: bytes,
-    lower_list: list[tuple[bytes, os.stat_result]],
-    upper_list: list[tuple[bytes, os.stat_result]],
+    lower_list: Sequence[tuple[bytes, os.stat_result]],
+    upper_list: Sequence[tuple[bytes, os.stat_result]],
+    skip: Callable[..., tuple[int, int]] | None = None,
 ) -> Iterator[Change]:
     # An explicit stack instead of recursion: trees can be deeper than Python's recursion limit,
     # and every yield would otherwise pass through one generator per level.
     stack: list[list] = [[rel + b"/" if rel else b"", lower_list, upper_list, 0, 0]]
     new = Change
+    # With ``skip`` (native, both trees plain snapshots), listings are C Listings: the pairs the
+    # walk would drop unreported (same file by same_file's rules, not a directory, one link)
+    # are passed in C; it stops at any pair it cannot settle, which the loop below decides.
+    scan = skip is not None
     while stack:
         frame = stack[-1]
         prefix, ll, ul, i, j = frame
         nl, nu = len(ll), len(ul)
         child = None
         while i < nl or j < nu:
+            if scan and i < nl and j < nu:
+                i, j = skip(prefix, ll, ul, i, j)  # type: ignore[misc]
+                if i >= nl and j >= nu:
+                    break
             if j >= nu or (i < nl and ll[i][0] < ul[j][0]):
                 name, lst = ll[i]
                 i += 1
@@ -106,12 +138,15 @@ def _walk(
                     yield new(MODIFY, path, ust)
                 if S_IFMT(umode) == S_IFDIR:
                     lower_dir = S_IFMT(lst.st_mode) == S_IFDIR
-                    child = (path, lower.scandir(path) if lower_dir else [], upper.scandir(path))  # type: ignore[union-attr]
+                    if scan:
+                        child = (path, lower.listing(path) if lower_dir else [], upper.listing(path))  # type: ignore[union-attr,attr-defined]
+                    else:
+                        child = (path, lower.scandir(path) if lower_dir else [], upper.scandir(path))  # type: ignore[union-attr]
                     break
             else:
                 yield new(ADD, path, ust)
                 if S_IFMT(umode) == S_IFDIR:
-                    child = (path, [], upper.scandir(path))
+                    child = (path, [], upper.listing(path) if scan else upper.scandir(path))  # type: ignore[attr-defined]
                     break
         if child is None:
             stack.pop()

@@ -293,6 +293,23 @@ class Snapshot:
         out.sort(key=_first)
         return out
 
+    def listing(self, rel: bytes = b"") -> Sequence[tuple[bytes, os.stat_result]]:
+        """:meth:`scandir`'s pairs, kept in C when the extension is on (a ``_speedups.Listing``:
+        the native walkers read its stats without building ``stat_result`` objects; indexing
+        builds the pair as :meth:`scandir` would). Otherwise (or on any native error, which
+        :meth:`scandir` then raises as the named error) the :meth:`scandir` list."""
+        lib = _native.lib
+        if lib is not None:
+            fd = self.open_dir(rel) if rel else self._fd
+            try:
+                listed = lib.listing(fd)
+            finally:
+                if fd != self._fd:
+                    os.close(fd)
+            if listed is not None:
+                return listed  # type: ignore[no-any-return]
+        return self.scandir(rel)
+
     def readlink(self, rel: bytes) -> bytes:
         """The raw target of symlink ``rel`` (never resolved)."""
         rel = _check_rel(rel)

@@ -499,6 +499,38 @@ def test_zstd_input_ending_on_a_job_boundary_gives_one_frame_every_time() -> Non
     assert off[-7:-4] != b"\x01\x00\x00"
 
 
+def _zstd_compressobj_reference(level: int, data: bytes, threads: int) -> bytes:
+    """The frame as the earlier compressobj() path made it (1 MiB feeds, the job-boundary
+    flush): the stream writer must give the same bytes (same compressor id)."""
+    cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True, write_content_size=False)
+    c = cctx.compressobj()
+    out = bytearray()
+    for off in range(0, len(data), MIB):
+        out += c.compress(data[off : off + MIB])
+    if data and len(data) % zstd_job_size(level) == 0:
+        out += c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    out += c.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("level", [1, 3])
+@pytest.mark.parametrize("size", [0, 5, 3 * MIB + 7, 2 << 20, 8 << 20, 16 << 20])
+def test_zstd_stream_writer_gives_the_compressobj_bytes(level: int, size: int) -> None:
+    data = (make_data(size // 2, seed=size) + random.Random(size).randbytes(size - size // 2))[:size]
+    pieces: list[object] = []
+    out = bytearray()
+
+    def sink(b: bytes) -> None:
+        pieces.append(b)
+        out.extend(b)
+
+    with open_compressor(LayerOptions(ZSTD, level), sink, threads=2) as c:
+        c.write(data)
+    assert bytes(out) == _zstd_compressobj_reference(level, data, 2)
+    # immutable pieces of at most 1 MiB: the blob sink may hash them on another thread
+    assert all(type(p) is bytes and 0 < len(p) <= MIB for p in pieces)
+
+
 def test_zstd_job_sizes_follow_libzstd() -> None:
     assert [zstd_job_size(lvl) >> 20 for lvl in (1, 3, 9, 19)] == [2, 8, 16, 32]
     assert zstd_job_size(22) == 1 << 29  # long-distance matching: 8 chain cycles

@@ -24,9 +24,9 @@ from fschains import Model, chains
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blobchain.layers import native
+from blobchain.layers import baselayer, native
 from blobchain.layers.baselayer import native_base_layer, write_base_tar
-from blobchain.layers.changes import diff
+from blobchain.layers.changes import diff, same_file
 from blobchain.layers.entries import tar_entries
 from blobchain.layers.errors import BlobchainError, FileChanged
 from blobchain.layers.snapshot import Snapshot, open_snapshot
@@ -119,7 +119,7 @@ def test_layers_equal_with_and_without_native(states: list[Model], sde: int | No
 @needs_lib
 @services.needs_root("chown, mknod and capabilities")
 @pytest.mark.parametrize("name", sorted(fsgen.PAIRS))
-def test_parity_pairs_equal_with_and_without_native(tmp_path: Path, name: str) -> None:
+def test_parity_pairs_equal_with_and_without_native(tmp_path: Path, name: str, xattr_mode: bool) -> None:
     lower, upper = fsgen.build_pair(tmp_path, fsgen.PAIRS[name])
     assert _layer(lower, upper, True) == _layer(lower, upper, False)
     assert _layer(None, upper, True) == _layer(None, upper, False)
@@ -129,7 +129,7 @@ def test_parity_pairs_equal_with_and_without_native(tmp_path: Path, name: str) -
 
 @needs_lib
 @services.needs_root("chown, mknod and capabilities")
-def test_kitchen_sink_equal_with_and_without_native(tmp_path: Path) -> None:
+def test_kitchen_sink_equal_with_and_without_native(tmp_path: Path, xattr_mode: bool) -> None:
     lower, upper = fsgen.build_pair(tmp_path, fsgen.kitchen_sink())
     assert _layer(lower, upper, True) == _layer(lower, upper, False)
     assert _layer(None, upper, True) == _layer(None, upper, False)
@@ -425,12 +425,250 @@ def test_base_layer_progress_and_count(tmp_path: Path) -> None:
 
 
 @needs_lib
-def test_base_layer_changed_file_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file that changes between the listing and its read: the Python path's FileChanged."""
+@pytest.mark.parametrize("kind", ["listing", "scandir"])
+def test_base_layer_changed_file_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A file that changes between the listing and its read: the Python path's FileChanged
+    (from a C Listing, and from the scandir list that stands in when the Listing fails)."""
     (tmp_path / "f").write_bytes(b"hello")
     with open_snapshot(tmp_path) as up:
-        listing = up.scandir(b"")
+        listing = up.listing(b"") if kind == "listing" else up.scandir(b"")
         (tmp_path / "f").write_bytes(b"HELLO!")
-        monkeypatch.setattr(Snapshot, "scandir", lambda self, rel=b"": listing)
+        monkeypatch.setattr(Snapshot, "listing", lambda self, rel=b"": listing)
         with pytest.raises(FileChanged):
             write_base_tar(up, io.BytesIO().write)
+
+
+# --- Listing, getxattrat and its fallback, the double walk's native skip -------------------------
+
+_CAP = bytes.fromhex("0100000200100000000000000000000000000000")  # cap_net_bind_service, v2
+
+
+@pytest.fixture(params=[True, False], ids=["getxattrat", "path-lgetxattr"])
+def xattr_mode(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Both capability lookups the helpers have: getxattrat(2) beneath the listed directory, and
+    the path lgetxattr they fall back to on kernels before 6.13 (ENOSYS)."""
+    assert lib is not None
+    was = lib.set_getxattrat(request.param)
+    try:
+        yield request.param
+    finally:
+        lib.set_getxattrat(was)
+
+
+@needs_lib
+def test_listing_is_scandir_kept_in_c(tmp_path: Path) -> None:
+    assert lib is not None
+    for name in (b"b", b"a", b"\xff", b"dir"):
+        (tmp_path / os.fsdecode(name)).write_bytes(name)
+    os.symlink(b"nowhere", tmp_path / "link")
+    with open_snapshot(tmp_path) as snap:
+        got = snap.listing(b"")
+        want = snap.scandir(b"")
+        assert type(got) is lib.Listing
+        assert len(got) == len(want) == 5
+        assert [got[i] for i in range(len(got))] == want
+        assert got[-1] == want[-1] and got[0] is got[0]  # built once, then kept
+        for (_, a), (_, b) in zip([got[i] for i in range(5)], want, strict=True):
+            assert {f: getattr(a, f) for f in _STAT_FIELDS} == {f: getattr(b, f) for f in _STAT_FIELDS}
+        with pytest.raises(IndexError):
+            got[5]
+        assert lib.listing(-1) is None
+        saved = native.lib
+        native.lib = None
+        try:
+            assert snap.listing(b"") == want  # pure Python: the scandir list
+        finally:
+            native.lib = saved
+
+
+@needs_lib
+def test_set_getxattrat_switch(tmp_path: Path) -> None:
+    assert lib is not None
+    was = lib.set_getxattrat(False)
+    try:
+        assert lib.set_getxattrat(True) is False
+        assert lib.set_getxattrat(True) is True
+    finally:
+        lib.set_getxattrat(was)
+
+
+@needs_lib
+def test_no_getxattrat_env_switches_the_fallback_on() -> None:
+    """BLOBCHAIN_NO_GETXATTRAT=1 (how CI forces the pre-6.13 path) turns getxattrat off."""
+    import subprocess
+    import sys
+
+    code = "from blobchain.layers import native; print(native.available.set_getxattrat(True))"
+    for value, want in (("1", "False"), ("", "True")):
+        env = dict(os.environ, BLOBCHAIN_NO_GETXATTRAT=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+        assert out.stdout.strip() == want
+
+
+def _capability_tree(base: Path) -> Path:
+    """Capabilities on directories, empty files and files with bodies, next to plain ones."""
+    base.mkdir()
+    for d in ("d1", "d2", "d3"):
+        (base / d).mkdir()
+        for k in range(6):
+            (base / d / f"f{k}").write_bytes(b"x" * k)
+    (base / "top").write_bytes(b"top")
+    for rel in ("d1/f0", "d1/f3", "d2", "top"):
+        os.setxattr(base / rel, "security.capability", _CAP)
+    return base
+
+
+@needs_lib
+@services.needs_root("capabilities")
+def test_base_layer_capabilities_in_both_xattr_modes(tmp_path: Path, xattr_mode: bool) -> None:
+    tree = _capability_tree(tmp_path / "t")
+    got = _base(tree)
+    assert got == _reference(tree)
+    assert got.count(b"SCHILY.xattr.security.capability") == 4
+
+
+@needs_lib
+@services.needs_root("capabilities")
+def test_diff_capabilities_in_both_xattr_modes(tmp_path: Path, xattr_mode: bool) -> None:
+    """A capability added, removed or kept on otherwise identical files (whole-second and
+    nanosecond mtimes): the native skip must not pass a pair whose capabilities differ."""
+    lower = _capability_tree(tmp_path / "lo")
+    subprocess_copy(lower, tmp_path / "up")
+    upper = tmp_path / "up"
+    os.removexattr(upper / "d1" / "f3", "security.capability")
+    os.setxattr(upper / "d3" / "f2", "security.capability", _CAP)
+    os.setxattr(lower / "d3" / "f4", "security.capability", _CAP)
+    os.setxattr(upper / "d3" / "f4", "security.capability", _CAP)
+    got = _layer(lower, upper, True)
+    assert got == _layer(lower, upper, False)
+    names = _tar_names(got)
+    assert b"d1/f3" in names and b"d3/f2" in names
+    assert b"d3/f4" not in names and b"d1/f0" not in names
+
+
+def subprocess_copy(src: Path, dst: Path) -> None:
+    """cp -a: a separate tree (other inodes) with the same metadata, xattrs included."""
+    import subprocess
+
+    subprocess.run(["cp", "-a", "--reflink=never", str(src), str(dst)], check=True)
+
+
+def _tar_names(data: bytes) -> list[bytes]:
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        return [os.fsencode(m.name) for m in tf.getmembers()]
+
+
+@needs_lib
+@pytest.mark.parametrize("whole_seconds", [True, False])
+def test_diff_native_skip_decides_as_same_file(tmp_path: Path, whole_seconds: bool) -> None:
+    """Copies with the same metadata: same content is dropped, same-size different content is a
+    Modify only when the mtimes are whole seconds (containerd's rule), a symlink retargeted to a
+    same-length target likewise, an unchanged hardlinked pair is linked to a new peer (Unmodified),
+    a mode change is a Modify; large bodies (several compare chunks) differ only at the end."""
+    lower = tmp_path / "lo"
+    lower.mkdir()
+    for k in range(40):
+        (lower / f"f{k:02d}").write_bytes(b"%d" % k * (k * 37))
+    (lower / "big").write_bytes(b"b" * (600_000 - 1) + b"1")
+    (lower / "big-same").write_bytes(os.urandom(700_000))
+    (lower / "empty").write_bytes(b"")
+    os.symlink("target-1", lower / "sym")
+    (lower / "hl-a").write_bytes(b"peer")
+    os.link(lower / "hl-a", lower / "hl-b")
+    (lower / "sub").mkdir()
+    (lower / "sub" / "x").write_bytes(b"same")
+    subprocess_copy(lower, tmp_path / "up")
+    upper = tmp_path / "up"
+    edits = {"f05": b"X" * (5 * 37 - 1) + b"Y", "f33": None, "big": b"b" * 600_000}
+    for name, data in edits.items():
+        p = upper / name
+        if data is not None:
+            st = p.stat()
+            p.write_bytes(data)
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.chmod(upper / "f33", 0o600)
+    os.link(upper / "hl-a", upper / "hl-new")  # an Add whose Unmodified peers get linked to it
+    os.unlink(upper / "sym")
+    os.symlink("target-2", upper / "sym")
+    t = 1_700_000_000 * 10**9 + (0 if whole_seconds else 123)
+    for root in (lower, upper):
+        for dp, dns, fns in os.walk(root):
+            for n in dns + fns:
+                os.utime(os.path.join(dp, n), ns=(t, t), follow_symlinks=False)
+    got = _layer(lower, upper, True)
+    assert got == _layer(lower, upper, False)
+    names = set(_tar_names(got))
+    assert {b"f33", b"hl-a", b"hl-b", b"hl-new"} <= names
+    assert (b"f05" in names) == whole_seconds and (b"big" in names) == whole_seconds
+    assert (b"sym" in names) == whole_seconds
+    assert not names & {b"f04", b"f06", b"big-same", b"empty", b"sub/x"}
+
+
+@needs_lib
+def test_skip_same_stops_at_what_it_cannot_settle(tmp_path: Path) -> None:
+    """Directly: it passes equal pairs, and stops at a name only on one side, a directory, a
+    changed file and a vanished file (the Python walk then raises its named error)."""
+    assert lib is not None
+    lower, upper = tmp_path / "lo", tmp_path / "up"
+    lower.mkdir()
+    for n in ("a", "b", "c", "d", "e"):
+        (lower / n).write_bytes(n.encode())
+    (lower / "dir").mkdir()
+    subprocess_copy(lower, upper)
+    t = 1_700_000_000 * 10**9
+    for root in (lower, upper):
+        for n in ("a", "b", "c", "d", "e"):
+            os.utime(root / n, ns=(t, t))
+    with open_snapshot(lower) as lo, open_snapshot(upper) as up:
+        ll, ul = lo.listing(b""), up.listing(b"")
+        names = [ll[i][0] for i in range(len(ll))]
+        assert names == [b"a", b"b", b"c", b"d", b"dir", b"e"]
+
+        def skip(i: int, j: int) -> tuple[int, int]:
+            return lib.skip_same(lo.fd, up.fd, lo.path(b"x")[:-1], up.path(b"x")[:-1], b"", ll, ul, i, j)
+
+        assert skip(0, 0) == (4, 4)  # a..d equal (content compared), stops at the directory
+        assert skip(5, 5) == (6, 6)
+        assert skip(1, 0) == (1, 0)  # different names
+        (upper / "c").write_bytes(b"C")  # same size; the listing still has the old stat
+        os.utime(upper / "c", ns=(t, t))
+        assert skip(0, 0) == (2, 2)
+        os.unlink(upper / "d")
+        assert skip(3, 3) == (3, 3)  # vanished: the Python path decides
+        assert skip(0, 0) == (2, 2)
+        with pytest.raises(FileChanged):
+            same_file(lo, up, b"d", ll[3][1], ul[3][1])  # what the walk runs on that pair
+
+
+@needs_lib
+def test_base_layer_file_rewritten_after_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression guard for the single fstat after the read: a file rewritten between the
+    listing and its read with the same size and mtime (only ctime moves) is not written from
+    the listing's view: the native read declines (ctime differs), the Python path reads it
+    again, and the layer is what the reference writes from the same listing."""
+    (tmp_path / "f").write_bytes(b"hello")
+    (tmp_path / "g").write_bytes(b"other")
+    with open_snapshot(tmp_path) as up:
+        listing = up.listing(b"")
+        listed = list(listing[i] for i in range(len(listing)))
+        st = (tmp_path / "f").stat()
+        (tmp_path / "f").write_bytes(b"HELLO")
+        os.utime(tmp_path / "f", ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (tmp_path / "f").stat().st_ctime_ns != st.st_ctime_ns
+        monkeypatch.setattr(Snapshot, "listing", lambda self, rel=b"": listing)
+        by_python: list[bytes] = []
+        real_write_entry = baselayer.write_entry
+
+        def spy(e: TarEntry, *args: object) -> None:
+            by_python.append(e.name)
+            real_write_entry(e, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(baselayer, "write_entry", spy)
+        buf = io.BytesIO()
+        write_base_tar(up, buf.write)
+        assert by_python == [b"f"]  # declined by the native read (ctime moved); g stayed native
+        monkeypatch.setattr(Snapshot, "scandir", lambda self, rel=b"": listed)
+        assert buf.getvalue() == _reference(tmp_path)
+    assert b"HELLO" in buf.getvalue()
