@@ -15,7 +15,6 @@ from blobchain.config.factory import DepsOpener, open_deps
 from blobchain.layers.errors import FailedPrecondition, RefNotFound, SnapshotOutsideRoots
 from blobchain.layers.imageconfig import ImageOptions
 from blobchain.layers.records import Compression, Descriptor, LayerOptions, RefRecord, RefSpec
-from blobchain.layers.snapshot import open_snapshot
 from blobchain.storage.deps import Deps
 from blobchain.storage.leases import MissingLease
 from blobchain.workers.executor import ChainResult, Executor, Job
@@ -142,6 +141,8 @@ class Client:
                     path=spec.snapshot,
                 )
         else:
+            from blobchain.layers.snapshot import open_snapshot
+
             open_snapshot(spec.snapshot, roots)
 
     def register(self, specs: Sequence[RefSpec]) -> list[RefRecord]:

@@ -6,20 +6,59 @@ plus chain identity. Knows nothing of Celery, Redis or S3.
     stats = write_layer(src, LayerOptions(compression="zstd"), sink.write)
 """
 
-from blobchain.layers.errors import BlobchainError
-from blobchain.layers.identity import blob_id, chain_id, chain_ids, next_ids
-from blobchain.layers.layer import LayerSource, LayerStats, convert_blob, write_layer
-from blobchain.layers.records import (
-    DIFF_ID_LABEL,
-    EMPTY_LAYER_DIFF_ID,
-    Compression,
-    Descriptor,
-    LayerBlob,
-    LayerOptions,
-    RefRecord,
-    RefSpec,
-)
-from blobchain.layers.snapshot import Snapshot, open_snapshot
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from blobchain.layers.errors import BlobchainError
+    from blobchain.layers.identity import blob_id, chain_id, chain_ids, next_ids
+    from blobchain.layers.layer import LayerSource, LayerStats, convert_blob, write_layer
+    from blobchain.layers.records import (
+        DIFF_ID_LABEL,
+        EMPTY_LAYER_DIFF_ID,
+        Compression,
+        Descriptor,
+        LayerBlob,
+        LayerOptions,
+        RefRecord,
+        RefSpec,
+    )
+    from blobchain.layers.snapshot import Snapshot, open_snapshot
+
+# Loaded on first use (PEP 562): ``import blobchain.layers.errors`` (every module does) must not
+# import the whole engine, its compressors and the C extension (start-up of the CLI).
+_LAZY = {
+    "BlobchainError": "errors",
+    "blob_id": "identity",
+    "chain_id": "identity",
+    "chain_ids": "identity",
+    "next_ids": "identity",
+    "LayerSource": "layer",
+    "LayerStats": "layer",
+    "convert_blob": "layer",
+    "write_layer": "layer",
+    "DIFF_ID_LABEL": "records",
+    "EMPTY_LAYER_DIFF_ID": "records",
+    "Compression": "records",
+    "Descriptor": "records",
+    "LayerBlob": "records",
+    "LayerOptions": "records",
+    "RefRecord": "records",
+    "RefSpec": "records",
+    "Snapshot": "snapshot",
+    "open_snapshot": "snapshot",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:  # a submodule (``from blobchain.layers import native``) is imported instead
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     # the data path

@@ -3,7 +3,7 @@
 The layer pipeline hashes each byte once, as it streams: :class:`HashingWriter` sits between the
 tar writer and the compressor (its digest is the diffID), :class:`HashingReader` sits on a
 stream being uploaded or converted. Neither buffers anything. :class:`OverlappedHashingWriter`
-hashes each chunk on a helper thread while the chunk goes on downstream (compressor, store
+hashes big chunks on a helper thread while they go on downstream (compressor, store
 hash, file write): sha256 releases the GIL, so on a big layer the diffID costs no wall time.
 """
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 from blobchain.layers.errors import DigestMismatch
+from blobchain.layers.lane import Lane
 
 __all__ = ["HashingReader", "HashingWriter", "OverlappedHashingWriter"]
 
@@ -66,49 +66,37 @@ _OVERLAP_MIN = 64 << 10
 
 
 class OverlappedHashingWriter(HashingWriter):
-    """A :class:`HashingWriter` that hashes chunk *k* on one helper thread while the caller's
-    ``write`` handles chunk *k* downstream, then waits for it before chunk *k+1*: the same
-    digest (one consumer, in order), at most one chunk in flight, so memory stays flat.
+    """A :class:`HashingWriter` that hashes big chunks on a helper thread (a
+    :class:`~blobchain.layers.lane.Lane`) while the caller's ``write`` handles them downstream:
+    the same digest (one hasher, fed in order), at most a few chunks in flight, so memory stays
+    flat.
 
     Only immutable ``bytes`` are hashed on the thread (the caller could change anything else
-    after ``write`` returns); other buffers are hashed inline. Use it as a context manager, or
-    call :meth:`close`, to stop the thread."""
+    after ``write`` returns); other buffers, and small chunks, are hashed inline once the thread
+    has caught up. Use it as a context manager, or call :meth:`close`, to stop the thread."""
 
     def __init__(self, write: Callable[[bytes], object]) -> None:
         super().__init__(write)
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future[None] | None = None
+        self._lane: Lane[bytes] = Lane(self._hash.update, name="diffid-sha256")
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        self._wait()
         n = data.nbytes if isinstance(data, memoryview) else len(data)
         if type(data) is bytes and n >= _OVERLAP_MIN:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="diffid-sha256")
-            self._pending = self._pool.submit(self._hash.update, data)
+            self._lane.put(data)
         else:
+            self._lane.drain()
             self._hash.update(data)
         self._size += n
         self._write(data)  # type: ignore[arg-type]
         return n
 
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
     @property
     def digest(self) -> str:
-        self._wait()
+        self._lane.drain()
         return _format(self._hash)
 
     def close(self) -> None:
-        try:
-            self._wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+        self._lane.close()
 
     def __enter__(self) -> OverlappedHashingWriter:
         return self

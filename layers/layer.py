@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -20,6 +19,7 @@ from blobchain.layers.compress import compressor_id, open_compressor, open_decom
 from blobchain.layers.digest import HashingWriter, OverlappedHashingWriter
 from blobchain.layers.entries import tar_entries
 from blobchain.layers.errors import DigestMismatch, UnsupportedCompression
+from blobchain.layers.lane import Lane
 from blobchain.layers.overlay import LowerView, upper_changes
 from blobchain.layers.records import Compression, LayerOptions
 from blobchain.layers.snapshot import Snapshot
@@ -81,39 +81,27 @@ def entries_for(src: LayerSource, opts: LayerOptions) -> Iterator[TarEntry]:
 
 
 class _OverlappedSink:
-    """``sink`` called on one helper thread, in order, one chunk in flight: the store's own
-    hashing and file writes (both release the GIL) overlap the walk and the compressor.
+    """``sink`` called on one helper thread (a :class:`~blobchain.layers.lane.Lane`), in order,
+    a few chunks in flight: the store's own hashing and file writes (both release the GIL)
+    overlap the walk and the compressor.
 
-    Only immutable ``bytes`` are handed over (anything else is written inline, after the chunk
-    in flight). An error of the sink surfaces on the next call or at :meth:`close`."""
+    Only immutable ``bytes`` are handed over (anything else is written inline, once the chunks
+    in flight are done). An error of the sink surfaces on the next call or at :meth:`close`."""
 
     def __init__(self, sink: Callable[[bytes], object]) -> None:
         self._sink = sink
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future[object] | None = None
+        self._lane: Lane[bytes] = Lane(sink, name="blob-sink")
 
     def __call__(self, data: bytes) -> None:
-        self._wait()
         if type(data) is bytes and len(data) >= _OVERLAP_MIN:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="blob-sink")
-            self._pending = self._pool.submit(self._sink, data)
+            self._lane.put(data)
         else:
+            self._lane.drain()
             self._sink(data)
 
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
     def close(self) -> None:
-        """Wait for the chunk in flight (raising its error) and stop the thread."""
-        try:
-            self._wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+        """Wait for the chunks in flight (raising the first error) and stop the thread."""
+        self._lane.close()
 
 
 _OVERLAP_MIN = 64 << 10

@@ -24,9 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from blobchain.layers.compress import available_cpus
 from blobchain.layers.errors import BlobchainError
-from blobchain.layers.overlay import ROOTFS
 from blobchain.layers.records import Compression, LayerOptions, RefRecord
-from blobchain.layers.snapshot import open_snapshot
 from blobchain.storage.deps import Deps
 from blobchain.workers.chainjob import chain_records, finalize_chain
 from blobchain.workers.errors import InProgress
@@ -173,6 +171,8 @@ def _fits(path: str, roots: Sequence[str] | None, budget: _Budget) -> bool:
     """Whether snapshot ``path`` fits in ``budget`` (spent as it is listed; stops as soon as it
     is overdrawn). Listed through the engine's confined snapshot, as the build reads it: never
     outside the roots, no symlink followed. Unreadable counts as not small: the build says why."""
+    from blobchain.layers.snapshot import open_snapshot
+
     try:
         snap = open_snapshot(path, roots)
     except (BlobchainError, OSError):
@@ -200,6 +200,8 @@ def _small(records: Sequence[RefRecord], missing: set[str], roots: Sequence[str]
     """Whether the builds of ``missing`` (refs of ``records``, base first) together fit in
     ``budget``: each reads its snapshot and its lower (the ancestors down to the nearest rootfs),
     or converts its stored blob."""
+    from blobchain.layers.overlay import ROOTFS
+
     seen: set[str] = set()
     for i, rec in enumerate(records):
         if rec.ref_id not in missing:

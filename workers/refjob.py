@@ -17,17 +17,18 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from blobchain.layers.errors import BlobchainError, Conflict, DigestMismatch, NotFound, RefNotFound
-from blobchain.layers.layer import LayerStats, check_windows, convert_blob, write_layer
-from blobchain.layers.lower import is_windows, layer_source
 from blobchain.layers.records import DIFF_ID_LABEL, LayerBlob, LayerOptions, RefRecord, RefSpec
-from blobchain.layers.snapshot import open_snapshot
 from blobchain.storage.claims import Claim
 from blobchain.storage.claims.heartbeat import Heartbeat
 from blobchain.storage.deps import Deps
 from blobchain.workers.errors import CorruptBlob, InProgress, NoBlobs
 from blobchain.workers.plan import ancestry
+
+if TYPE_CHECKING:
+    from blobchain.layers.layer import LayerStats
 
 __all__ = ["BuildOutcome", "build_ref", "flight_key", "intact", "read_chain"]
 
@@ -105,6 +106,10 @@ def build_ref(
         return BuildOutcome(done, "cached")
     if rec.blob is None and not create_if_needed:
         raise NoBlobs(f"no blobs for ref {ref_id}", ref=ref_id)
+    # The engine loads only for work: a ref found built (the CLI rerun) never imports it.
+    from blobchain.layers.layer import check_windows
+    from blobchain.layers.lower import is_windows
+
     chain = read_chain(deps, ref_id)
     if is_windows(chain):  # decided once, from the chain read once
         check_windows(opts)
@@ -231,6 +236,10 @@ def _record(stats: LayerStats, digest: str, size: int, opts: LayerOptions) -> La
 def _build(
     deps: Deps, chain: list[RefSpec], opts: LayerOptions, key: str, gc_lease: str, tick: Progress
 ) -> LayerBlob:
+    from blobchain.layers.layer import write_layer
+    from blobchain.layers.lower import layer_source
+    from blobchain.layers.snapshot import open_snapshot
+
     src = layer_source(chain, lambda path: open_snapshot(path, deps.roots))
     # The ingest is named by the flight key: only the claim holder writes under that name.
     with deps.content.ingest(key) as ing:
@@ -251,6 +260,8 @@ def _convert(
     gc_lease: str,
     tick: Progress,
 ) -> LayerBlob:
+    from blobchain.layers.layer import convert_blob
+
     deps.leases.add_resource(gc_lease, source.digest)
     try:
         with deps.content.open(source.digest) as reader, deps.content.ingest(key) as ing:

@@ -312,3 +312,55 @@ def test_a_fresh_blob_passes_a_quick_verify_without_being_read(
     os.utime(content_store.blob_path(info.digest))
     assert content_store.verify(info.digest, quick=True) is not None
     assert reads == [info.digest]
+
+
+def test_ingest_starts_writeback_of_each_step(
+    content_store: LocalContentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large ingest asks the kernel to start writing each step as it goes (so the commit's
+    fsync waits for the tail only); the bytes and digest are what was written."""
+    import blobchain.storage.content.local as local
+
+    calls: list[tuple[int, bool]] = []
+    real = local._start_writeback
+
+    def spy(fd: int, offset: int) -> bool:
+        ok = real(fd, offset)
+        calls.append((offset, ok))
+        return ok
+
+    monkeypatch.setattr(local, "_WRITEBACK_STEP", 64 << 10)
+    monkeypatch.setattr(local, "_start_writeback", spy)
+    data = payload(7, 1 << 20)
+    with content_store.ingest("wb") as w:
+        for off in range(0, len(data), 16 << 10):
+            w.write(data[off : off + (16 << 10)])
+        digest = w.commit().digest
+    assert digest == digest_of(data)
+    assert content_store.blob_path(digest).read_bytes() == data
+    offsets = [off for off, _ in calls]
+    assert offsets[0] == 0 and offsets == sorted(offsets) and len(offsets) == len(set(offsets))
+    if os.uname().sysname == "Linux":
+        assert len(calls) == (1 << 20) // (64 << 10) and all(ok for _, ok in calls)
+
+
+def test_ingest_stops_asking_for_writeback_once_refused(
+    content_store: LocalContentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import blobchain.storage.content.local as local
+
+    calls: list[int] = []
+
+    def refused(fd: int, offset: int) -> bool:
+        calls.append(offset)
+        return False
+
+    monkeypatch.setattr(local, "_WRITEBACK_STEP", 64 << 10)
+    monkeypatch.setattr(local, "_start_writeback", refused)
+    data = payload(7, 1 << 20)
+    with content_store.ingest("wb") as w:
+        for off in range(0, len(data), 16 << 10):
+            w.write(data[off : off + (16 << 10)])
+        digest = w.commit().digest
+    assert calls == [0]
+    assert content_store.blob_path(digest).read_bytes() == data
