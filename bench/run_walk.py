@@ -288,8 +288,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cli = next((r for c, r in results.items() if c.startswith("CLI:")), None)
     ctr = next((r for c, r in results.items() if c.startswith("containerd:")), None)
+    engine = next((r for c, r in results.items() if c.startswith("engine: single layer")), None)
+    med = lambda rs: sorted(rs, key=lambda r: r.wall_s)[(len(rs) - 1) // 2].wall_s  # noqa: E731
+    if engine and ctr:
+        print(
+            f"\nEngine (single layer a) vs `ctr snapshots diff` of the same tree: {med(ctr) / med(engine):.2f}× "
+            "(wall, medians)."
+        )
     if cli and ctr:
-        med = lambda rs: sorted(rs, key=lambda r: r.wall_s)[(len(rs) - 1) // 2].wall_s  # noqa: E731
         print(f"\nCLI export vs `ctr snapshots diff` on the same tree: {med(ctr) / med(cli):.2f}× (wall, medians).")
     return 0
 
