@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from blobchain.layers.compress import available_cpus
-from blobchain.layers.errors import BlobchainError
+from blobchain.layers.errors import BlobchainError, Unavailable
 from blobchain.layers.records import Compression, LayerOptions, RefRecord
 from blobchain.storage.deps import Deps
 from blobchain.workers.chainjob import chain_records, finalize_chain
@@ -449,10 +449,20 @@ class EmbeddedExecutor:
                 return build_ref(
                     ref_id, opts, deps, create_if_needed=create_if_needed, force=force, progress=progress
                 )
+            from concurrent.futures.process import BrokenProcessPool
+
             pool = self._ensure_pool()
-            with _sigint_blocked():  # submit may spawn a child; only the spawn is covered
-                fut = pool.submit(_child_build, ref_id, opts, create_if_needed, force, at_once)
-            return fut.result()
+            try:
+                with _sigint_blocked():  # submit may spawn a child; only the spawn is covered
+                    fut = pool.submit(_child_build, ref_id, opts, create_if_needed, force, at_once)
+                return fut.result()
+            except BrokenProcessPool as e:
+                # A build process was killed (SIGKILL, the OOM killer): a named one-line error,
+                # not the pool's traceback. Its ingest is swept as an orphan on the next run.
+                raise Unavailable(
+                    f"a build process died while building ref {ref_id} ({e}); rerun to continue",
+                    ref=ref_id,
+                ) from None
 
         try:
             return once()
