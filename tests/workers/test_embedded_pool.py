@@ -140,3 +140,18 @@ def test_the_cli_imports_no_registry_client_or_distributed_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_pool_children_open_the_stores_from_the_plain_defaults(tmp_path: Path) -> None:
+    # What the CLI hands over when nothing is configured: config.defaults.Defaults, pickled to
+    # each build process (which then imports no pydantic-settings either).
+    from blobchain.config.defaults import Defaults
+
+    snaps = _snapshots(tmp_path, 2)
+    settings = Defaults(store=str(tmp_path / "store"))
+    ex = EmbeddedExecutor(open_deps(settings), opener=DepsOpener(settings), jobs=2, small_entries=0, small_bytes=0)
+    with Client(settings, executor=ex, deps=ex.deps) as c:
+        pooled = _build(c, snaps)
+        assert c.executor._pool is not None  # type: ignore[attr-defined]
+    with Client(Settings(store=str(tmp_path / "other")), in_process=True) as c:
+        assert _build(c, snaps) == pooled
