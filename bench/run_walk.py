@@ -192,6 +192,14 @@ def run_ctr(ctrd: Containerd, key: str, work: Path, case: str, walked: int) -> W
     return WalkResult(case, walked, walked, size, m.usage.wall_s, m.usage.cpu_s)
 
 
+def _settle(quiet: float) -> None:
+    """Before each timed case: write back what the previous case left dirty (the CLI's store
+    and containerd's content store each write the ~100 MiB layer, whose writeback otherwise
+    lands on the next case), then wait until the machine is idle (others share it)."""
+    os.sync()
+    wait_quiet(quiet, timeout_s=60)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=1.0, help="1 = 60k files per tree")
@@ -229,17 +237,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for case, lo, up, walked in cases:
                     if t.label == "second-mtimes" and lo is None:
                         continue  # same walk as the ns flavour: nothing to compare
-                    wait_quiet(a.quiet, timeout_s=60)  # others share the machine: start when it is idle
+                    _settle(a.quiet)  # others share the machine: start when it is idle
                     r = run_engine(lo, up, case, walked, prof)
                     if not prof:
                         results.setdefault(case, []).append(r)
             if not prof:
                 case = f"CLI: blobchain export a -c uncompressed ({trees[0].label})"
-                wait_quiet(a.quiet, timeout_s=60)
+                _settle(a.quiet)
                 results.setdefault(case, []).append(run_cli(trees[0].a, work, case, counts[trees[0].a]))
                 if ctrd is not None:
                     case = f"containerd: ctr snapshots diff of a, uncompressed ({trees[0].label})"
-                    wait_quiet(a.quiet, timeout_s=60)
+                    _settle(a.quiet)
                     results.setdefault(case, []).append(run_ctr(ctrd, ctr_key, work, case, counts[trees[0].a]))
     finally:
         rm_tree(work)
