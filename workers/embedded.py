@@ -2,8 +2,9 @@
 parent's diff never waits for its child's), each in a process of a pool so Python-heavy walks
 use every core; chain IDs are set in order once all are built. The pool starts only when two or
 more layers need building and they are not small: refs already built, a lone build, and builds
-that together read at most ``SMALL_ENTRIES`` entries and ``SMALL_BYTES`` bytes run in this
-process (spawning a build process, which imports the stack again, costs more than they do).
+that together list at most ``SMALL_ENTRIES`` entries and read at most ``SMALL_BYTES`` bytes run
+in this process (spawning build processes, which import the stack again, costs more than they
+do).
 
 Pool children die with the process that started them: each asks the kernel for SIGKILL when its
 parent goes (``PR_SET_PDEATHSIG``) and also watches its parent pid, so a ``kill -9`` of the CLI
@@ -23,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from blobchain.layers.compress import available_cpus
-from blobchain.layers.errors import BlobchainError
+from blobchain.layers.errors import BlobchainError, Unavailable
 from blobchain.layers.records import Compression, LayerOptions, RefRecord
 from blobchain.storage.deps import Deps
 from blobchain.workers.chainjob import chain_records, finalize_chain
@@ -53,10 +54,12 @@ _CANCEL_GRACE_S = 3.0
 _PARENT_POLL_S = 0.5
 _PR_SET_PDEATHSIG = 1
 # Builds that together read no more than this run in this process even when there are several:
-# each pool process costs ~0.5 s CPU to start (it imports the stack again), more than walking
-# this many entries and compressing this many bytes (bench/run_startup.py).
-SMALL_ENTRIES = 4096
-SMALL_BYTES = 16 << 20
+# starting the pool (each process imports the stack again) costs more than they do. Measured on
+# 2 cores, 2-layer gzip chains, this process against the pool (results-startup.md): 2x5000 files
+# of 4 KiB 0.29 s vs 0.36 s, 2x10000 0.51 vs 0.62, 2x300 of 200 KB 0.46 vs 0.61; even at
+# 2x20000 files of 1 KiB (~40k entries listed).
+SMALL_ENTRIES = 16384
+SMALL_BYTES = 64 << 20
 
 # --- the pool side: one Deps per process -----------------------------------------------------
 
@@ -446,10 +449,20 @@ class EmbeddedExecutor:
                 return build_ref(
                     ref_id, opts, deps, create_if_needed=create_if_needed, force=force, progress=progress
                 )
+            from concurrent.futures.process import BrokenProcessPool
+
             pool = self._ensure_pool()
-            with _sigint_blocked():  # submit may spawn a child; only the spawn is covered
-                fut = pool.submit(_child_build, ref_id, opts, create_if_needed, force, at_once)
-            return fut.result()
+            try:
+                with _sigint_blocked():  # submit may spawn a child; only the spawn is covered
+                    fut = pool.submit(_child_build, ref_id, opts, create_if_needed, force, at_once)
+                return fut.result()
+            except BrokenProcessPool as e:
+                # A build process was killed (SIGKILL, the OOM killer): a named one-line error,
+                # not the pool's traceback. Its ingest is swept as an orphan on the next run.
+                raise Unavailable(
+                    f"a build process died while building ref {ref_id} ({e}); rerun to continue",
+                    ref=ref_id,
+                ) from None
 
         try:
             return once()

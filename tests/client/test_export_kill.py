@@ -158,3 +158,46 @@ def test_ctrl_c_of_a_build_running_in_the_cli_process_exits_130_cleanly(tmp_path
     )
     assert rerun.returncode == 0, rerun.stderr.decode(errors="replace")
     assert (out / "index.json").is_file()
+
+
+def test_a_killed_build_process_is_a_one_line_error_not_a_traceback(tmp_path: Path) -> None:
+    """Regression: SIGKILL of a pool child (the OOM killer, say) broke the pool, and the export
+    died with concurrent.futures' BrokenProcessPool traceback. Now: exit 5 (unavailable), one
+    line naming the ref, no partial blob, and a rerun completes."""
+    eight = bytes(b"abcdefgh"[i % 8] for i in range(256))  # slow at gzip -9, not stored blocks
+    snaps = []
+    for i in range(3):  # together over the small-build budget: built in the pool
+        s = tmp_path / f"s{i}"
+        s.mkdir()
+        (s / f"f{i}").write_bytes(os.urandom(SMALL_BYTES // 3 + (1 << 20)).translate(eight))
+        snaps.append(str(s))
+    out = tmp_path / "oci"
+    cmd = [sys.executable, "-c", "import sys; from blobchain.client.cli import main; sys.exit(main())"]
+    args = ["export", *snaps, "--oci", str(out), "-c", "gzip", "--level", "9", "-q"]
+    proc = subprocess.Popen(cmd + args, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        ingest = out / ".blobchain" / "ingest"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (ingest.exists() and any(ingest.iterdir())):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.02)
+        children = [
+            c
+            for c in psutil.Process(proc.pid).children(recursive=True)
+            if "spawn_main" in " ".join(c.cmdline())
+        ]
+        assert children, "no build process was started: the test exercised nothing"
+        os.kill(children[0].pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 5, stderr
+    assert "Traceback" not in stderr and "BrokenProcessPool" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "build process died" in stderr, stderr
+    assert not (out / "index.json").exists()
+    for blob in (out / "blobs" / "sha256").iterdir() if (out / "blobs" / "sha256").exists() else ():
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+    quick = ["export", *snaps, "--oci", str(out), "-c", "gzip", "--level", "1", "-q"]
+    rerun = subprocess.run(cmd + quick, capture_output=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr.decode(errors="replace")
