@@ -54,6 +54,7 @@ from blobchain.layers.records import Compression, LayerOptions
 __all__ = [
     "GZIP_BLOCK_SIZE",
     "GZIP_DICT_SIZE",
+    "GZIP_MEMBER_PROBE_LEVEL",
     "GZIP_MEM_LEVEL",
     "GZIP_PROBE_LEVEL",
     "GZIP_PROBE_SLICE",
@@ -85,6 +86,9 @@ GZIP_MEM_LEVEL = 8  # zlib's default; sizes zlib-ng's symbol buffer, so it shape
 GZIP_PROBE_SLICES = 16
 GZIP_PROBE_SLICE = 2 << 10
 GZIP_PROBE_LEVEL = 2
+# ``libdeflate+stored`` deflates the same sample with libdeflate at this level instead: its one
+# library, and on random data ~3x cheaper than zlib-ng level 2 (docs/compression.md).
+GZIP_MEMBER_PROBE_LEVEL = 1
 GZIP_STRATEGIES = ("deflate", "deflate+stored", "libdeflate+stored")
 GZIP_STRATEGY = "libdeflate+stored"  # the default (docs/compression.md, "gzip strategies")
 _STORED_MAX = 0xFFFF  # the most bytes one stored deflate block holds
@@ -180,7 +184,7 @@ def compressor_id(opts: LayerOptions, *, gzip_strategy: str = GZIP_STRATEGY) -> 
     blobs recorded under it stay recognisable; ``deflate+stored`` adds its probe parameters.
     ``libdeflate+stored`` names python-deflate's version (the wheel bundles its libdeflate,
     whose version it does not expose) and a fingerprint of libdeflate's output at the level,
-    so a build linked to another libdeflate gets another id; and zlib-ng, which runs the probe.
+    so a build linked to another libdeflate gets another id; the probe's level is fingerprinted too.
     """
     _check_strategy(gzip_strategy)
     comp = opts.compression
@@ -193,8 +197,8 @@ def compressor_id(opts: LayerOptions, *, gzip_strategy: str = GZIP_STRATEGY) -> 
         return (
             f"libdeflate (python-deflate {_dist_version('deflate')}, {arch}, "
             f"fingerprint {_libdeflate_fingerprint(level)}) gzip level={level} block={GZIP_BLOCK_SIZE} "
-            f"members stored=probe:{GZIP_PROBE_SLICES}x{GZIP_PROBE_SLICE}@level{GZIP_PROBE_LEVEL} "
-            f"(zlib-ng {zlib_ng.ZLIBNG_RUNTIME_VERSION})"
+            f"members stored=probe:{GZIP_PROBE_SLICES}x{GZIP_PROBE_SLICE}@libdeflate{GZIP_MEMBER_PROBE_LEVEL}"
+            f" (fingerprint {_libdeflate_fingerprint(GZIP_MEMBER_PROBE_LEVEL)})"
         )
     if comp is Compression.GZIP:
         base = (
@@ -357,14 +361,16 @@ class _Passthrough(_Base):
         self._closed = True
 
 
-def block_is_incompressible(block: bytes | memoryview) -> bool:
-    """The ``deflate+stored`` decision: a pure function of the block's bytes.
+def block_is_incompressible(block: bytes | memoryview, *, deflater: str = "zlib-ng") -> bool:
+    """The stored decision: a pure function of the block's bytes.
 
     The sample is the :data:`GZIP_PROBE_SLICES` slices of :data:`GZIP_PROBE_SLICE` bytes
     starting at ``i * (len // slices)``, concatenated (the whole block when it is no longer than
-    that). It is deflated by zlib-ng at :data:`GZIP_PROBE_LEVEL` (a fresh raw stream, ``memLevel``
-    8, ``Z_FINISH``); the block is incompressible when the result is not smaller than the
-    sample. An empty block is not (it ends the stream as zlib-ng writes it)."""
+    that). ``deflater="zlib-ng"`` (``deflate+stored``) deflates it with zlib-ng at
+    :data:`GZIP_PROBE_LEVEL` (a fresh raw stream, ``memLevel`` 8, ``Z_FINISH``);
+    ``deflater="libdeflate"`` (``libdeflate+stored``) with libdeflate's raw deflate at
+    :data:`GZIP_MEMBER_PROBE_LEVEL`. The block is incompressible when the result is not smaller
+    than the sample. An empty block is not (it ends the stream as the deflater writes it)."""
     n = len(block)
     if not n:
         return False
@@ -374,13 +380,16 @@ def block_is_incompressible(block: bytes | memoryview) -> bool:
     else:
         step = n // GZIP_PROBE_SLICES
         sample = b"".join(mv[i * step : i * step + GZIP_PROBE_SLICE] for i in range(GZIP_PROBE_SLICES))
+    if deflater == "libdeflate":
+        return len(deflate.deflate_compress(sample, GZIP_MEMBER_PROBE_LEVEL)) >= len(sample)
     c = zlib_ng.compressobj(GZIP_PROBE_LEVEL, zlib_ng.DEFLATED, -15, GZIP_MEM_LEVEL, zlib_ng.Z_DEFAULT_STRATEGY)
     return len(c.compress(sample)) + len(c.flush(zlib_ng.Z_FINISH)) >= len(sample)
 
 
-def _stored_blocks(block: bytes, last: bool) -> bytes:
+def _stored_parts(block: bytes, last: bool) -> list[bytes | memoryview]:
     """``block`` as stored deflate blocks (RFC 1951 §3.2.4), byte-aligned at both ends, the last
-    one final when ``last``: each is a header byte, LEN, NLEN and up to 65535 raw bytes."""
+    one final when ``last``: each is a header byte, LEN, NLEN and up to 65535 raw bytes. Returned
+    as pieces (headers and views of ``block``) so the caller joins them in one copy."""
     mv = memoryview(block)
     n = len(block)
     parts: list[bytes | memoryview] = []
@@ -389,7 +398,11 @@ def _stored_blocks(block: bytes, last: bool) -> bytes:
         final = 1 if last and off + size == n else 0
         parts.append(struct.pack("<BHH", final, size, size ^ 0xFFFF))
         parts.append(mv[off : off + size])
-    return b"".join(parts)
+    return parts
+
+
+def _stored_blocks(block: bytes, last: bool) -> bytes:
+    return b"".join(_stored_parts(block, last))
 
 
 def _deflate_block(level: int, block: bytes, zdict: bytes, last: bool) -> tuple[bytes, int]:
@@ -435,16 +448,15 @@ def _libdeflate_fingerprint(level: int) -> str:
 def _libdeflate_member(level: int, block: bytes, zdict: bytes, last: bool) -> tuple[bytes, int]:
     """``libdeflate+stored``: ``block`` as one whole gzip member (``zdict`` and ``last`` are
     unused: members share no window and each ends its own deflate stream). An incompressible
-    block is stored blocks, the last of them final; any other is libdeflate's raw deflate at
-    ``level`` (libdeflate's level of the same number), which always ends with a final block.
-    The CRC is returned for the interface only."""
+    block (libdeflate's probe) is stored blocks, the last of them final; any other is
+    libdeflate's raw deflate at ``level`` (libdeflate's level of the same number), which always
+    ends with a final block. The CRC is returned for the interface only."""
     crc = zlib_ng.crc32(block)
-    if block_is_incompressible(block):
-        body: bytes | bytearray = _stored_blocks(block, True)
-    else:
-        body = deflate.deflate_compress(block, level)
     trailer = struct.pack("<II", crc, len(block))
-    return b"".join((gzip_header(level), body, trailer)), crc
+    if block_is_incompressible(block, deflater="libdeflate"):
+        # One copy of the block: header, stored pieces and trailer joined at once.
+        return b"".join([gzip_header(level), *_stored_parts(block, True), trailer]), crc
+    return b"".join((gzip_header(level), deflate.deflate_compress(block, level), trailer)), crc
 
 
 class _GzipCompressor(_Base):

@@ -21,7 +21,8 @@ rc = main(sys.argv[1:])
 print(json.dumps({"rc": rc, "spawned": "multiprocessing.popen_spawn_posix" in sys.modules,
                   "distributed": sorted(m for m in ("celery", "kombu", "boto3", "botocore", "redis")
                                         if m in sys.modules),
-                  "heavy": sorted(m for m in ("pydantic_settings", "tenacity", "asyncio", "rich.progress")
+                  "heavy": sorted(m for m in ("pydantic", "pydantic_settings", "tenacity", "asyncio",
+                                              "rich.progress")
                                   if m in sys.modules)}))
 """
 
@@ -58,9 +59,10 @@ def test_a_tiny_two_layer_export_starts_no_build_process(tmp_path: Path, compres
     oci = str(tmp_path / "oci")
     both = _export(*snaps, "--oci", oci, "-c", compression)  # both layers to build
     assert both["rc"] == 0 and both["spawned"] is False and both["distributed"] == []
-    # What start-up no longer loads when nothing needs it: pydantic-settings with nothing
-    # configured, tenacity (and the asyncio it loads) without a ref held elsewhere, rich's
-    # progress widgets with -q.
+    # What start-up no longer loads when nothing needs it: pydantic and pydantic-settings with
+    # nothing configured (typer 0.28, pinned in pyproject.toml, coerces without pydantic),
+    # tenacity (and the asyncio it loads) without a ref held elsewhere, rich's progress widgets
+    # with -q.
     assert both["heavy"] == []
     again = _export(*snaps, "--oci", oci, "-c", compression)  # everything built
     assert again["spawned"] is False
