@@ -29,16 +29,22 @@ from .conftest import built_counts, embedded_chain, new_settings, run_chain, s3_
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+# Random letters of a 6-letter alphabet: libdeflate at level 9 (the default gzip strategy)
+# deflates them at ~14 MB/s per core (random hex, used before, ~80 MB/s: too fast to catch).
+_SLOW_LETTERS = bytes(b"acgtAC"[i % 6] for i in range(256))
+
+
 def _random_file(path: Path, size: int) -> None:
-    """``size`` bytes that gzip level 9 compresses slowly (random hex digits, about 10 MB/s per
-    core): the fault tests must catch a build mid-way. Plain random bytes are no longer slow,
-    since the default gzip strategy stores incompressible blocks at memory speed."""
+    """``size`` bytes that gzip level 9 compresses slowly (random letters of a 6-letter
+    alphabet: ~14 MB/s per core with libdeflate 9, ~5 MB/s with zlib-ng 9): the fault tests
+    must catch a build mid-way. Plain random bytes are not slow, since incompressible blocks
+    are stored at memory speed, and random hex is no longer slow either with libdeflate."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         left = size
         while left:
             n = min(left, 8 << 20)
-            f.write(os.urandom(n // 2).hex().encode() + os.urandom(n % 2))
+            f.write(os.urandom(n).translate(_SLOW_LETTERS))
             left -= n
 
 
