@@ -496,8 +496,10 @@ class _GzipCompressor(_Base):
                     self._submit(self._held, last=False)
                     self._held = None
                 take = min(GZIP_BLOCK_SIZE - len(self._pending), n - off)
-                if take == GZIP_BLOCK_SIZE:  # aligned: one copy, straight from the caller's buffer
-                    self._held = bytes(mv[off : off + take])
+                if take == GZIP_BLOCK_SIZE:  # aligned: straight from the caller's buffer
+                    # A whole immutable block is kept as it is (the tar writer aligns big
+                    # bodies' reads to blocks); anything else is copied once.
+                    self._held = data if n == take and type(data) is bytes else bytes(mv[off : off + take])
                 else:
                     self._pending += mv[off : off + take]
                     if len(self._pending) == GZIP_BLOCK_SIZE:

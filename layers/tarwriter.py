@@ -193,17 +193,22 @@ def _copy_body(e: TarEntry, snapshot: Any, sink: Sink) -> None:
         before = os.fstat(fd)
         _check_walked(e, before)
         remaining = e.size
+        # Reads end on CHUNK_SIZE boundaries of the stream (the first one is short), so a big
+        # body reaches the compressor as whole 1 MiB blocks it can keep without a copy.
+        pos = sink.written + sink.pending
         # Exactly ``size`` bytes are read; growth, shrinkage or rewrites during the read show in
         # the fstat after it (size, mtime, ctime), which saves an EOF read per file.
         while remaining:
+            want = CHUNK_SIZE - pos % CHUNK_SIZE
             try:
-                chunk = os.read(fd, remaining if remaining < CHUNK_SIZE else CHUNK_SIZE)
+                chunk = os.read(fd, remaining if remaining < want else want)
             except OSError as err:
                 raise UnreadableFile(f"cannot read {e.source!r}: {err}", path=e.source) from err
             n = len(chunk)
             if not n:
                 raise _changed(e, f"ended {remaining} bytes early")
             remaining -= n
+            pos += n
             if n >= CHUNK_SIZE // 2:
                 sink.add_large(chunk)
             else:

@@ -342,3 +342,25 @@ def test_large_file_streams_with_flat_memory(tmp_path: Path) -> None:
         want.update(zeros[:step])
         left -= step
     assert digest.hexdigest() == want.hexdigest()
+
+
+def test_big_bodies_arrive_as_whole_stream_aligned_chunks(tmp_path: Path) -> None:
+    """After a big body's first (short) read, every write ends on a CHUNK_SIZE boundary of the
+    stream, so a block compressor downstream gets whole blocks it can keep without a copy."""
+    small = os.urandom(1000)
+    big = os.urandom(5 * CHUNK_SIZE + 12345)
+    (tmp_path / "a").write_bytes(small)
+    (tmp_path / "b").write_bytes(big)
+    out = Collect()
+    write_tar([file_entry(tmp_path, "a"), file_entry(tmp_path, "b")], DirSnapshot(tmp_path), out)
+    ends, pos = [], 0
+    for c in out.chunks:
+        pos += len(c)
+        ends.append(pos)
+    body_start = 512 + 1024 + 512  # a's header and padded body, b's header
+    whole = [c for c in out.chunks if len(c) == CHUNK_SIZE]
+    assert len(whole) >= 4  # the big body's middle: whole chunks, each a bytes object
+    assert all(type(c) is bytes for c in whole)
+    aligned = [e for e in ends if body_start < e <= body_start + len(big) - CHUNK_SIZE]
+    assert aligned and all(e % CHUNK_SIZE == 0 for e in aligned)
+    assert out.data[body_start : body_start + len(big)] == big
