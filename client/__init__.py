@@ -8,7 +8,7 @@ with Client() as client:
     client.export(result, "out-oci", tag="latest")
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from blobchain.layers.errors import (
     BlobchainError,
@@ -19,6 +19,7 @@ from blobchain.layers.errors import (
     Unavailable,
 )
 from blobchain.layers.imageconfig import ImageOptions, Platform
+from blobchain.layers.lazy import lazy_exports
 from blobchain.layers.records import Descriptor, LayerBlob, LayerOptions, RefRecord, RefSpec
 
 if TYPE_CHECKING:
@@ -37,15 +38,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     # the client

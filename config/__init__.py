@@ -4,7 +4,9 @@ place that chooses implementations.
 Loaded on first use (PEP 562): importing ``blobchain.config.factory`` or ``.defaults`` must not
 import pydantic (the CLI's start-up)."""
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from blobchain.layers.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from blobchain.config.factory import DepsOpener, open_deps
@@ -21,12 +23,4 @@ _LAZY = {
 __all__ = ["DepsOpener", "Settings", "load_settings", "open_deps", "redact_url"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -6,7 +6,9 @@ plus chain identity. Knows nothing of Celery, Redis or S3.
     stats = write_layer(src, LayerOptions(compression="zstd"), sink.write)
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from blobchain.layers.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from blobchain.layers.errors import BlobchainError
@@ -27,37 +29,29 @@ if TYPE_CHECKING:
 # Loaded on first use (PEP 562): ``import blobchain.layers.errors`` (every module does) must not
 # import the whole engine, its compressors and the C extension (start-up of the CLI).
 _LAZY = {
-    "BlobchainError": "errors",
-    "blob_id": "identity",
-    "chain_id": "identity",
-    "chain_ids": "identity",
-    "next_ids": "identity",
-    "LayerSource": "layer",
-    "LayerStats": "layer",
-    "convert_blob": "layer",
-    "write_layer": "layer",
-    "DIFF_ID_LABEL": "records",
-    "EMPTY_LAYER_DIFF_ID": "records",
-    "Compression": "records",
-    "Descriptor": "records",
-    "LayerBlob": "records",
-    "LayerOptions": "records",
-    "RefRecord": "records",
-    "RefSpec": "records",
-    "Snapshot": "snapshot",
-    "open_snapshot": "snapshot",
+    "BlobchainError": ".errors",
+    "blob_id": ".identity",
+    "chain_id": ".identity",
+    "chain_ids": ".identity",
+    "next_ids": ".identity",
+    "LayerSource": ".layer",
+    "LayerStats": ".layer",
+    "convert_blob": ".layer",
+    "write_layer": ".layer",
+    "DIFF_ID_LABEL": ".records",
+    "EMPTY_LAYER_DIFF_ID": ".records",
+    "Compression": ".records",
+    "Descriptor": ".records",
+    "LayerBlob": ".records",
+    "LayerOptions": ".records",
+    "RefRecord": ".records",
+    "RefSpec": ".records",
+    "Snapshot": ".snapshot",
+    "open_snapshot": ".snapshot",
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:  # a submodule (``from blobchain.layers import native``) is imported instead
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
