@@ -540,19 +540,27 @@ entry_pair(const struct bc_dirent *e)
     return pair;
 }
 
-static PyObject *
-bc_scandir(PyObject *self, PyObject *arg)
+/* The sorted listing of the directory fd ``arg`` (scandir and Listing share it); -1 when the
+ * answer is None (not a usable fd, or any error listing it). */
+static int
+list_arg(PyObject *arg, struct bc_dirent **ents, size_t *n)
 {
     long dirfd = check_dirfd(arg);
     if (dirfd < 0)
-        Py_RETURN_NONE;
-    struct bc_dirent *ents = NULL;
-    size_t n = 0;
+        return -1;
     int r;
     Py_BEGIN_ALLOW_THREADS
-    r = list_dir((int)dirfd, &ents, &n);
+    r = list_dir((int)dirfd, ents, n);
     Py_END_ALLOW_THREADS
-    if (r < 0)
+    return r < 0 ? -1 : 0;
+}
+
+static PyObject *
+bc_scandir(PyObject *self, PyObject *arg)
+{
+    struct bc_dirent *ents = NULL;
+    size_t n = 0;
+    if (list_arg(arg, &ents, &n) < 0)
         Py_RETURN_NONE;
     PyObject *out = PyList_New((Py_ssize_t)n);
     if (out == NULL) {
@@ -638,16 +646,9 @@ static PyTypeObject ListingType = {
 static PyObject *
 bc_listing(PyObject *self, PyObject *arg)
 {
-    long dirfd = check_dirfd(arg);
-    if (dirfd < 0)
-        Py_RETURN_NONE;
     struct bc_dirent *ents = NULL;
     size_t n = 0;
-    int r;
-    Py_BEGIN_ALLOW_THREADS
-    r = list_dir((int)dirfd, &ents, &n);
-    Py_END_ALLOW_THREADS
-    if (r < 0)
+    if (list_arg(arg, &ents, &n) < 0)
         Py_RETURN_NONE;
     ListingObject *obj = PyObject_New(ListingObject, &ListingType);
     if (obj == NULL) {

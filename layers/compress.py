@@ -40,7 +40,6 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from importlib import metadata
 from types import TracebackType
 from typing import BinaryIO, Protocol, Self
 
@@ -309,6 +308,8 @@ def _keep_freed_buffers() -> None:
 
 @functools.cache
 def _dist_version(name: str) -> str:
+    from importlib import metadata  # only for an id: ~10 ms of start-up otherwise
+
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:  # pragma: no cover - vendored or unusual installs
