@@ -90,7 +90,7 @@ def _native_skip(lower: Tree | None, upper: Tree) -> Callable[..., tuple[int, in
         or not hasattr(lib, "skip_same")
     ):
         return None
-    return partial(lib.skip_same, lower.fd, upper.fd, lower.path(b"x")[:-1], upper.path(b"x")[:-1])
+    return partial(lib.skip_same, lower.fd, upper.fd, lower.prefix, upper.prefix)
 
 
 def _walk(
@@ -109,6 +109,9 @@ def _walk(
     # walk would drop unreported (same file by same_file's rules, not a directory, one link)
     # are passed in C; it stops at any pair it cannot settle, which the loop below decides.
     scan = skip is not None
+    # The native skip reads C Listings; without it the plain scandir lists.
+    list_upper = upper.listing if scan else upper.scandir  # type: ignore[attr-defined]
+    list_lower = None if lower is None else lower.listing if scan else lower.scandir  # type: ignore[attr-defined]
     while stack:
         frame = stack[-1]
         prefix, ll, ul, i, j = frame
@@ -138,15 +141,12 @@ def _walk(
                     yield new(MODIFY, path, ust)
                 if S_IFMT(umode) == S_IFDIR:
                     lower_dir = S_IFMT(lst.st_mode) == S_IFDIR
-                    if scan:
-                        child = (path, lower.listing(path) if lower_dir else [], upper.listing(path))  # type: ignore[union-attr,attr-defined]
-                    else:
-                        child = (path, lower.scandir(path) if lower_dir else [], upper.scandir(path))  # type: ignore[union-attr]
+                    child = (path, list_lower(path) if lower_dir else [], list_upper(path))  # type: ignore[misc]
                     break
             else:
                 yield new(ADD, path, ust)
                 if S_IFMT(umode) == S_IFDIR:
-                    child = (path, [], upper.listing(path) if scan else upper.scandir(path))  # type: ignore[attr-defined]
+                    child = (path, [], list_upper(path))
                     break
         if child is None:
             stack.pop()

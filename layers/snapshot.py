@@ -235,6 +235,11 @@ class Snapshot:
 
     # lookups
 
+    @property
+    def prefix(self) -> bytes:
+        """The root with a trailing slash: ``prefix + rel`` is ``rel``'s absolute path."""
+        return self._prefix
+
     def path(self, rel: bytes) -> bytes:
         """The absolute path of ``rel`` (for messages and path-based syscalls)."""
         return self._prefix + rel if rel else self.root
