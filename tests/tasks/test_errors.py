@@ -78,7 +78,7 @@ def worker(dsettings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def client(dsettings: Settings, worker: WorkerProcess) -> Iterator[Client]:
     with Client(dsettings) as c:
         yield c
-    assert worker.alive(), worker.log()
+    assert worker.alive(), worker.log_tail()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -188,3 +189,15 @@ def test_harden_kombu_turns_a_detached_channel_into_a_connection_error() -> None
 def test_executor_needs_distributed_settings() -> None:
     with pytest.raises(ValueError, match="distributed"):
         CeleryExecutor(Settings(store="/nonexistent"), None)  # type: ignore[arg-type]  # refused first
+
+
+def test_worker_log_keeps_a_line_that_20_kb_of_tracebacks_followed(tmp_path: Path) -> None:
+    # Regression (stop 12's CI): the fault test waits for "Connection to broker lost", and the
+    # tracebacks logged right after it (~16 KB, more with a longer venv path) pushed the line out
+    # of the 20 KB tail that log() used to return before the test's first poll.
+    from .conftest import WorkerProcess
+
+    w = WorkerProcess(SETTINGS, "log", tmp_path)
+    w.log_path.write_text("consumer: Connection to broker lost.\n" + "Traceback (...)\n" * 2000)
+    assert "Connection to broker lost" in w.log()
+    assert len(w.log_tail()) == 20000
