@@ -10,9 +10,11 @@
  *                    pairs sorted by raw name bytes, the stat_result built as os.lstat builds
  *                    it (None on any error: the Python listing then runs and raises)
  *   listing       <- the same pairs kept in C (a Listing; items built when Python asks)
+ *   listing_at    <- the same for a directory opened beneath a root (Snapshot.listing)
  *   encode_batch  <- baselayer's loop over a listing's common entries (EntryWriter.handle +
  *                    tarwriter.write_entry), stopping at anything else
- *   skip_same     <- changes._walk over the pairs it drops unreported (changes.same_file true)
+ *   skip_same     <- changes._walk over the pairs it drops unreported (changes.same_file true),
+ *                    and same_file for the directory pair it stops at
  * Nothing here decides anything the Python code does not; tests compare both paths.
  */
 #define PY_SSIZE_T_CLEAN
@@ -454,21 +456,24 @@ free_dirents(struct bc_dirent *ents, size_t n)
 }
 
 /* The entries of an open directory with their lstat, sorted by raw name; called without the
- * GIL. 0 on success (*out owned by the caller), -1 on any error (nothing to free). */
+ * GIL. 0 on success (*out owned by the caller), -1 on any error (nothing to free). ``owned``:
+ * dirfd was opened for this listing and is closed here in every case (no duplicate, no
+ * rewinds: four syscalls fewer per directory); else the caller's descriptor is left as found. */
 static int
-list_dir(int dirfd, struct bc_dirent **out, size_t *count)
+list_dir(int dirfd, int owned, struct bc_dirent **out, size_t *count)
 {
     struct bc_dirent *ents = NULL;
     size_t n = 0, cap = 0;
     int failed = 0;
-    int fd = fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
+    int fd = owned ? dirfd : fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
     DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
     if (d == NULL) {
         if (fd >= 0)
             close(fd);
         return -1;
     }
-    rewinddir(d); /* the duplicate shares the offset: list from the start */
+    if (!owned)
+        rewinddir(d); /* the duplicate shares the offset: list from the start */
     for (;;) {
         errno = 0;
         struct dirent *e = readdir(d);
@@ -503,7 +508,8 @@ list_dir(int dirfd, struct bc_dirent **out, size_t *count)
     }
     /* the descriptor's offset is shared with the caller's: leave it at the start, as
      * os.scandir's close does (its open does not rewind, so this matters) */
-    rewinddir(d);
+    if (!owned)
+        rewinddir(d);
     closedir(d);
     if (failed) {
         free_dirents(ents, n);
@@ -550,7 +556,7 @@ list_arg(PyObject *arg, struct bc_dirent **ents, size_t *n)
         return -1;
     int r;
     Py_BEGIN_ALLOW_THREADS
-    r = list_dir((int)dirfd, ents, n);
+    r = list_dir((int)dirfd, 0, ents, n);
     Py_END_ALLOW_THREADS
     return r < 0 ? -1 : 0;
 }
@@ -644,12 +650,9 @@ static PyTypeObject ListingType = {
 };
 
 static PyObject *
-bc_listing(PyObject *self, PyObject *arg)
+make_listing(struct bc_dirent *ents, size_t n)
 {
-    struct bc_dirent *ents = NULL;
-    size_t n = 0;
-    if (list_arg(arg, &ents, &n) < 0)
-        Py_RETURN_NONE;
+    /* a Listing that owns ``ents`` (freed here on failure) */
     ListingObject *obj = PyObject_New(ListingObject, &ListingType);
     if (obj == NULL) {
         free_dirents(ents, n);
@@ -663,6 +666,50 @@ bc_listing(PyObject *self, PyObject *arg)
         return PyErr_NoMemory();
     }
     return (PyObject *)obj;
+}
+
+static PyObject *
+bc_listing(PyObject *self, PyObject *arg)
+{
+    struct bc_dirent *ents = NULL;
+    size_t n = 0;
+    if (list_arg(arg, &ents, &n) < 0)
+        Py_RETURN_NONE;
+    return make_listing(ents, n);
+}
+
+static PyObject *
+bc_listing_at(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* (rootfd, rel) -> Listing | None: directory ``rel`` opened beneath rootfd (openat2, no
+     * symlink followed; b"" is rootfd itself) and listed in one call. None on anything unusual
+     * (a path the Python check must see, any error): Snapshot.scandir then lists it again and
+     * raises the named error. */
+    if (nargs != 2 || !PyLong_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "listing_at: bad arguments");
+        return NULL;
+    }
+    long rootfd = check_dirfd(args[0]);
+    if (rootfd < 0)
+        Py_RETURN_NONE;
+    const char *rel = PyBytes_AS_STRING(args[1]);
+    Py_ssize_t rlen = PyBytes_GET_SIZE(args[1]);
+    if (rlen > 0 && !rel_is_plain(rel, rlen))
+        Py_RETURN_NONE;
+    struct bc_dirent *ents = NULL;
+    size_t n = 0;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    if (rlen == 0) {
+        r = list_dir((int)rootfd, 0, &ents, &n);
+    } else {
+        int fd = open_beneath((int)rootfd, rel, BC_O_DIR);
+        r = fd < 0 ? -1 : list_dir(fd, 1, &ents, &n);
+    }
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        Py_RETURN_NONE;
+    return make_listing(ents, n);
 }
 
 /* ---- encode_batch ---------------------------------------------------------------------- */
@@ -1122,8 +1169,10 @@ read_full(int fd, char *buf, size_t want)
 static int
 same_content(int ldir, int udir, const char *name, char **bufs)
 {
-    /* changes._same_content: both files read to the end and compared; 1 equal, 0 different,
-     * -1 an error (the Python path opens them again and raises the named error) */
+    /* changes.same_file's last two steps for two regular files: no capability on either (read
+     * from the open descriptors: no second path lookup), then changes._same_content, both read
+     * to the end and compared; 1 equal, 0 different, -1 a capability or an error (the Python
+     * path looks again and decides or raises the named error) */
     int fa = open_beneath(ldir, name, BC_O_FILE);
     if (fa < 0)
         return -1;
@@ -1133,6 +1182,11 @@ same_content(int ldir, int udir, const char *name, char **bufs)
         return -1;
     }
     int r = -1;
+    if (!no_capability(fgetxattr(fa, CAP_NAME, NULL, 0)) || !no_capability(fgetxattr(fb, CAP_NAME, NULL, 0))) {
+        close(fa);
+        close(fb);
+        return -1;
+    }
     if (*bufs == NULL)
         *bufs = malloc(2 * BC_CMP_CHUNK);
     if (*bufs != NULL) {
@@ -1154,6 +1208,18 @@ same_content(int ldir, int udir, const char *name, char **bufs)
     close(fa);
     close(fb);
     return r;
+}
+
+static int
+same_target(int ldir, int udir, const char *name)
+{
+    /* changes.same_file for two symlinks with whole-second mtimes: the same raw target; 1 equal,
+     * 0 different, -1 an error or a target too long for the buffer (the Python path decides) */
+    char a[4096], b[4096];
+    ssize_t na = readlinkat(ldir, name, a, sizeof a), nb = readlinkat(udir, name, b, sizeof b);
+    if (na < 0 || nb < 0 || na == (ssize_t)sizeof a || nb == (ssize_t)sizeof b)
+        return -1;
+    return na == nb && memcmp(a, b, (size_t)na) == 0;
 }
 
 static int
@@ -1203,7 +1269,7 @@ skip_same(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     PyObject *olow = args[5], *oup = args[6];
     if (!Py_IS_TYPE(olow, &ListingType) || !Py_IS_TYPE(oup, &ListingType) || lroot < 0 || uroot < 0)
-        return Py_BuildValue("(nn)", i, j);
+        return Py_BuildValue("(nnO)", i, j, Py_None);
     ListingObject *ll = (ListingObject *)olow, *ul = (ListingObject *)oup;
     if (i < 0 || j < 0 || i > ll->n || j > ul->n) {
         PyErr_SetString(PyExc_ValueError, "skip_same: index out of range");
@@ -1214,11 +1280,34 @@ skip_same(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     int ldir = -2, udir = -2; /* opened on first need */
     char *bufs = NULL;
     char lfull[8192], ufull[8192];
+    const char *same_dir = NULL; /* the stopping pair is a directory pair same_file found equal */
     Py_BEGIN_ALLOW_THREADS
     while (i < ll->n && j < ul->n) {
         const struct bc_dirent *ea = &ll->ents[i], *eb = &ul->ents[j];
         const struct stat *a = &ea->st, *b = &eb->st;
-        if (strcmp(ea->name, eb->name) != 0 || S_ISDIR(b->st_mode) || b->st_nlink > 1)
+        if (strcmp(ea->name, eb->name) != 0)
+            break;
+        if (S_ISDIR(b->st_mode)) {
+            /* The walk descends into it, so it stops here; it settles same_file when it is true
+             * (the same inode, or the same metadata and no capability on either side), sparing
+             * the Python walk its checks. Anything else the Python walk decides. */
+            int same = a->st_ino == b->st_ino && a->st_dev == b->st_dev;
+            if (!same && a->st_mode == b->st_mode && a->st_uid == b->st_uid && a->st_gid == b->st_gid &&
+                a->st_rdev == b->st_rdev) {
+                if (ldir == -2) {
+                    ldir = open_prefix(lroot, pre, prelen);
+                    udir = open_prefix(uroot, pre, prelen);
+                }
+                same = ldir >= 0 && udir >= 0 && full_path(lfull, sizeof lfull, args[2], pre, prelen, ea->name) &&
+                       full_path(ufull, sizeof ufull, args[3], pre, prelen, ea->name) &&
+                       no_capability(capability_size(ldir, ea->name, lfull)) &&
+                       no_capability(capability_size(udir, eb->name, ufull));
+            }
+            if (same)
+                same_dir = eb->name;
+            break;
+        }
+        if (b->st_nlink > 1)
             break;
         if (!(a->st_ino == b->st_ino && a->st_dev == b->st_dev)) {
             if (a->st_mode != b->st_mode || a->st_uid != b->st_uid || a->st_gid != b->st_gid ||
@@ -1231,15 +1320,21 @@ skip_same(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
             if (ldir < 0 || udir < 0)
                 break;
-            if (!full_path(lfull, sizeof lfull, args[2], pre, prelen, ea->name) ||
-                !full_path(ufull, sizeof ufull, args[3], pre, prelen, ea->name))
-                break;
-            if (!no_capability(capability_size(ldir, ea->name, lfull)) ||
-                !no_capability(capability_size(udir, eb->name, ufull)))
-                break;
-            if (b->st_mtim.tv_nsec == 0 && b->st_size != 0) {
-                /* whole seconds, maybe truncated: the content decides (symlinks: readlink, in Python) */
-                if (!S_ISREG(b->st_mode) || same_content(ldir, udir, ea->name, &bufs) != 1)
+            int by_content = b->st_mtim.tv_nsec == 0 && b->st_size != 0;
+            if (by_content && S_ISREG(b->st_mode)) {
+                /* whole seconds, maybe truncated: the content decides (capabilities checked on
+                 * the descriptors it opens) */
+                if (same_content(ldir, udir, ea->name, &bufs) != 1)
+                    break;
+            } else {
+                if (!full_path(lfull, sizeof lfull, args[2], pre, prelen, ea->name) ||
+                    !full_path(ufull, sizeof ufull, args[3], pre, prelen, ea->name))
+                    break;
+                if (!no_capability(capability_size(ldir, ea->name, lfull)) ||
+                    !no_capability(capability_size(udir, eb->name, ufull)))
+                    break;
+                /* a symlink's target decides; any other kind with a size, the Python walk */
+                if (by_content && (!S_ISLNK(b->st_mode) || same_target(ldir, udir, ea->name) != 1))
                     break;
             }
         }
@@ -1252,7 +1347,9 @@ skip_same(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         close(ldir);
     if (udir >= 0 && udir != uroot)
         close(udir);
-    return Py_BuildValue("(nn)", i, j);
+    if (same_dir != NULL)
+        return Py_BuildValue("(nny)", i, j, same_dir);
+    return Py_BuildValue("(nnO)", i, j, Py_None);
 }
 
 /* ---- module ---------------------------------------------------------------------------- */
@@ -1272,9 +1369,14 @@ static PyMethodDef methods[] = {
     {"listing", (PyCFunction)bc_listing, METH_O,
      "listing(dirfd) -> Listing | None: scandir's pairs kept in C (items built on first use); None "
      "on any error."},
+    {"listing_at", (PyCFunction)(void (*)(void))bc_listing_at, METH_FASTCALL,
+     "listing_at(rootfd, rel) -> Listing | None: directory rel, opened beneath rootfd without "
+     "following a symlink, listed as listing() lists it; None on any error."},
     {"skip_same", (PyCFunction)(void (*)(void))skip_same, METH_FASTCALL,
      "skip_same(lower_rootfd, upper_rootfd, lower_root_prefix, upper_root_prefix, prefix, lower, upper, "
-     "i, j) -> (i, j): past the leading pairs of two Listings the double walk drops unreported."},
+     "i, j) -> (i, j, same_dir): past the leading pairs of two Listings the double walk drops "
+     "unreported; same_dir is the name of the directory pair it stopped at when same_file "
+     "holds for it (the walk descends without checking it again), else None."},
     {"set_getxattrat", (PyCFunction)set_getxattrat, METH_O,
      "set_getxattrat(on) -> bool: whether capability lookups try getxattrat(2) (else the path "
      "call); returns the previous setting."},

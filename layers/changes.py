@@ -78,7 +78,7 @@ def diff_dir(lower: Tree | None, upper: Tree, rel: bytes, *, lower_is_dir: bool 
     return _walk(lower, upper, rel, lower_list, upper.scandir(rel))
 
 
-def _native_skip(lower: Tree | None, upper: Tree) -> Callable[..., tuple[int, int]] | None:
+def _native_skip(lower: Tree | None, upper: Tree) -> Callable[..., tuple[int, int, bytes | None]] | None:
     """The native ``skip_same`` bound to both roots, when both trees are plain snapshots read
     with openat2 (the descriptors it opens beneath); else None (the walk decides every pair)."""
     lib = _native.lib
@@ -99,7 +99,7 @@ def _walk(
     rel: bytes,
     lower_list: Sequence[tuple[bytes, os.stat_result]],
     upper_list: Sequence[tuple[bytes, os.stat_result]],
-    skip: Callable[..., tuple[int, int]] | None = None,
+    skip: Callable[..., tuple[int, int, bytes | None]] | None = None,
 ) -> Iterator[Change]:
     # An explicit stack instead of recursion: trees can be deeper than Python's recursion limit,
     # and every yield would otherwise pass through one generator per level.
@@ -119,7 +119,13 @@ def _walk(
         child = None
         while i < nl or j < nu:
             if scan and i < nl and j < nu:
-                i, j = skip(prefix, ll, ul, i, j)  # type: ignore[misc]
+                i, j, same_dir = skip(prefix, ll, ul, i, j)  # type: ignore[misc]
+                if same_dir is not None:  # a directory pair same_file holds for: descend
+                    i += 1
+                    j += 1
+                    path = prefix + same_dir
+                    child = (path, list_lower(path), list_upper(path))  # type: ignore[misc]
+                    break
                 if i >= nl and j >= nu:
                     break
             if j >= nu or (i < nl and ll[i][0] < ul[j][0]):

@@ -305,12 +305,16 @@ class Snapshot:
         :meth:`scandir` then raises as the named error) the :meth:`scandir` list."""
         lib = _native.lib
         if lib is not None:
-            fd = self.open_dir(rel) if rel else self._fd
-            try:
-                listed = lib.listing(fd)
-            finally:
-                if fd != self._fd:
-                    os.close(fd)
+            if use_openat2:
+                # Opened and listed in one call (openat2 beneath the root, as open_dir does).
+                listed = lib.listing_at(self._fd, rel)
+            else:
+                fd = self.open_dir(rel) if rel else self._fd
+                try:
+                    listed = lib.listing(fd)
+                finally:
+                    if fd != self._fd:
+                        os.close(fd)
             if listed is not None:
                 return listed  # type: ignore[no-any-return]
         return self.scandir(rel)

@@ -28,7 +28,7 @@ from blobchain.layers import baselayer, native
 from blobchain.layers.baselayer import native_base_layer, write_base_tar
 from blobchain.layers.changes import diff, same_file
 from blobchain.layers.entries import tar_entries
-from blobchain.layers.errors import BlobchainError, FileChanged
+from blobchain.layers.errors import BlobchainError, FileChanged, PathEscapes
 from blobchain.layers.snapshot import Snapshot, open_snapshot
 from blobchain.layers.tarentry import TYPE_REG, TarEntry
 from blobchain.layers.tarheader import encode_header
@@ -492,6 +492,41 @@ def test_listing_is_scandir_kept_in_c(tmp_path: Path) -> None:
 
 
 @needs_lib
+def test_listing_at_opens_beneath_the_root_and_lists_as_listing(tmp_path: Path) -> None:
+    """``listing_at(rootfd, rel)`` is ``listing`` of ``rel`` opened beneath the root; anything
+    it must not open (a symlink in the way, '..', a missing or non-directory path) is None, and
+    Snapshot.listing then raises the named error as before."""
+    assert lib is not None
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    for name in ("z", "y"):
+        (root / "a" / "b" / name).write_bytes(name.encode())
+    (root / "file").write_bytes(b"f")
+    os.symlink("a", root / "via-link")
+    os.symlink(str(tmp_path), root / "out")
+    with open_snapshot(root) as snap:
+        fd = snap.open_dir(b"a/b")
+        try:
+            want = lib.listing(fd)
+        finally:
+            os.close(fd)
+        got = lib.listing_at(snap.fd, b"a/b")
+        assert want is not None and got is not None
+        assert [got[i] for i in range(len(got))] == [want[i] for i in range(len(want))] == snap.scandir(b"a/b")
+        root_listing = lib.listing_at(snap.fd, b"")
+        assert root_listing is not None and [root_listing[i][0] for i in range(len(root_listing))] == [
+            b"a", b"file", b"out", b"via-link"
+        ]
+        assert len(lib.listing_at(snap.fd, b"")) == 4  # the root descriptor's offset was kept
+        for rel in (b"via-link", b"via-link/b", b"out", b"a/../a", b"missing", b"file", b"/a", b"a/"):
+            assert lib.listing_at(snap.fd, rel) is None, rel
+        with pytest.raises(PathEscapes):
+            snap.listing(b"via-link/b")
+        with pytest.raises(NotADirectoryError):
+            snap.listing(b"file")
+
+
+@needs_lib
 def test_set_getxattrat_switch(tmp_path: Path) -> None:
     assert lib is not None
     was = lib.set_getxattrat(False)
@@ -618,36 +653,50 @@ def test_diff_native_skip_decides_as_same_file(tmp_path: Path, whole_seconds: bo
 
 @needs_lib
 def test_skip_same_stops_at_what_it_cannot_settle(tmp_path: Path) -> None:
-    """Directly: it passes equal pairs, and stops at a name only on one side, a directory, a
-    changed file and a vanished file (the Python walk then raises its named error)."""
+    """Directly: it passes equal pairs (whole-second symlinks by their targets), and stops at a
+    name only on one side, a directory (named when same_file holds for it), a changed file or
+    symlink and a vanished file (the Python walk then raises its named error)."""
     assert lib is not None
     lower, upper = tmp_path / "lo", tmp_path / "up"
     lower.mkdir()
     for n in ("a", "b", "c", "d", "e"):
         (lower / n).write_bytes(n.encode())
     (lower / "dir").mkdir()
+    os.symlink("target", lower / "f-link")
+    (lower / "g").write_bytes(b"g")
     subprocess_copy(lower, upper)
     t = 1_700_000_000 * 10**9
     for root in (lower, upper):
-        for n in ("a", "b", "c", "d", "e"):
-            os.utime(root / n, ns=(t, t))
+        for n in ("a", "b", "c", "d", "e", "f-link", "g"):
+            os.utime(root / n, ns=(t, t), follow_symlinks=False)
     with open_snapshot(lower) as lo, open_snapshot(upper) as up:
         ll, ul = lo.listing(b""), up.listing(b"")
         names = [ll[i][0] for i in range(len(ll))]
-        assert names == [b"a", b"b", b"c", b"d", b"dir", b"e"]
+        assert names == [b"a", b"b", b"c", b"d", b"dir", b"e", b"f-link", b"g"]
 
-        def skip(i: int, j: int) -> tuple[int, int]:
+        def skip(i: int, j: int) -> tuple[int, int, bytes | None]:
             return lib.skip_same(lo.fd, up.fd, lo.path(b"x")[:-1], up.path(b"x")[:-1], b"", ll, ul, i, j)
 
-        assert skip(0, 0) == (4, 4)  # a..d equal (content compared), stops at the directory
-        assert skip(5, 5) == (6, 6)
-        assert skip(1, 0) == (1, 0)  # different names
+        # a..d equal (content compared), stops at the directory, which same_file holds for
+        assert skip(0, 0) == (4, 4, b"dir")
+        assert skip(5, 5) == (8, 8, None)  # e, the symlink (same target) and g
+        assert skip(1, 0) == (1, 0, None)  # different names
         (upper / "c").write_bytes(b"C")  # same size; the listing still has the old stat
         os.utime(upper / "c", ns=(t, t))
-        assert skip(0, 0) == (2, 2)
+        assert skip(0, 0) == (2, 2, None)
+        os.unlink(upper / "f-link")
+        os.symlink("tarGet", upper / "f-link")  # same length, other target, same mtime
+        os.utime(upper / "f-link", ns=(t, t), follow_symlinks=False)
+        ul = up.listing(b"")
+        assert skip(5, 5) == (6, 6, None)
+        assert not same_file(lo, up, b"f-link", ll[6][1], ul[6][1])
+        os.chmod(upper / "dir", 0o700)  # the directory's metadata differs: the walk decides
+        ul = up.listing(b"")
+        assert skip(4, 4) == (4, 4, None)
+        assert not same_file(lo, up, b"dir", ll[4][1], ul[4][1])
         os.unlink(upper / "d")
-        assert skip(3, 3) == (3, 3)  # vanished: the Python path decides
-        assert skip(0, 0) == (2, 2)
+        assert skip(3, 3) == (3, 3, None)  # vanished: the Python path decides
+        assert skip(0, 0) == (2, 2, None)
         with pytest.raises(FileChanged):
             same_file(lo, up, b"d", ll[3][1], ul[3][1])  # what the walk runs on that pair
 
