@@ -14,8 +14,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from blobchain.client.api import Client
 from blobchain.client.layout import check_destination, check_disjoint, check_layout, is_fresh, remove_if_empty
@@ -53,8 +51,43 @@ __all__ = ["app", "main"]
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
-err = Console(stderr=True)
-out = Console()
+
+
+class _LazyConsole:
+    """A rich ``Console`` made on first use: a ``-q --json`` run into a pipe never imports rich
+    (~26 ms of every start-up, ``-X importtime``)."""
+
+    def __init__(self, *, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return getattr(self._console, name)
+
+
+err: Any = _LazyConsole(stderr=True)
+out: Any = _LazyConsole()
+
+
+def escape(text: str) -> str:
+    """rich's markup escape (user input such as "os/arch[/variant]" is not markup)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def _print_json(data: object) -> None:
+    """``data`` as indented JSON on stdout: highlighted by rich on a terminal; into a pipe or a
+    file, the same text (rich's ``print_json`` writes exactly this there) without importing rich."""
+    if sys.stdout.isatty():
+        out.print_json(json.dumps(data))
+        return
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
 
 # README's exit-code table lists these; 1 is an internal error (a bug).
 # 7: stored content does not match its digest (a read or `blobchain verify` found a corrupt blob).
@@ -293,7 +326,7 @@ class _PushDisplay:
 
 def _push_summary(result: PushResult, as_json: bool) -> None:
     if as_json:
-        out.print_json(json.dumps(result.to_dict()))
+        _print_json(result.to_dict())
         return
     counts: dict[str, int] = {}
     for b in result.blobs:
@@ -374,7 +407,7 @@ def _print_result(
     if extra:
         data.update(extra)
     if as_json:
-        out.print_json(json.dumps(data))
+        _print_json(data)
         return
     out.print(f"[bold]chain {result.ref_id}[/bold]", highlight=False)
     for i, layer in enumerate(data["layers"]):
@@ -734,7 +767,7 @@ def unpack(
     result = unpack_layers(img, lambda layer: src.open_blob(layer.descriptor), dest)
     data = {"manifest": img.manifest.digest, "chain_id": img.top_chain_id, **result.to_dict()}
     if as_json:
-        out.print_json(json.dumps(data))
+        _print_json(data)
     else:
         out.print(
             f"unpacked {source} ({result.layers} layers, {result.entries} entries, {_human(result.bytes)}) into {dest}",
@@ -759,7 +792,7 @@ def index(
         desc = client.index(layout, tag, tags)
     data = {"index": desc.digest, "media_type": desc.media_type, "oci": f"{layout}:{tag}"}
     if as_json:
-        out.print_json(json.dumps(data))
+        _print_json(data)
     else:
         out.print(f"index {desc.digest}  {layout}:{tag}", highlight=False, soft_wrap=True)
 
@@ -782,7 +815,7 @@ def status(
     if chain is not None:
         data["chain"] = [row.to_dict() for row in chain]
     if as_json:
-        out.print_json(json.dumps(data))
+        _print_json(data)
         return
     out.print(rec.to_dict())
     for row in chain or ():
@@ -813,7 +846,7 @@ def gc(
         report = client.gc(dry_run=dry_run)
     data = {"deleted": list(report.deleted), "kept": report.kept, "freed_bytes": report.freed_bytes}
     if as_json:
-        out.print_json(json.dumps(data))
+        _print_json(data)
     else:
         out.print(
             f"{'would delete' if dry_run else 'deleted'} {len(report.deleted)} blobs, {_human(report.freed_bytes)}"
@@ -858,7 +891,7 @@ def verify(
         report = verify_store(client.deps.content, client.deps.metadata, repair=repair, progress=show)
     data = report.to_dict()
     if as_json:
-        out.print_json(json.dumps(data))
+        _print_json(data)
     else:
         bad = data["corrupt"] + data["missing"]
         verdict = "all intact" if not bad else f"{data['corrupt']} corrupt, {data['missing']} missing"

@@ -22,7 +22,7 @@ print(json.dumps({"rc": rc, "spawned": "multiprocessing.popen_spawn_posix" in sy
                   "distributed": sorted(m for m in ("celery", "kombu", "boto3", "botocore", "redis")
                                         if m in sys.modules),
                   "heavy": sorted(m for m in ("pydantic", "pydantic_settings", "tenacity", "asyncio",
-                                              "rich.progress")
+                                              "rich")
                                   if m in sys.modules)}))
 """
 
@@ -61,8 +61,8 @@ def test_a_tiny_two_layer_export_starts_no_build_process(tmp_path: Path, compres
     assert both["rc"] == 0 and both["spawned"] is False and both["distributed"] == []
     # What start-up no longer loads when nothing needs it: pydantic and pydantic-settings with
     # nothing configured (typer 0.28, pinned in pyproject.toml, coerces without pydantic),
-    # tenacity (and the asyncio it loads) without a ref held elsewhere, rich's progress widgets
-    # with -q.
+    # tenacity (and the asyncio it loads) without a ref held elsewhere, rich at all with -q and
+    # --json into a pipe (its JSON is written plainly there, the same text).
     assert both["heavy"] == []
     again = _export(*snaps, "--oci", oci, "-c", compression)  # everything built
     assert again["spawned"] is False
@@ -74,3 +74,19 @@ def test_a_tiny_two_layer_export_starts_no_build_process(tmp_path: Path, compres
     assert first["spawned"] is False and one["spawned"] is False
     assert one["result"]["layers"] == both["result"]["layers"]  # type: ignore[index]
     assert one["result"]["manifest"] == both["result"]["manifest"]  # type: ignore[index]
+
+
+def test_json_into_a_pipe_is_what_rich_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    """The plain JSON written without rich is byte for byte rich's ``print_json`` off a terminal
+    (non-ASCII, nesting, empty containers, escapes), so scripts parsing ``--json`` see no change."""
+    import io
+
+    from rich.console import Console
+
+    from blobchain.client import cli
+
+    data = {"a": "ü ☃ " + "x" * 200, "n": [1, 2.5, None, True], "nested": {"k": "v\ttab\n"}, "e": {}, "l": []}
+    cli._print_json(data)
+    buf = io.StringIO()
+    Console(file=buf).print_json(json.dumps(data))
+    assert capsys.readouterr().out == buf.getvalue()
