@@ -296,6 +296,7 @@ class Containerd:
 
     def __init__(self) -> None:
         self._c = _compat().Containerd()
+        self.snapshot_dirs: list[str] = []  # what ``ctr snapshots diff`` reads (to warm)
 
     @staticmethod
     def unavailable_reason() -> str | None:
@@ -331,6 +332,7 @@ class Containerd:
         if tree_stats(Path(state))[2] != tree_stats(Path(target))[2]:
             raise RuntimeError(f"rsync did not reproduce {state} in the containerd snapshot")
         self._c.snapshots("commit", key, active)
+        self.snapshot_dirs.append(target)  # the native snapshotter commits in place
         return key
 
     def diff_argv(self, key: str, media_type: str) -> list[str]:
@@ -439,7 +441,12 @@ def print_machine(title: str) -> None:
 
 
 def warm(paths: Sequence[str | os.PathLike[str]]) -> None:
-    """Read every regular file once so all tools start from the same (warm) page cache."""
+    """Read every regular file once so all tools start from the same (warm) page cache.
+
+    Call it right before each timed run, not once per benchmark: this machine kind pages out
+    page cache left unread for about a minute (a DAMON ``pageout`` scheme: age >= 12
+    aggregation intervals of 5 s, up to 128 MiB/s), so inputs idle while another tool runs
+    are read again from disk, and whichever tool waits longest pays for it."""
     for root in paths:
         for dp, _dns, fns in os.walk(root):
             for n in fns:

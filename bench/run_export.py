@@ -3,7 +3,8 @@
     python -m bench.run_export [--scale 1] [--repeat 1] [--skip-umoci] [--skip-containerd]
 
 The chain comes from :mod:`bench.chains` (``--scale 1``: 5 layers, about 1 GiB, 50k files).
-Every tool starts from a warm page cache (states read once before), one run at a time.
+Every tool starts from a warm page cache (its inputs read right before each timed run:
+``bench.common.warm``), one run at a time.
 
 - blobchain: ``blobchain export STATE_0 … --oci OUT`` (embedded, default ``--jobs`` = cores),
   gzip at its default level (the targets' "gzip export") and at 1, 6 (Go's default, what
@@ -465,19 +466,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Each run starts when the machine is quiet (others share it); see Usage.others_cpu_s.
             for c in configs:
                 quiet(a.quiet)
+                warm(chain.states)
                 add(run_blobchain(chain, work, *c))
             if ctrd is not None:
                 nproc = os.cpu_count() or 1
                 quiet(a.quiet)
+                warm(ctrd.snapshot_dirs)
                 add(run_containerd(ctrd, keys, work, Containerd.GZIP, "gzip, sequential"))
                 tar = "uncompressed, sequential"
                 quiet(a.quiet)
+                warm(ctrd.snapshot_dirs)
                 add(run_containerd(ctrd, keys, work, Containerd.TAR, tar, hash_tars=rep == 0))
                 par = f"gzip, {nproc} at once"
                 quiet(a.quiet)
+                warm(ctrd.snapshot_dirs)
                 add(run_containerd(ctrd, keys, work, Containerd.GZIP, par, parallel=nproc))
             if not a.skip_umoci:
-                add(run_umoci(chain, work, lambda: quiet(a.quiet)))
+                add(run_umoci(chain, work, lambda: quiet(a.quiet)))  # repacks the bundle it just filled
     finally:
         if ctrd is not None:
             ctrd.__exit__(None, None, None)

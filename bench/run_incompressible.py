@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.chains import default_workdir
-from bench.common import Meter, Usage, blobchain_export, md_table, print_machine, rm_tree, wait_quiet
+from bench.common import Meter, Usage, blobchain_export, md_table, print_machine, rm_tree, wait_quiet, warm
 from bench.run_memory import parse_size
 
 
@@ -258,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def meter() -> Meter:
         wait_quiet(a.quiet, timeout_s=60)
+        warm([snap])  # right before each timed run: idle page cache is paged out here (warm's doc)
         return Meter()
 
     results: dict[str, list[tuple[Usage, int]]] = {}

@@ -192,12 +192,14 @@ def run_ctr(ctrd: Containerd, key: str, work: Path, case: str, walked: int) -> W
     return WalkResult(case, walked, walked, size, m.usage.wall_s, m.usage.cpu_s)
 
 
-def _settle(quiet: float) -> None:
+def _settle(quiet: float, inputs: Sequence[Path | str]) -> None:
     """Before each timed case: write back what the previous case left dirty (the CLI's store
     and containerd's content store each write the ~100 MiB layer, whose writeback otherwise
-    lands on the next case), then wait until the machine is idle (others share it)."""
+    lands on the next case), wait until the machine is idle (others share it), then read the
+    case's inputs (idle page cache is paged out on this machine kind: bench.common.warm)."""
     os.sync()
     wait_quiet(quiet, timeout_s=60)
+    warm(inputs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,17 +239,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for case, lo, up, walked in cases:
                     if t.label == "second-mtimes" and lo is None:
                         continue  # same walk as the ns flavour: nothing to compare
-                    _settle(a.quiet)  # others share the machine: start when it is idle
+                    _settle(a.quiet, [p for p in (lo, up) if p is not None])
                     r = run_engine(lo, up, case, walked, prof)
                     if not prof:
                         results.setdefault(case, []).append(r)
             if not prof:
                 case = f"CLI: blobchain export a -c uncompressed ({trees[0].label})"
-                _settle(a.quiet)
+                _settle(a.quiet, [trees[0].a])
                 results.setdefault(case, []).append(run_cli(trees[0].a, work, case, counts[trees[0].a]))
                 if ctrd is not None:
                     case = f"containerd: ctr snapshots diff of a, uncompressed ({trees[0].label})"
-                    _settle(a.quiet)
+                    _settle(a.quiet, ctrd.snapshot_dirs)
                     results.setdefault(case, []).append(run_ctr(ctrd, ctr_key, work, case, counts[trees[0].a]))
     finally:
         rm_tree(work)
