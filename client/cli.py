@@ -61,12 +61,18 @@ class _LazyConsole:
         self._stderr = stderr
         self._console: Any = None
 
-    def __getattr__(self, name: str) -> Any:
+    @property
+    def real(self) -> Any:
+        """The Console itself: what rich's own widgets (``Progress(console=...)``) are given,
+        since they use it as a context manager, which attribute forwarding cannot serve."""
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(stderr=self._stderr)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
 err: Any = _LazyConsole(stderr=True)
@@ -295,7 +301,7 @@ class _PushDisplay:
                 BarColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),
-                console=err,
+                console=err.real,
             )
             if show
             else None
@@ -373,7 +379,7 @@ def _follow(job: Job, labels: dict[str, str], quiet: bool) -> ChainResult:
         TextColumn("{task.fields[nbytes]:>10}"),
         TimeElapsedColumn(),
     )
-    with Progress(*cols, console=err, transient=False) as bar:
+    with Progress(*cols, console=err.real, transient=False) as bar:
         tasks = {
             r: bar.add_task(labels.get(r, r), total=1, state="queued", files=0, nbytes="0 B")
             for r in job.progress()

@@ -46,6 +46,18 @@ def _export_json(capsys, *args) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def test_export_live_progress_then_the_summary(tmp_path, chain, capsys, monkeypatch):
+    # Regression: with rich loaded on first use, the live display got the lazy wrapper instead
+    # of a Console (rich's Live enters it as a context manager) and failed with a TypeError.
+    monkeypatch.setenv("BLOBCHAIN_PROGRESS", "1")  # the live display, though stderr is no terminal
+    monkeypatch.setenv("COLUMNS", "200")
+    capsys.readouterr()
+    assert main(["export", *chain, "--oci", str(tmp_path / "oci")]) == 0
+    c = capsys.readouterr()
+    assert "files" in c.err and "built" in c.err
+    assert c.out.startswith("chain ") and "diffID" in c.out
+
+
 def test_export_writes_a_valid_layout_with_chain_ids(tmp_path, chain, capsys):
     out = str(tmp_path / "oci")
     data = _export_json(capsys, *chain, "--oci", out, "--tag", "t1")
