@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -21,6 +22,28 @@ from blobchain.workers.embedded import SMALL_BYTES
 pytestmark = pytest.mark.slow
 
 _BOUND_S = 15.0  # generous: the parent-death signal is immediate, the pid watch polls at 0.5 s
+_CLI = [sys.executable, "-c", "import sys; from blobchain.client.cli import main; sys.exit(main())"]
+# 3 bits of entropy a byte: slow at gzip -9 (random bytes go out as stored blocks, far too fast
+# to interrupt).
+_EIGHT = bytes(b"abcdefgh"[i % 8] for i in range(256))
+
+
+def _wait_for_ingest(proc: subprocess.Popen[Any], out: Path, poll_s: float = 0.02) -> Path:
+    """The layout's ingest directory, once the export has started writing into it (up to 90 s;
+    the export must not have exited meanwhile)."""
+    ingest = out / ".blobchain" / "ingest"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not (ingest.exists() and any(ingest.iterdir())):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(poll_s)
+    return ingest
+
+
+def _build_processes(proc: subprocess.Popen[Any]) -> list[psutil.Process]:
+    """The export's spawned pool children."""
+    return [
+        c for c in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())
+    ]
 
 
 def _holders(path: Path) -> list[int]:
@@ -43,15 +66,10 @@ def test_kill_9_of_the_parent_takes_its_pool_children(tmp_path: Path) -> None:
         for _ in range(48):
             f.write(os.urandom(1 << 20))
     out = tmp_path / "oci"
-    cmd = [sys.executable, "-c", "import sys; from blobchain.client.cli import main; sys.exit(main())"]
     args = ["export", str(snap), "--oci", str(out), "-c", "zstd", "--level", "19", "-q"]
-    proc = subprocess.Popen(cmd + args, start_new_session=True, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_CLI + args, start_new_session=True, stderr=subprocess.PIPE)
     try:
-        ingest = out / ".blobchain" / "ingest"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not (ingest.exists() and any(ingest.iterdir())):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.05)
+        ingest = _wait_for_ingest(proc, out, poll_s=0.05)
         assert ingest.exists() and any(ingest.iterdir()), "the export never started writing"
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "the export has no pool children"
@@ -66,7 +84,7 @@ def test_kill_9_of_the_parent_takes_its_pool_children(tmp_path: Path) -> None:
     # No partial blob; a rerun sweeps the dead run's ingest and completes.
     assert list((out / "blobs" / "sha256").iterdir()) == []
     quick = ["export", str(snap), "--oci", str(out), "-c", "gzip", "--level", "1", "-q"]
-    rerun = subprocess.run(cmd + quick, capture_output=True, timeout=600)
+    rerun = subprocess.run(_CLI + quick, capture_output=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr.decode(errors="replace")
     assert list((out / ".blobchain" / "ingest").iterdir()) == []
 
@@ -84,9 +102,8 @@ def test_ctrl_c_reaching_a_pool_child_while_it_starts_does_not_break_the_export(
             (s / f"f{j}").write_bytes(os.urandom(SMALL_BYTES // 4))
         snaps.append(str(s))
     out = tmp_path / "oci"
-    cmd = [sys.executable, "-c", "import sys; from blobchain.client.cli import main; sys.exit(main())"]
     proc = subprocess.Popen(
-        [*cmd, "export", *snaps, "--oci", str(out), "-q"],
+        [*_CLI, "export", *snaps, "--oci", str(out), "-q"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -115,27 +132,14 @@ def test_ctrl_c_of_a_build_running_in_the_cli_process_exits_130_cleanly(tmp_path
     blob, no manifest), exits 130 with the one-line message and no traceback, and a rerun completes."""
     snap = tmp_path / "big"
     snap.mkdir()
-    # 3 bits of entropy a byte at gzip's slowest level: seconds (random bytes go out as stored
-    # blocks, far too fast to interrupt).
-    eight = bytes(b"abcdefgh"[i % 8] for i in range(256))
-    (snap / "data.bin").write_bytes(os.urandom(24 << 20).translate(eight))
+    (snap / "data.bin").write_bytes(os.urandom(24 << 20).translate(_EIGHT))
     out = tmp_path / "oci"
-    cmd = [sys.executable, "-c", "import sys; from blobchain.client.cli import main; sys.exit(main())"]
     args = ["export", str(snap), "--oci", str(out), "-c", "gzip", "--level", "9", "-q"]
-    proc = subprocess.Popen(cmd + args, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_CLI + args, start_new_session=True, stderr=subprocess.PIPE, text=True)
     try:
-        ingest = out / ".blobchain" / "ingest"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not (ingest.exists() and any(ingest.iterdir())):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.02)
+        ingest = _wait_for_ingest(proc, out)
         assert ingest.exists() and any(ingest.iterdir()), "the export never started writing"
-        spawned = [
-            c
-            for c in psutil.Process(proc.pid).children(recursive=True)
-            if "spawn_main" in " ".join(c.cmdline())
-        ]
-        assert spawned == [], "a lone build started build processes"
+        assert _build_processes(proc) == [], "a lone build started build processes"
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal Ctrl-C does
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -152,7 +156,7 @@ def test_ctrl_c_of_a_build_running_in_the_cli_process_exits_130_cleanly(tmp_path
         for blob in (out / "blobs" / "sha256").iterdir():
             assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
     rerun = subprocess.run(
-        [*cmd, "export", str(snap), "--oci", str(out), "-c", "gzip", "--level", "1", "-q"],
+        [*_CLI, "export", str(snap), "--oci", str(out), "-c", "gzip", "--level", "1", "-q"],
         capture_output=True,
         timeout=600,
     )
@@ -164,28 +168,18 @@ def test_a_killed_build_process_is_a_one_line_error_not_a_traceback(tmp_path: Pa
     """Regression: SIGKILL of a pool child (the OOM killer, say) broke the pool, and the export
     died with concurrent.futures' BrokenProcessPool traceback. Now: exit 5 (unavailable), one
     line naming the ref, no partial blob, and a rerun completes."""
-    eight = bytes(b"abcdefgh"[i % 8] for i in range(256))  # slow at gzip -9, not stored blocks
     snaps = []
     for i in range(3):  # together over the small-build budget: built in the pool
         s = tmp_path / f"s{i}"
         s.mkdir()
-        (s / f"f{i}").write_bytes(os.urandom(SMALL_BYTES // 3 + (1 << 20)).translate(eight))
+        (s / f"f{i}").write_bytes(os.urandom(SMALL_BYTES // 3 + (1 << 20)).translate(_EIGHT))
         snaps.append(str(s))
     out = tmp_path / "oci"
-    cmd = [sys.executable, "-c", "import sys; from blobchain.client.cli import main; sys.exit(main())"]
     args = ["export", *snaps, "--oci", str(out), "-c", "gzip", "--level", "9", "-q"]
-    proc = subprocess.Popen(cmd + args, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_CLI + args, start_new_session=True, stderr=subprocess.PIPE, text=True)
     try:
-        ingest = out / ".blobchain" / "ingest"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not (ingest.exists() and any(ingest.iterdir())):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.02)
-        children = [
-            c
-            for c in psutil.Process(proc.pid).children(recursive=True)
-            if "spawn_main" in " ".join(c.cmdline())
-        ]
+        _wait_for_ingest(proc, out)
+        children = _build_processes(proc)
         assert children, "no build process was started: the test exercised nothing"
         os.kill(children[0].pid, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=120)
@@ -199,5 +193,5 @@ def test_a_killed_build_process_is_a_one_line_error_not_a_traceback(tmp_path: Pa
     for blob in (out / "blobs" / "sha256").iterdir() if (out / "blobs" / "sha256").exists() else ():
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
     quick = ["export", *snaps, "--oci", str(out), "-c", "gzip", "--level", "1", "-q"]
-    rerun = subprocess.run(cmd + quick, capture_output=True, timeout=600)
+    rerun = subprocess.run(_CLI + quick, capture_output=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr.decode(errors="replace")
