@@ -1248,16 +1248,68 @@ full_path(char *dst, size_t cap, PyObject *root, const char *pre, Py_ssize_t pre
     return 1;
 }
 
+/* The directory being listed, in both trees, opened beneath the roots on first need. */
+struct bc_dir_pair {
+    int lroot, uroot, ldir, udir; /* ldir/udir: -2 not opened yet, -1 failed */
+    PyObject *lprefix, *uprefix;  /* the roots' absolute paths with a trailing slash */
+    const char *pre;              /* the directory relative to the roots ("" or "a/b/") */
+    Py_ssize_t prelen;
+};
+
+static int
+dir_pair_open(struct bc_dir_pair *d)
+{
+    if (d->ldir == -2) {
+        d->ldir = open_prefix(d->lroot, d->pre, d->prelen);
+        d->udir = open_prefix(d->uroot, d->pre, d->prelen);
+    }
+    return d->ldir >= 0 && d->udir >= 0;
+}
+
+static void
+dir_pair_close(struct bc_dir_pair *d)
+{
+    if (d->ldir >= 0 && d->ldir != d->lroot)
+        close(d->ldir);
+    if (d->udir >= 0 && d->udir != d->uroot)
+        close(d->udir);
+}
+
+static int
+pair_without_capability(const struct bc_dir_pair *d, const char *name)
+{
+    /* 1 when neither side's ``name`` has security.capability (looked up beneath the open
+     * directories; by absolute path where getxattrat is missing) */
+    char lfull[8192], ufull[8192];
+    return full_path(lfull, sizeof lfull, d->lprefix, d->pre, d->prelen, name) &&
+           full_path(ufull, sizeof ufull, d->uprefix, d->pre, d->prelen, name) &&
+           no_capability(capability_size(d->ldir, name, lfull)) && no_capability(capability_size(d->udir, name, ufull));
+}
+
+static int
+same_inode(const struct stat *a, const struct stat *b)
+{
+    return a->st_ino == b->st_ino && a->st_dev == b->st_dev;
+}
+
+static int
+same_owner_and_mode(const struct stat *a, const struct stat *b)
+{
+    return a->st_mode == b->st_mode && a->st_uid == b->st_uid && a->st_gid == b->st_gid && a->st_rdev == b->st_rdev;
+}
+
 static PyObject *
 skip_same(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     /* (lower_rootfd, upper_rootfd, lower_root_prefix, upper_root_prefix, prefix, lower, upper,
-     *  i, j) -> (i, j): past the leading pairs lower[i:], upper[j:] that changes._walk would
-     * drop without a word: the same name on both sides, not a directory (the walk descends),
-     * one link (else an Unmodified change), and changes.same_file true: the same inode, or the
-     * same metadata, no capability on either side, and equal nanoseconds, or an empty file, or
-     * equal content (whole-second mtimes). It stops at the first pair it cannot settle that way
-     * (including any error): the Python walk takes that pair and decides (and raises). */
+     *  i, j) -> (i, j, same_dir): past the leading pairs lower[i:], upper[j:] that
+     * changes._walk would drop without a word: the same name on both sides, not a directory
+     * (the walk descends), one link (else an Unmodified change), and changes.same_file true: the
+     * same inode, or the same metadata, no capability on either side, and equal nanoseconds, or
+     * an empty file, or equal content or symlink target (whole-second mtimes). It stops at the
+     * first pair it cannot settle that way (including any error): the Python walk takes that
+     * pair and decides (and raises). same_dir: the stopping pair's name when it is a directory
+     * pair same_file holds for (the walk descends without checking it), else None. */
     if (nargs != 9 || !PyLong_Check(args[0]) || !PyLong_Check(args[1]) || !PyBytes_Check(args[2]) ||
         !PyBytes_Check(args[3]) || !PyBytes_Check(args[4]) || !PyLong_Check(args[7]) || !PyLong_Check(args[8])) {
         PyErr_SetString(PyExc_TypeError, "skip_same: bad arguments");
@@ -1275,11 +1327,8 @@ skip_same(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "skip_same: index out of range");
         return NULL;
     }
-    const char *pre = PyBytes_AS_STRING(args[4]);
-    Py_ssize_t prelen = PyBytes_GET_SIZE(args[4]);
-    int ldir = -2, udir = -2; /* opened on first need */
+    struct bc_dir_pair d = {lroot, uroot, -2, -2, args[2], args[3], PyBytes_AS_STRING(args[4]), PyBytes_GET_SIZE(args[4])};
     char *bufs = NULL;
-    char lfull[8192], ufull[8192];
     const char *same_dir = NULL; /* the stopping pair is a directory pair same_file found equal */
     Py_BEGIN_ALLOW_THREADS
     while (i < ll->n && j < ul->n) {
@@ -1291,51 +1340,27 @@ skip_same(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             /* The walk descends into it, so it stops here; it settles same_file when it is true
              * (the same inode, or the same metadata and no capability on either side), sparing
              * the Python walk its checks. Anything else the Python walk decides. */
-            int same = a->st_ino == b->st_ino && a->st_dev == b->st_dev;
-            if (!same && a->st_mode == b->st_mode && a->st_uid == b->st_uid && a->st_gid == b->st_gid &&
-                a->st_rdev == b->st_rdev) {
-                if (ldir == -2) {
-                    ldir = open_prefix(lroot, pre, prelen);
-                    udir = open_prefix(uroot, pre, prelen);
-                }
-                same = ldir >= 0 && udir >= 0 && full_path(lfull, sizeof lfull, args[2], pre, prelen, ea->name) &&
-                       full_path(ufull, sizeof ufull, args[3], pre, prelen, ea->name) &&
-                       no_capability(capability_size(ldir, ea->name, lfull)) &&
-                       no_capability(capability_size(udir, eb->name, ufull));
-            }
-            if (same)
+            if (same_inode(a, b) ||
+                (same_owner_and_mode(a, b) && dir_pair_open(&d) && pair_without_capability(&d, ea->name)))
                 same_dir = eb->name;
             break;
         }
         if (b->st_nlink > 1)
             break;
-        if (!(a->st_ino == b->st_ino && a->st_dev == b->st_dev)) {
-            if (a->st_mode != b->st_mode || a->st_uid != b->st_uid || a->st_gid != b->st_gid ||
-                a->st_rdev != b->st_rdev || a->st_size != b->st_size || a->st_mtim.tv_sec != b->st_mtim.tv_sec ||
-                a->st_mtim.tv_nsec != b->st_mtim.tv_nsec)
-                break;
-            if (ldir == -2) {
-                ldir = open_prefix(lroot, pre, prelen);
-                udir = open_prefix(uroot, pre, prelen);
-            }
-            if (ldir < 0 || udir < 0)
+        if (!same_inode(a, b)) {
+            if (!same_owner_and_mode(a, b) || a->st_size != b->st_size || a->st_mtim.tv_sec != b->st_mtim.tv_sec ||
+                a->st_mtim.tv_nsec != b->st_mtim.tv_nsec || !dir_pair_open(&d))
                 break;
             int by_content = b->st_mtim.tv_nsec == 0 && b->st_size != 0;
             if (by_content && S_ISREG(b->st_mode)) {
                 /* whole seconds, maybe truncated: the content decides (capabilities checked on
                  * the descriptors it opens) */
-                if (same_content(ldir, udir, ea->name, &bufs) != 1)
+                if (same_content(d.ldir, d.udir, ea->name, &bufs) != 1)
                     break;
-            } else {
-                if (!full_path(lfull, sizeof lfull, args[2], pre, prelen, ea->name) ||
-                    !full_path(ufull, sizeof ufull, args[3], pre, prelen, ea->name))
-                    break;
-                if (!no_capability(capability_size(ldir, ea->name, lfull)) ||
-                    !no_capability(capability_size(udir, eb->name, ufull)))
-                    break;
-                /* a symlink's target decides; any other kind with a size, the Python walk */
-                if (by_content && (!S_ISLNK(b->st_mode) || same_target(ldir, udir, ea->name) != 1))
-                    break;
+            } else if (!pair_without_capability(&d, ea->name) ||
+                       /* a symlink's target decides; any other kind with a size, the Python walk */
+                       (by_content && (!S_ISLNK(b->st_mode) || same_target(d.ldir, d.udir, ea->name) != 1))) {
+                break;
             }
         }
         i++;
@@ -1343,10 +1368,7 @@ skip_same(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_END_ALLOW_THREADS
     free(bufs);
-    if (ldir >= 0 && ldir != lroot)
-        close(ldir);
-    if (udir >= 0 && udir != uroot)
-        close(udir);
+    dir_pair_close(&d);
     if (same_dir != NULL)
         return Py_BuildValue("(nny)", i, j, same_dir);
     return Py_BuildValue("(nnO)", i, j, Py_None);
