@@ -435,7 +435,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = workdir / "export-work"
     rm_tree(work)
     work.mkdir(parents=True)
-    warm(chain.states)
 
     results: dict[tuple[str, str], Result] = {}
 

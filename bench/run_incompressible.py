@@ -252,9 +252,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     print_machine(f"One layer, one {a.size} incompressible file")
     snap = make_file(work, size, a.seed)
-    with open(snap / "weights.bin", "rb") as f:  # warm the page cache
-        while f.read(1 << 24):
-            pass
 
     def meter() -> Meter:
         wait_quiet(a.quiet, timeout_s=60)

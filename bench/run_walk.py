@@ -217,7 +217,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     trees = make_trees(workdir, a.scale, a.seed)
     counts = {}
     for t in trees:
-        warm([t.a, t.b])
         counts[t.a] = tree_stats(t.a)[0] + 1  # + the root
         counts[t.b] = tree_stats(t.b)[0] + 1
     work = workdir / "walk-work"
