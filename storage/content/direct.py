@@ -11,11 +11,11 @@ How: bytes are copied into one of two page-aligned buffers of ``STEP`` bytes; ea
 is written at its offset by one helper thread (a :class:`~blobchain.layers.lane.Lane`), while the
 caller fills the other. What is left at :meth:`finish` (less than a step, so not aligned) is
 written after ``O_DIRECT`` is switched off, then the file is fsynced. Where ``O_DIRECT`` cannot
-be set (tmpfs before Linux 6.6, other systems) or a direct write is refused with ``EINVAL``
+be set (a filesystem or system without it) or a direct write is refused with ``EINVAL``
 (alignment rules of a device), the writer falls back to plain writes for the rest of the file:
 the bytes on disk are the same either way. Plain steps get an early writeback hint
-(``sync_file_range``), so the fsync waits for the last step only. A file shorter than one step never sees a direct
-write, so small blobs (manifests, configs) cost no more than before.
+(``sync_file_range``), so the fsync waits for the last step only. A file shorter than one step
+never sees a direct write, so small blobs (manifests, configs) cost no more than before.
 
 Memory: two steps (16 MiB) per writer, allocated on the first write.
 """
