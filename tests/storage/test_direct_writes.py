@@ -14,7 +14,7 @@ from blobchain.layers.errors import StoreFull
 from blobchain.storage.content.direct import STEP, DirectFileWriter
 from blobchain.storage.content.local import LocalContentStore
 
-from . import spawn_python, tmpfs
+from . import ingest_past_file_size_limit, tmpfs
 from .contracts import digest_of
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -132,29 +132,8 @@ def test_store_full_during_a_direct_step(tmp_path: Path) -> None:
             store.close()
 
 
-_FSIZE_CHILD = """
-import resource, sys
-from blobchain.layers.errors import StoreFull
-from blobchain.storage.content.direct import STEP
-from blobchain.storage.content.local import LocalContentStore
-store = LocalContentStore(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_FSIZE, (STEP + 4096, STEP + 4096))
-try:
-    with store.ingest("big") as w:
-        for _ in range(4 * STEP // 65536):
-            w.write(b"x" * 65536)
-        w.commit()
-    print("committed")
-except StoreFull as e:
-    print("storefull", e.details.get("errno"))
-"""
-
-
 def test_file_size_limit_during_a_direct_step(tmp_path: Path) -> None:
-    proc = spawn_python(_FSIZE_CHILD, str(tmp_path / "l"))
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert out.split() == ["storefull", str(errno.EFBIG)]
+    ingest_past_file_size_limit(tmp_path / "l", STEP + 4096, 4 * STEP)
     store = LocalContentStore(tmp_path / "l")
     try:
         assert list(store.list_digests()) == []

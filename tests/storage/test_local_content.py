@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ from blobchain.layers.errors import DigestMismatch, FailedPrecondition, InvalidA
 from blobchain.layers.records import DIFF_ID_LABEL
 from blobchain.storage.content.local import LocalContentStore
 
-from . import expect_line, spawn_python, tmpfs
+from . import expect_line, ingest_past_file_size_limit, spawn_python, tmpfs
 from .contracts import ContentStoreContract, digest_of, payload
 
 
@@ -152,29 +151,8 @@ def test_store_full_on_tiny_tmpfs(tmp_path: Path) -> None:
             store.close()
 
 
-_FSIZE_CHILD = """
-import resource, sys
-from blobchain.layers.errors import StoreFull
-from blobchain.storage.content.local import LocalContentStore
-store = LocalContentStore(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
-try:
-    with store.ingest("big") as w:
-        for _ in range(32):
-            w.write(b"x" * 65536)
-        w.commit()
-    print("committed")
-except StoreFull as e:
-    print("storefull", e.details.get("errno"))
-"""
-
-
 def test_store_full_on_file_size_limit(tmp_path: Path) -> None:
-    # RLIMIT_FSIZE makes the kernel refuse the write (EFBIG; Python ignores SIGXFSZ).
-    proc = spawn_python(_FSIZE_CHILD, str(tmp_path / "l"))
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert out.split() == ["storefull", str(errno.EFBIG)]
+    ingest_past_file_size_limit(tmp_path / "l", 256 * 1024, 32 * 65536)
     store = LocalContentStore(tmp_path / "l")
     assert list(store.list_digests()) == []
     assert _ingest_files(store) == []
