@@ -373,6 +373,15 @@ class FaultProxy:
                     if not data:
                         return
                     buf += data
+                    if buf[:1] == b"\x16":
+                        # A TLS ClientHello (the client's https-first probe of an insecure
+                        # registry): no HTTP head will come, so pass it through for the plain
+                        # registry to refuse at once, as it does without the proxy; waiting for
+                        # a head hung each probe for the client's 10 s connect timeout.
+                        upstream.sendall(buf)
+                        while data := client.recv(65536):
+                            upstream.sendall(data)
+                        return
                 head, _, buf = buf.partition(b"\r\n\r\n")
                 lines = head.split(b"\r\n")
                 length = 0
