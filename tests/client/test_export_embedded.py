@@ -199,9 +199,10 @@ def test_cli_errors_have_exit_codes(tmp_path, chain, capsys):
 def test_ctrl_c_leaves_no_partial_blob_and_rerun_continues(tmp_path):
     snap = tmp_path / "big"
     snap.mkdir()
-    # Incompressible data at zstd's slowest level, so the export runs long enough to interrupt.
+    # Incompressible data at zstd's slowest level, so the export runs long enough to interrupt
+    # (16 MiB: ~5 s of it, against the ~0.1 s the interrupt needs; the rerun does it all again).
     with open(snap / "data.bin", "wb") as f:
-        for _ in range(32):
+        for _ in range(16):
             f.write(os.urandom(1 << 20))
     out = tmp_path / "oci"
     cmd = [sys.executable, "-c", "import sys; from blobchain.client.cli import main; sys.exit(main())"]

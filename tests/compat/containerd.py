@@ -220,6 +220,47 @@ class Containerd:
         n = self.diff(key, h.update, whiteout_epoch=whiteout_epoch)
         return "sha256:" + h.hexdigest(), n
 
+    def diff_sha256_from_store(self, key: str, *, whiteout_epoch: int | None = 0) -> tuple[str, int]:
+        """:meth:`diff_sha256` for diffs too big to stream back: ``ctr snapshots diff`` has
+        the differ commit the whole diff to the content store before it streams the blob to
+        stdout over gRPC, and for 8 GiB that stream is most of the time. So the diff is kept
+        (``--keep``), ctr is stopped at its first byte (the blob is committed by then), and
+        the committed blob is read from the content store's directory (then removed)."""
+        label = f"blobchain.parity={key}"
+        argv = self._ctr_argv(
+            "snapshots", "--snapshotter", SNAPSHOTTER, "diff", "--keep", "--label", label,
+            "--media-type", TAR_MEDIA_TYPE, key,
+        )  # fmt: skip
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+            assert p.stdout is not None and p.stderr is not None
+            first = p.stdout.read(1)
+            p.stdout.close()  # ctr dies of SIGPIPE on its next write
+            err = p.stderr.read()
+        if not first:
+            raise RuntimeError(f"ctr snapshots diff {key} failed: {err.decode(errors='replace')}")
+        rows = [line.split() for line in self.ctr("content", "ls").decode().splitlines()[1:]]
+        digests = [row[0] for row in rows if row and any(label in col for col in row[1:])]
+        if len(digests) != 1:
+            raise RuntimeError(f"diff of {key}: {len(digests)} blobs labelled {label} in the content store")
+        digest = digests[0]
+        blob = self.dir / "root" / "io.containerd.content.v1.content" / "blobs" / "sha256" / digest[7:]
+        h = hashlib.sha256()
+        norm = WhiteoutNormaliser(h.update, whiteout_epoch) if whiteout_epoch is not None else None
+        n = 0
+        try:
+            with open(blob, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    n += len(chunk)
+                    if norm is not None:
+                        norm.feed(chunk)
+                    else:
+                        h.update(chunk)
+            if norm is not None:
+                norm.close()
+        finally:
+            self.ctr("content", "rm", digest)
+        return "sha256:" + h.hexdigest(), n
+
 
 # --- tar stream helpers -----------------------------------------------------------------------
 

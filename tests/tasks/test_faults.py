@@ -93,9 +93,11 @@ def _check_store(settings: Settings, s3_client: Any, digests: set[str]) -> None:
 def test_worker_killed_mid_upload_chain_completes_on_another(
     make_settings: Callable[..., Settings], snapdir: Path, workers: Any, s3_client: Any, tmp_path: Path
 ) -> None:
-    # Limits short enough that the dead worker's message comes back within a minute (VT = 33 s
-    # here), long enough that worker b redoes the 96 MiB gzip -9 build on a loaded host.
-    settings = make_settings(time_limit_s=24, soft_time_limit_s=20, lease_ttl_s=3.0)
+    # Limits short enough that the dead worker's message comes back within a minute (VT = 42 s
+    # here), long enough that worker b redoes the 96 MiB gzip -9 build on a loaded host. b's
+    # janitor takes the ref over first, once a's lease and beat expire: a poll of 1 s makes
+    # that beat 3 s instead of the default 30 s (the default-limits takeover has its own test).
+    settings = make_settings(time_limit_s=24, soft_time_limit_s=20, lease_ttl_s=3.0, takeover_poll_s=1.0)
     chain = _big_chain(snapdir)
     app = make_app(settings)
     a = workers(settings, "a", concurrency=1)
@@ -239,8 +241,10 @@ def test_sigterm_lets_the_layer_in_flight_finish(
     make_settings: Callable[..., Settings], snapdir: Path, workers: Any, tmp_path: Path
 ) -> None:
     # `blobchain worker` remaps SIGTERM to the soft shutdown: the running build gets
-    # worker_soft_shutdown_timeout (here 20 s, the soft limit) to finish, then the worker stops.
-    settings = make_settings(soft_time_limit_s=20, time_limit_s=24)
+    # worker_soft_shutdown_timeout (here 12 s, the soft limit) to finish, then the worker stops.
+    # The worker holds for that whole time even once the build is done (~3.5 s on a loaded
+    # host), so the window is what the test waits: 12 s keeps over 3x the build's time.
+    settings = make_settings(soft_time_limit_s=12, time_limit_s=15)
     chain = _big_chain(snapdir, 64 << 20)
     app = make_app(settings)
     a = workers(settings, "term", cli=True, concurrency=1)
