@@ -33,6 +33,7 @@ unsafely, are refused. So are names longer than PATH_MAX (``PathTooLong``), time
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -606,6 +607,7 @@ def _remove(dir_fd: int, name: bytes, st: os.stat_result) -> None:
         return
 
     def visit(fd: int, below: tuple[bytes, ...]) -> list[bytes]:
+        _open_up(fd)
         subdirs = []
         for child, cst in _children(fd):
             if stat.S_ISDIR(cst.st_mode):
@@ -620,6 +622,15 @@ def _remove(dir_fd: int, name: bytes, st: os.stat_result) -> None:
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dir_fd)
+
+
+def _open_up(fd: int) -> None:
+    """Give the directory ``fd`` (being emptied) mode 0700 if it lacks owner rwx: unprivileged (or
+    without CAP_DAC_OVERRIDE), a layer's read-only directory (0555 /usr/bin) cannot be emptied,
+    and a failed unpack would leave its scratch tree behind. Refused (not ours): left as is."""
+    if os.fstat(fd).st_mode & 0o700 != 0o700:
+        with contextlib.suppress(PermissionError):
+            os.chmod(f"/proc/self/fd/{fd}", 0o700)
 
 
 def remove_tree(path: str | os.PathLike[str]) -> None:

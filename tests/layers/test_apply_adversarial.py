@@ -14,6 +14,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import tracemalloc
 from pathlib import Path
@@ -332,6 +334,23 @@ def test_deep_trees_are_applied_and_removed(tmp_path: Path, capsys) -> None:
 
     rc, err, box = unpack(tmp_path / "2", capsys, [plain(tar(entry(deep + "/f"), entry("../escape")))])
     refused(rc, err, box, "path_escapes", 2)
+
+
+@needs_root
+@services.needs_tool("setpriv", "util-linux")
+def test_a_failed_unpack_without_dac_override_removes_read_only_directories(tmp_path: Path) -> None:
+    # Root without CAP_DAC_OVERRIDE meets mode bits as an unprivileged user does: the cleanup
+    # could not empty the layer's 0555 directory, so the scratch tree stayed and its EACCES
+    # (not_writable) replaced the real error.
+    lower = tar(entry("usr/lib/f", data=b"x"), entry("usr/lib", tarfile.DIRTYPE, mode=0o555))
+    lay = layout(tmp_path / "oci", [plain(lower), plain(tar(entry("../escape")))])
+    box = Box(tmp_path)
+    no_dac = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    blobchain = str(Path(sys.executable).parent / "blobchain")
+    r = subprocess.run(
+        [*no_dac, blobchain, "unpack", f"{lay}:t", str(box.out)], capture_output=True, text=True, timeout=120
+    )
+    refused(r.returncode, r.stderr, box, "path_escapes", 2)
 
 
 def test_names_longer_than_path_max_are_path_too_long(tmp_path: Path, capsys) -> None:
