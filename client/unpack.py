@@ -176,8 +176,9 @@ def unpack_layers(
     totals = [0, 0, 0, 0]
     try:
         os.makedirs(parent, exist_ok=True)
-        os.mkdir(scratch, 0o755)
-        os.chmod(scratch, 0o755)  # not narrowed by the umask
+        # 0700 until published: other users must not reach setuid files or device nodes of a
+        # layer not yet verified, nor race the applier inside directories a layer gives them.
+        os.mkdir(scratch, 0o700)
         for layer in image.layers:
             for i, n in enumerate(_apply_one(layer, opener, scratch, same_owner)):
                 totals[i] += n
@@ -192,6 +193,7 @@ def unpack_layers(
 
 
 def _publish(scratch: str, dest: str, exist_ok: bool) -> None:
+    os.chmod(scratch, 0o755)  # every digest matched: DIR's usual mode (not narrowed by the umask)
     try:
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(dest)  # an empty target directory (checked above) gives way to ours
