@@ -511,8 +511,7 @@ class _Applier:
         """Owner, mode, capability and (unless ``times`` is false) mtime of the non-symlink ``base``."""
         if self._same_owner:
             os.chown(base, info.uid, info.gid, dir_fd=pfd, follow_symlinks=False)
-        # fchmodat without AT_SYMLINK_NOFOLLOW: base was just created or lstat-checked by us.
-        os.chmod(base, info.mode & 0o7777, dir_fd=pfd)
+        _chmod_nofollow(pfd, base, info.mode & 0o7777)
         # setxattr has no *at form; the /proc fd link pins the parent, the last step is lsetxattr.
         path = b"/proc/self/fd/%d/%s" % (pfd, base)
         cap = _capability(info)
@@ -594,6 +593,20 @@ class _Applier:
                     os.utime(parts[-1], ns=(t, t), dir_fd=fd, follow_symlinks=False)
             finally:
                 os.close(fd)
+
+
+def _chmod_nofollow(dir_fd: int, name: bytes, mode: int) -> None:
+    """chmod the non-symlink ``name``. It was created or lstat-checked by us, but whoever can
+    write its parent (an owner a layer gave it) could have swapped in a symlink since: fchmodat
+    would follow it. The inode is pinned by an O_PATH descriptor and changed through /proc (what
+    glibc does for AT_SYMLINK_NOFOLLOW, which CPython 3.11 turns into a ValueError on a symlink)."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise PathEscapes(f"{name!r} was replaced by a symlink during the unpack", path=name)
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
 
 
 def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -24,8 +25,11 @@ import pytest
 import services
 import zstandard
 
+from blobchain.client import image as images
 from blobchain.client.cli import main
-from blobchain.layers.apply import InvalidLayer, apply_layer, remove_tree
+from blobchain.client.unpack import unpack_layers
+from blobchain.layers.apply import InvalidLayer, _chmod_nofollow, apply_layer, remove_tree
+from blobchain.layers.errors import PathEscapes
 
 needs_root = services.needs_root("security.* and trusted.* xattrs")
 
@@ -451,6 +455,49 @@ def test_hardlink_to_a_symlink_that_leaves_dir_links_the_symlink(tmp_path: Path,
     assert rc == 0, err
     assert (box.out / "h").read_bytes() == b"overwritten" and not (box.out / "h").is_symlink()
     assert box.untouched()
+
+
+def test_the_tree_is_out_of_other_users_reach_until_verified(tmp_path: Path) -> None:
+    # The scratch tree was 0755 from the start: while layers were still unverified, any local
+    # user could run their setuid files or open their device nodes, and race the applier in
+    # directories a layer chowned to them. Now 0700 until every digest matched, then 0755.
+    lay = layout(tmp_path / "oci", [plain(tar(entry("su", data=b"x", mode=0o4755))), gz(tar(entry("f")))])
+    src = images.LayoutImageSource(str(lay), "t")
+    img = images.resolve(src)
+    box = Box(tmp_path)
+    seen: list[int] = []
+
+    def opener(layer: images.ImageLayer):
+        # Called for each layer in turn: the earlier ones are on disk in the scratch directory.
+        for p in box.root.iterdir():
+            if p.name.startswith(".out.unpack-"):
+                seen.append(stat.S_IMODE(p.stat().st_mode))
+        return src.open_blob(layer.descriptor)
+
+    unpack_layers(img, opener, str(box.out))
+    assert seen == [0o700, 0o700]
+    assert stat.S_IMODE(box.out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((box.out / "su").stat().st_mode) == 0o4755
+
+
+def test_attribute_chmod_does_not_follow_a_symlink_swapped_in(tmp_path: Path) -> None:
+    # The applier chmods an entry it created a moment before; fchmodat (the old call) followed a
+    # symlink that a user owning the parent had swapped in, chmodding its target outside DIR.
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"v")
+    victim.chmod(0o600)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/entry").symlink_to(victim)
+    fd = os.open(tmp_path / "d", os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(PathEscapes):
+            _chmod_nofollow(fd, b"entry", 0o777)
+        (tmp_path / "d/real").mkdir(mode=0o700)
+        _chmod_nofollow(fd, b"real", 0o2755)
+    finally:
+        os.close(fd)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "d/real").stat().st_mode) == 0o2755
 
 
 @needs_root
