@@ -168,6 +168,15 @@ class RegistryClient:
                 f"{safe_url(str(request.url))}; refused (--insecure allows it for a local registry)"
             )
 
+    def _own(self, url: str) -> bool:
+        """Whether ``url`` is on the registry itself (scheme, host and port): the registry's
+        credentials go nowhere else, whatever Location it hands out (as docker's and containerd's
+        authorizers, which add them per host they were challenged by)."""
+        if self._base is None:
+            return False
+        mine, there = httpx.URL(self._base), httpx.URL(url)
+        return (mine.scheme, mine.host, mine.port) == (there.scheme, there.host, there.port)
+
     def _secrets(self) -> list[str]:
         """What must never appear in a message: the password, tokens, Authorization values."""
         out = [self._auth or ""]
@@ -429,7 +438,7 @@ class RegistryClient:
             if self._cancel.is_set():
                 raise Cancelled("push cancelled")
             hdrs = dict(headers or {})
-            if self._auth:
+            if self._auth and self._own(url):
                 hdrs["Authorization"] = self._auth
             content = body() if callable(body) else body
             resp = self._send(method, url, what=what, content=content, headers=hdrs, params=params)

@@ -825,3 +825,36 @@ def test_a_base_config_with_absurd_fields_through_the_cli(
     )  # fmt: skip
     assert rc == 2
     _one_line(err, "invalid_image")
+
+
+def test_an_upload_location_on_another_host_gets_no_credentials(hostile: Hostile) -> None:
+    # distribution's and containerd's authorizers add credentials per host they were
+    # challenged by; an upload Location elsewhere is sent the bytes, not the password
+    other = Hostile(host="127.0.0.2")
+    blob = b"some blob bytes"
+    digest = _digest(blob)
+    try:
+        hostile.on(
+            lambda h: (
+                "Authorization" not in h.headers
+                and (h.answer(401, b"", {"WWW-Authenticate": 'Basic realm="x"'}) or True)
+            )
+        )
+        hostile.on(
+            lambda h: (
+                h.command == "POST"
+                and (h.answer(202, b"", {"Location": f"{other.url}/upload/1?_state=abc"}) or True)
+            )
+        )
+        other.on(
+            lambda h: h.command == "PUT" and (h.answer(201, b"", {"Docker-Content-Digest": digest}) or True)
+        )
+        with RegistryClient(
+            parse_reference(hostile.ref), FAST, credentials=Credentials("u", SECRET, "", "test")
+        ) as c:
+            c.upload(digest, len(blob), lambda off: io.BytesIO(blob[off:]))
+        assert [m for m, _, _ in other.requests] == ["PUT"]
+        assert all("Authorization" not in hdrs for _, _, hdrs in other.requests)
+        assert hostile.count("POST", "/blobs/uploads/") >= 1
+    finally:
+        other.close()
