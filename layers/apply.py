@@ -157,6 +157,9 @@ class _StrictInfo(tarfile.TarInfo):
     @classmethod
     def fromtarfile(cls, tf: tarfile.TarFile) -> Self:
         buf = tf.fileobj.read(_BLOCK)  # type: ignore[union-attr]
+        if not buf and tf.offset == 0:  # type: ignore[attr-defined]
+            # A 0-byte layer: Go (containerd, umoci) reads an empty archive; tarfile refuses it.
+            raise tarfile.EOFHeaderError("empty archive")  # type: ignore[attr-defined]
         # tarfile stops at one zero block; Go reads a second one and refuses data there.
         if len(buf) == _BLOCK and not buf.strip(b"\0") and tf.fileobj.read(_BLOCK).strip(b"\0"):  # type: ignore[union-attr]
             raise _bad("a zero block is followed by data (an archive ends with two)")

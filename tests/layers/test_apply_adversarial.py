@@ -362,6 +362,12 @@ def test_names_longer_than_path_max_are_path_too_long(tmp_path: Path, capsys) ->
 # --- where Python's tarfile and Go's archive/tar (containerd, umoci) read a tar differently ----
 
 
+def test_a_zero_byte_layer_is_an_empty_layer_as_in_go(tmp_path: Path, capsys) -> None:
+    rc, err, box = unpack(tmp_path, capsys, [plain(tar(entry("f", data=b"x"))), plain(b""), gz(b"")])
+    assert rc == 0, err  # was invalid_layer ("empty file"); umoci and containerd take it
+    assert os.listdir(box.out) == ["f"]
+
+
 def test_global_pax_header_is_ignored_as_containerd_does(tmp_path: Path, capsys) -> None:
     # tarfile applied a global path to later entries with a PAX header of their own: f became g.
     layer = pax([record("path", "g")], b"", typ=tarfile.XGLTYPE) + tar(
