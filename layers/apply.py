@@ -338,7 +338,7 @@ class _Applier:
                     if not create:
                         return None
                     os.mkdir(comp, 0o755, dir_fd=cur)
-                    os.chmod(comp, 0o755, dir_fd=cur)  # the umask must not narrow it
+                    _chmod_nofollow(cur, comp, 0o755)  # the umask must not narrow it
                     self._unpacked.add(b"/".join(parts[: i + 1]))
                     nxt = os.open(comp, _PATH_FLAGS, dir_fd=cur)
                 except OSError as e:
