@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, BinaryIO
 
-from blobchain.client.image import ImageLayer, ImageSource, ResolvedImage, open_image, resolve
+from blobchain.client.image import ImageLayer, ImageSource, InvalidImage, ResolvedImage, open_image, resolve
 from blobchain.client.unpack import unpack_layers
 from blobchain.layers.errors import DigestMismatch, SnapshotNotFound, SnapshotOutsideRoots, Unavailable
 from blobchain.layers.identity import next_ids
@@ -43,6 +43,7 @@ __all__ = [
     "BaseImage",
     "base_ref_id",
     "base_specs",
+    "check_base_config",
     "default_cache",
     "open_base",
     "prepare_base",
@@ -84,6 +85,46 @@ def base_specs(image: ResolvedImage, top_snapshot: str, cache: str) -> list[RefS
     return specs
 
 
+# What of a base config our own config takes over (layers/imageconfig.py), and the JSON type
+# each must have: a registry's config is input like any other.
+_STR_LIST = (list, str)
+_EXEC_TYPES: dict[str, tuple[type, ...]] = {
+    "Env": (list, str),
+    "Entrypoint": _STR_LIST,
+    "Cmd": _STR_LIST,
+    "WorkingDir": (str,),
+    "User": (str,),
+    "StopSignal": (str,),
+    "Labels": (dict, str),
+    "ExposedPorts": (dict, dict),
+    "Volumes": (dict, dict),
+}
+
+
+def check_base_config(image: ResolvedImage) -> None:
+    """InvalidImage for a base config whose inherited fields have the wrong JSON types (a list
+    where a string belongs, a number for a label), rather than a crash while our config is made."""
+    cfg = image.config
+    where = f"{image.name} config {image.config_descriptor.digest}"
+    for key in ("os", "architecture", "variant", "os.version", "author", "created"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            raise InvalidImage(f"{where}: {key} is {type(cfg[key]).__name__}, not a string")
+    if cfg.get("history") is not None and not isinstance(cfg["history"], list):
+        raise InvalidImage(f"{where}: history is not a list")
+    exec_cfg = cfg.get("config")
+    if exec_cfg is None:
+        return
+    if not isinstance(exec_cfg, dict):
+        raise InvalidImage(f"{where}: config is {type(exec_cfg).__name__}, not an object")
+    for key, (outer, *inner) in _EXEC_TYPES.items():
+        value = exec_cfg.get(key)
+        if value is None:
+            continue
+        items = value.values() if isinstance(value, dict) else value
+        if not isinstance(value, outer) or (inner and not all(isinstance(v, inner[0]) for v in items)):
+            raise InvalidImage(f"{where}: config.{key} has the wrong type ({type(value).__name__})")
+
+
 def _within(path: str, roots: Sequence[str]) -> bool:
     real = os.path.realpath(path)
     return any(os.path.commonpath([real, os.path.realpath(r)]) == os.path.realpath(r) for r in roots)
@@ -100,6 +141,8 @@ class BaseImage:
     unpacked: bool = False
     fetched: list[str] = field(default_factory=list)
     resumed: int = 0  # downloads resumed after a dropped connection
+    attempts: int = _ATTEMPTS  # a download is resumed at most this many times less one
+    backoff_s: float = 0.2  # the first resume waits about this long, doubling after
     _locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
     _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -152,22 +195,31 @@ class BaseImage:
         desc = layer.descriptor
         failures = 0
         with content.ingest(f"base-{desc.digest[7:23]}") as ing:
-            while True:
+            while ing.offset < desc.size or desc.size == 0:
                 try:
                     if ing.offset == 0:
                         src = self.source.open_blob(desc)
                     else:
                         src = self.source.open_range(desc, ing.offset)
                     with src:
-                        while chunk := src.read(_CHUNK):
+                        # A resumed range is raw bytes: never take more than the blob has left
+                        # (an endless or overlong answer would otherwise fill the store).
+                        while chunk := src.read(min(_CHUNK, desc.size - ing.offset + 1)):
+                            if len(chunk) > desc.size - ing.offset:
+                                raise DigestMismatch(
+                                    f"{self.source.name} blob {desc.digest} holds more than the "
+                                    f"{desc.size} bytes it should",
+                                    expected=desc.digest,
+                                    digest=desc.digest,
+                                )
                             ing.write(chunk)
                     break
                 except Unavailable:
                     failures += 1
-                    if failures >= _ATTEMPTS:
+                    if failures >= self.attempts:
                         raise
                     self.resumed += 1
-                    time.sleep(min(5.0, 0.2 * 2**failures))
+                    time.sleep(min(5.0, self.backoff_s * 2**failures))
             ing.commit(size=desc.size, expected=desc.digest, labels={DIFF_ID_LABEL: layer.diff_id})
 
     def open(self, content: ContentStore, digest: str, offset: int = 0) -> BinaryIO:
@@ -203,6 +255,8 @@ def prepare_base(
     snapshot: str | None = None,
     platform: Platform | None = None,
     source: ImageSource | None = None,
+    attempts: int = _ATTEMPTS,
+    backoff_s: float = 0.2,
 ) -> BaseImage:
     """Resolve ``image`` (``oci:DIR[:TAG]`` or ``REGISTRY/REPO:TAG``), register its layers as refs
     with blobs, and make sure its top state is on disk: ``snapshot`` if given, else the cache's
@@ -210,16 +264,30 @@ def prepare_base(
     unpack. ``source`` overrides how ``image`` is opened (transport options for a registry)."""
     src = source or open_image(image)
     try:
-        return _prepare(deps, src, cache=os.path.abspath(cache), snapshot=snapshot, platform=platform)
+        return _prepare(
+            deps,
+            src,
+            cache=os.path.abspath(cache),
+            snapshot=snapshot,
+            platform=platform,
+            retry=(attempts, backoff_s),
+        )
     except BaseException:
         _close(src)
         raise
 
 
 def _prepare(
-    deps: Deps, src: ImageSource, *, cache: str, snapshot: str | None, platform: Platform | None
+    deps: Deps,
+    src: ImageSource,
+    *,
+    cache: str,
+    snapshot: str | None,
+    platform: Platform | None,
+    retry: tuple[int, float] = (_ATTEMPTS, 0.2),
 ) -> BaseImage:
     img = resolve(src, platform=platform)
+    check_base_config(img)
     top = None
     if img.layers:
         if snapshot is not None:
@@ -238,7 +306,7 @@ def _prepare(
     specs = base_specs(img, top, cache) if top is not None else []
     # Records first: a fetched blob is referenced from the moment it is published (GC keeps it).
     _register(deps, img, specs, src.name)
-    base = BaseImage(img, src, tuple(specs), top)
+    base = BaseImage(img, src, tuple(specs), top, attempts=max(1, retry[0]), backoff_s=retry[1])
     if top is not None and snapshot is None and not os.path.isdir(top):
         done = unpack_layers(
             img, lambda la: base.open(deps.content, la.descriptor.digest), top, exist_ok=True
@@ -311,4 +379,14 @@ def open_base(
 
         parse_image_ref(image)  # a bad reference is InvalidImageReference, as for a layout
         source = RegistryImageSource(image, options)
-    return prepare_base(deps, image, cache=cache, snapshot=snapshot, platform=platform, source=source)
+    attempts, backoff_s = (options.attempts, options.backoff_s) if options is not None else (_ATTEMPTS, 0.2)
+    return prepare_base(
+        deps,
+        image,
+        cache=cache,
+        snapshot=snapshot,
+        platform=platform,
+        source=source,
+        attempts=attempts,
+        backoff_s=backoff_s,
+    )

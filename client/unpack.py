@@ -12,17 +12,17 @@ import contextlib
 import errno
 import io
 import os
-import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from blobchain.client.image import ImageLayer, ResolvedImage, TargetNotEmpty
-from blobchain.layers.apply import apply_layer
+from blobchain.layers.apply import apply_layer, remove_tree
 from blobchain.layers.compress import open_decompressor
 from blobchain.layers.digest import HashingReader
-from blobchain.layers.errors import DigestMismatch, from_os_error
+from blobchain.layers.errors import BlobchainError, DigestMismatch, InvalidArgument, from_os_error
+from blobchain.workers.errors import CorruptBlob
 
 __all__ = ["UnpackResult", "unpack_layers"]
 
@@ -51,14 +51,81 @@ def _drain(stream: BinaryIO | io.RawIOBase) -> None:
         pass
 
 
+class _Source(io.RawIOBase):
+    """The blob's reader, under the decompressor: remembers whether a read of its own failed."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        super().__init__()
+        self._raw = raw
+        self.failed = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        try:
+            data = self._raw.read(len(buffer))
+        except BaseException:
+            self.failed = True
+            raise
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class _Decoded(io.RawIOBase):
+    """The decompressor's output. Its own failures (zlib-ng, zstd, EOFError, BadGzipFile: no
+    common class, and an OSError among them) become CorruptBlob; the source's pass unchanged."""
+
+    def __init__(self, plain: BinaryIO, source: _Source, layer: ImageLayer) -> None:
+        super().__init__()
+        self._plain, self._source, self._layer = plain, source, layer
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        try:
+            return self._plain.readinto(buffer)  # type: ignore[attr-defined,no-any-return]
+        except BlobchainError:
+            raise
+        except Exception as e:
+            if self._source.failed:
+                raise
+            digest = self._layer.descriptor.digest
+            raise CorruptBlob(
+                f"layer {digest} does not decode as {self._layer.compression}: {type(e).__name__}: {e}",
+                digest=digest,
+                compression=str(self._layer.compression),
+            ) from None
+
+
+def _digest_error(raw: BinaryIO) -> DigestMismatch | None:
+    """Read the blob to its end: the verifying reader's mismatch, if any (else None)."""
+    try:
+        _drain(raw)
+    except DigestMismatch as e:
+        return e
+    except (OSError, BlobchainError):
+        pass  # unreadable now: the error already met is the one to report
+    return None
+
+
 def _apply_one(
     layer: ImageLayer, opener: OpenLayer, dest: str, same_owner: bool
 ) -> tuple[int, int, int, int]:
     with opener(layer) as raw:
-        with open_decompressor(raw, layer.compression) as plain:
-            hashed = HashingReader(plain)
-            stats = apply_layer(hashed, dest, same_owner=same_owner)  # type: ignore[arg-type]
-            _drain(hashed)  # the tar's trailing blocks count towards the diffID
+        source = _Source(raw)
+        with open_decompressor(source, layer.compression) as plain:  # type: ignore[arg-type]
+            hashed = HashingReader(_Decoded(plain, source, layer))  # type: ignore[arg-type]
+            try:
+                stats = apply_layer(hashed, dest, same_owner=same_owner)  # type: ignore[arg-type]
+                _drain(hashed)  # the tar's trailing blocks count towards the diffID
+            except (InvalidArgument, CorruptBlob) as e:
+                # A damaged blob (a flipped bit) reads as a bad tar or stream: say so first.
+                damaged = _digest_error(raw)
+                if damaged is not None:
+                    raise damaged from e
+                raise
         _drain(raw)  # the compressed digest is checked at the blob's last byte
     if hashed.digest != layer.diff_id:
         raise DigestMismatch(
@@ -73,7 +140,7 @@ def _apply_one(
 
 def _remove_tree(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(path)
+        remove_tree(path)  # not shutil.rmtree: a layer can nest deeper than it can recurse
 
 
 def check_target(dest: str) -> None:
@@ -109,8 +176,9 @@ def unpack_layers(
     totals = [0, 0, 0, 0]
     try:
         os.makedirs(parent, exist_ok=True)
-        os.mkdir(scratch, 0o755)
-        os.chmod(scratch, 0o755)  # not narrowed by the umask
+        # 0700 until published: other users must not reach setuid files or device nodes of a
+        # layer not yet verified, nor race the applier inside directories a layer gives them.
+        os.mkdir(scratch, 0o700)
         for layer in image.layers:
             for i, n in enumerate(_apply_one(layer, opener, scratch, same_owner)):
                 totals[i] += n
@@ -125,6 +193,7 @@ def unpack_layers(
 
 
 def _publish(scratch: str, dest: str, exist_ok: bool) -> None:
+    os.chmod(scratch, 0o755)  # every digest matched: DIR's usual mode (not narrowed by the umask)
     try:
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(dest)  # an empty target directory (checked above) gives way to ours

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import re
 import ssl
 import threading
 import time
@@ -32,19 +34,35 @@ from blobchain.registry.errors import (
     BlobUploadInvalid,
     BlobUploadUnknown,
     DigestInvalid,
+    RegistryError,
     RegistryProtocolError,
     RegistryTLSError,
     RegistryUnavailable,
     Unauthorized,
     from_response,
+    redact,
     safe_url,
 )
 from blobchain.registry.reference import Reference, is_loopback
 
-__all__ = ["RegistryClient", "TransportOptions", "UploadStats"]
+__all__ = ["Answer", "RegistryClient", "TransportOptions", "UploadStats"]
 
 _READ = 1 << 20
+_ERROR_BODY = 64 << 10  # what is read of an error answer, for its message
+_TOKEN = re.compile(r"^[\x21-\x7e]{1,65536}$")
+_REDIRECTS = 10  # as Go's http.Client (docker, containerd)
 Body = bytes | Callable[[], Iterable[bytes]] | None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A registry's answer, its body read (bounded) and the connection released."""
+
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+    url: httpx.URL
+    method: str
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,11 @@ class TransportOptions:
     monolithic_max: int = 64 << 20
     chunk_size: int = 64 << 20
     jobs: int = 4
+    # A manifest, index or token answer bigger than this is refused unread (a hostile or broken
+    # registry must not fill memory); error bodies are read up to _ERROR_BODY only.
+    max_manifest: int = 4 << 20
+    # The first retry waits about this long, doubling per attempt (tests shorten it).
+    backoff_s: float = 0.2
 
 
 @dataclass
@@ -118,7 +141,9 @@ class RegistryClient:
             timeout=httpx.Timeout(opts.read_timeout_s, connect=opts.connect_timeout_s),
             limits=httpx.Limits(max_connections=opts.jobs + 4, max_keepalive_connections=opts.jobs + 4),
             follow_redirects=True,
+            max_redirects=_REDIRECTS,
             trust_env=False,  # proxies and netrc from the environment are not ours to pick up
+            event_hooks={"request": [self._no_downgrade]},
         )
         self._lock = threading.Lock()
         self._auth: str | None = None  # the Authorization header value, never printed
@@ -127,6 +152,112 @@ class RegistryClient:
 
     def __repr__(self) -> str:
         return f"RegistryClient({self.ref.registry}/{self.ref.repository})"
+
+    def _no_downgrade(self, request: httpx.Request) -> None:
+        # Every request, redirects included (httpx runs request hooks per hop): once the registry
+        # is reached over TLS, nothing of it (blobs, tokens) is fetched in plain text, unless
+        # --insecure. Authorization is already dropped by httpx on a hop to another origin.
+        if (
+            not self.options.insecure
+            and self._base is not None
+            and self._base.startswith("https://")
+            and request.url.scheme != "https"
+        ):
+            raise RegistryProtocolError(
+                f"registry {self.ref.registry} (TLS) sent blobchain to plain-text "
+                f"{safe_url(str(request.url))}; refused (--insecure allows it for a local registry)"
+            )
+
+    def _own(self, url: str) -> bool:
+        """Whether ``url`` is on the registry itself (scheme, host and port): the registry's
+        credentials go nowhere else, whatever Location it hands out (as docker's and containerd's
+        authorizers, which add them per host they were challenged by)."""
+        if self._base is None:
+            return False
+        mine, there = httpx.URL(self._base), httpx.URL(url)
+        return (mine.scheme, mine.host, mine.port) == (there.scheme, there.host, there.port)
+
+    def _secrets(self) -> list[str]:
+        """What must never appear in a message: the password, tokens, Authorization values."""
+        out = [self._auth or ""]
+        if self._auth and " " in self._auth:
+            out.append(self._auth.split(" ", 1)[1])
+        if self._creds is not None:
+            out += [self._creds.password, self._creds.identity_token]
+            if self._creds.username or self._creds.password:
+                out.append(self._creds.basic().split(" ", 1)[1])
+        return [s for s in out if len(s) >= 4]
+
+    def _error(self, status: int, body: bytes, what: str, url: str) -> RegistryError:
+        """The registry's named error; a registry echoing our credentials gets them masked."""
+        e = from_response(status, body, what, url)
+        clean = redact(e.message, self._secrets())
+        if clean != e.message:
+            e.message = clean
+            e.args = (clean,)
+        return e
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        content: bytes | Iterable[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+        params: httpx.QueryParams | dict[str, str] | None = None,
+        data: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        """One exchange, redirects followed, the body not read yet; httpx's errors as named ones."""
+        try:
+            req = self._http.build_request(
+                method, url, content=content, headers=headers, params=params, data=data
+            )
+            return self._http.send(req, stream=True)
+        except httpx.UnsupportedProtocol as e:
+            raise RegistryProtocolError(f"{what}: {_reason(e)} (from {safe_url(url)})") from None
+        except httpx.TooManyRedirects:
+            raise RegistryProtocolError(
+                f"{what}: more than {_REDIRECTS} redirects from {safe_url(url)}"
+            ) from None
+        except httpx.TransportError as e:
+            raise self._unreachable(what, url, e) from None
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
+            raise RegistryProtocolError(f"{what}: {_reason(e)} (from {safe_url(url)})") from None
+
+    def _body(self, resp: httpx.Response, what: str, limit: int, *, truncate: bool = False) -> bytes:
+        """The response body, at most ``limit`` bytes (more: RegistryProtocolError, or with
+        ``truncate`` the first ``limit``); the connection is released either way."""
+        parts: list[bytes] = []
+        got = 0
+        try:
+            declared = resp.headers.get("content-length", "")
+            if (
+                resp.request.method != "HEAD"
+                and declared.isdigit()
+                and int(declared) > limit
+                and not truncate
+            ):
+                raise RegistryProtocolError(
+                    f"{what}: the registry's answer is {declared} bytes, over the {limit} allowed"
+                )
+            for chunk in resp.iter_bytes():
+                got += len(chunk)
+                if got > limit:
+                    if truncate:
+                        parts.append(chunk[: len(chunk) - (got - limit)])
+                        break
+                    raise RegistryProtocolError(
+                        f"{what}: the registry's answer is over the {limit} bytes allowed"
+                    )
+                parts.append(chunk)
+        except httpx.TransportError as e:
+            raise self._unreachable(what, str(resp.url), e) from None
+        except httpx.HTTPError as e:
+            raise RegistryProtocolError(f"{what}: {_reason(e)} ({safe_url(str(resp.url))})") from None
+        finally:
+            resp.close()
+        return b"".join(parts)
 
     def close(self) -> None:
         self._http.close()
@@ -142,7 +273,8 @@ class RegistryClient:
     def retrying(self) -> Retrying:
         return Retrying(
             stop=stop_after_attempt(self.options.attempts),
-            wait=wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 0.2),
+            wait=wait_exponential(multiplier=self.options.backoff_s, max=5.0)
+            + wait_random(0, self.options.backoff_s),
             retry=retry_if_exception(_retryable),
             reraise=True,
         )
@@ -163,7 +295,7 @@ class RegistryClient:
                 for scheme in schemes:
                     url = f"{scheme}://{self.ref.host}/v2/"
                     try:
-                        resp = self._http.get(url)
+                        resp = self._http.send(self._http.build_request("GET", url), stream=True)
                     except httpx.ConnectError as e:
                         last = e
                         if "SSL" in str(e) or "ssl" in str(e).lower():
@@ -181,6 +313,13 @@ class RegistryClient:
                         if scheme == schemes[-1]:
                             raise self._unreachable("ping", url, e) from None
                         continue
+                    except httpx.TooManyRedirects:
+                        raise RegistryProtocolError(
+                            f"ping: more than {_REDIRECTS} redirects from {url}"
+                        ) from None
+                    except (httpx.HTTPError, httpx.InvalidURL) as e:
+                        raise RegistryProtocolError(f"ping: {_reason(e)} (from {url})") from None
+                    body = self._body(resp, "ping", _ERROR_BODY, truncate=True)
                     if resp.status_code in (200, 401):
                         self._base = f"{scheme}://{self.ref.host}"
                         if resp.status_code == 401:
@@ -189,7 +328,7 @@ class RegistryClient:
                         return
                     if resp.status_code == 404:
                         raise RegistryProtocolError(f"{url} is not an OCI distribution API (404 on /v2/)")
-                    raise from_response(resp.status_code, resp.content, "ping", url)
+                    raise self._error(resp.status_code, body, "ping", url)
         raise self._unreachable("ping", self.ref.registry, last)
 
     def _unreachable(self, what: str, url: str, e: BaseException | None) -> RegistryUnavailable:
@@ -219,25 +358,40 @@ class RegistryClient:
         if challenge.service:
             params.append(("service", challenge.service))
         params += [("scope", s) for s in scopes]
-        try:
-            if creds is not None and creds.identity_token:
-                # OAuth2 refresh-token grant (what `docker login` stores as identitytoken)
-                form = {
-                    "grant_type": "refresh_token",
-                    "refresh_token": creds.identity_token,
-                    "client_id": "blobchain",
-                    "scope": " ".join(scopes),
-                }
-                if challenge.service:
-                    form["service"] = challenge.service
-                resp = self._http.post(challenge.realm, data=form)
-            else:
-                headers = {"Authorization": creds.basic()} if creds is not None and creds.username else {}
-                resp = self._http.get(challenge.realm, params=params, headers=headers)
-        except httpx.TransportError as e:
-            raise RegistryUnavailable(
-                f"token service {safe_url(challenge.realm)} unreachable: {_reason(e)}"
-            ) from None
+        sends_secret = creds is not None and bool(creds.identity_token or creds.username or creds.password)
+        if (
+            sends_secret
+            and not self.options.insecure
+            and challenge.realm.startswith("http://")
+            and (self._base or "https://").startswith("https://")
+        ):
+            # docker and containerd send credentials to the realm on whatever host it names
+            # (Docker Hub's is auth.docker.io), and so does blobchain; not in plain text, though,
+            # when the registry itself is reached over TLS.
+            raise Unauthorized(
+                f"registry {self.ref.registry}: its token realm {safe_url(challenge.realm)} is plain http; "
+                "refusing to send credentials there (--insecure allows it for a local registry)"
+            )
+        if creds is not None and creds.identity_token:
+            # OAuth2 refresh-token grant (what `docker login` stores as identitytoken)
+            form = {
+                "grant_type": "refresh_token",
+                "refresh_token": creds.identity_token,
+                "client_id": "blobchain",
+                "scope": " ".join(scopes),
+            }
+            if challenge.service:
+                form["service"] = challenge.service
+            resp = self._send("POST", challenge.realm, what="token", data=form)
+        else:
+            headers = {"Authorization": creds.basic()} if creds is not None and creds.username else {}
+            resp = self._send(
+                "GET", challenge.realm, what="token", params=httpx.QueryParams(params), headers=headers
+            )
+        if resp.status_code != 200:
+            body = self._body(resp, "token", _ERROR_BODY, truncate=True)
+        else:
+            body = self._body(resp, f"token service {safe_url(challenge.realm)}", self.options.max_manifest)
         if resp.status_code in (401, 403):
             who = (
                 f"as {creds.username!r} ({creds.source})"
@@ -249,15 +403,19 @@ class RegistryClient:
                 status=resp.status_code,
             )
         if resp.status_code != 200:
-            raise from_response(resp.status_code, resp.content, "token", challenge.realm)
+            raise self._error(resp.status_code, body, "token", challenge.realm)
         try:
-            data = resp.json()
-            token = data.get("token") or data.get("access_token")
-        except ValueError:
-            token = None
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        token = (data.get("token") or data.get("access_token")) if isinstance(data, dict) else None
         if not token:
             raise Unauthorized(f"token service {safe_url(challenge.realm)} answered without a token")
-        return str(token)
+        # It goes into a header: a value that is not visible ASCII would be refused by the HTTP
+        # library with the value in its message.
+        if not isinstance(token, str) or not _TOKEN.match(token):
+            raise Unauthorized(f"token service {safe_url(challenge.realm)} answered with a malformed token")
+        return token
 
     def request(
         self,
@@ -270,32 +428,35 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
         absent: tuple[int, ...] = (),
-    ) -> httpx.Response | None:
+    ) -> Answer | None:
         """Send once (plus one re-authorized send on 401); a status in ``absent`` returns None,
-        one not in ``ok`` raises the registry's named error, a transport error RegistryUnavailable."""
+        one not in ``ok`` raises the registry's named error, a transport error RegistryUnavailable.
+        Bodies are read up to ``options.max_manifest`` bytes (error bodies up to 64 KiB)."""
         if not url.startswith(("http://", "https://")):
             url = self.base + url
         for auth_round in range(2):
             if self._cancel.is_set():
                 raise Cancelled("push cancelled")
             hdrs = dict(headers or {})
-            if self._auth:
+            if self._auth and self._own(url):
                 hdrs["Authorization"] = self._auth
             content = body() if callable(body) else body
-            try:
-                resp = self._http.request(method, url, content=content, headers=hdrs, params=params)
-            except httpx.TransportError as e:
-                raise self._unreachable(what, url, e) from None
+            resp = self._send(method, url, what=what, content=content, headers=hdrs, params=params)
             if resp.status_code == 401 and auth_round == 0:
+                resp.close()
                 challenge = parse_challenge(resp.headers.get("www-authenticate", ""))
                 with self._lock:
                     self._authorize(challenge, ())
                 continue
             if resp.status_code in absent:
+                resp.close()
                 return None
             if resp.status_code not in ok:
-                raise from_response(resp.status_code, resp.content, what, url)
-            return resp
+                raise self._error(
+                    resp.status_code, self._body(resp, what, _ERROR_BODY, truncate=True), what, url
+                )
+            data = self._body(resp, what, self.options.max_manifest)
+            return Answer(resp.status_code, resp.headers, data, resp.url, method)
         raise AssertionError("unreachable")
 
     def _path(self, kind: str, ref: str = "") -> str:
@@ -328,21 +489,22 @@ class RegistryClient:
                     hdrs = dict(headers)
                     if self._auth:
                         hdrs["Authorization"] = self._auth
-                    try:
-                        resp = self._http.send(
-                            self._http.build_request("GET", url, headers=hdrs), stream=True
-                        )
-                    except httpx.TransportError as e:
-                        raise self._unreachable(f"GET {digest}", url, e) from None
+                    resp = self._send("GET", url, what=f"GET {digest}", headers=hdrs)
                     if resp.status_code == 401 and auth_round == 0:
                         resp.close()
                         with self._lock:
                             self._authorize(parse_challenge(resp.headers.get("www-authenticate", "")), ())
                         continue
                     if resp.status_code not in ((200, 206) if offset else (200,)):
-                        body = resp.read()
+                        body = self._body(resp, f"GET {digest}", _ERROR_BODY, truncate=True)
+                        raise self._error(resp.status_code, body, f"GET {digest}", url)
+                    if resp.status_code == 206 and _range_start(resp) != offset:
+                        # bytes from elsewhere in the blob would be appended as if they followed
                         resp.close()
-                        raise from_response(resp.status_code, body, f"GET {digest}", url)
+                        raise RegistryProtocolError(
+                            f"GET {digest} from byte {offset}: the registry sent Content-Range "
+                            f"{resp.headers.get('content-range', '')[:80]!r} ({safe_url(url)})"
+                        )
                     reader = _ResponseReader(resp, self._cancel)
                     if offset and resp.status_code == 200:  # the Range was ignored: skip ahead
                         left = offset
@@ -395,11 +557,11 @@ class RegistryClient:
                 return self._location(resp)
         raise AssertionError("unreachable")
 
-    def _location(self, resp: httpx.Response) -> str:
+    def _location(self, resp: Answer) -> str:
         loc = resp.headers.get("location")
         if not loc:
             raise RegistryProtocolError(
-                f"registry gave no Location for {resp.request.method} {safe_url(str(resp.url))}"
+                f"registry gave no Location for {resp.method} {safe_url(str(resp.url))}"
             )
         return str(resp.url.join(loc))
 
@@ -471,7 +633,7 @@ class RegistryClient:
         assert resp is not None
         self._check_digest(resp, digest)
 
-    def _check_digest(self, resp: httpx.Response, digest: str) -> None:
+    def _check_digest(self, resp: Answer, digest: str) -> None:
         got = resp.headers.get("docker-content-digest")
         if got and got != digest:
             raise DigestInvalid(f"registry stored {got} for {digest}", status=resp.status_code)
@@ -543,7 +705,7 @@ class RegistryClient:
                     e.retryable or isinstance(e, RegistryProtocolError)
                 ):
                     raise
-                time.sleep(min(5.0, 0.2 * 2**failures))
+                time.sleep(min(5.0, self.options.backoff_s * 2**failures))
                 status = self._status(loc, offset)
                 if status is None:  # the registry dropped the session (distribution does after a torn chunk)
                     loc, offset = self.start_upload(), 0
@@ -598,7 +760,9 @@ class _ResponseReader(io.RawIOBase):
     def __init__(self, resp: httpx.Response, cancel: threading.Event) -> None:
         super().__init__()
         self._resp = resp
-        self._chunks = resp.iter_raw(_READ)
+        # as the bytes arrive: a chunk size would buffer up to it, and a torn download would
+        # lose what was buffered (the resume starts from what reached the reader)
+        self._chunks = resp.iter_raw()
         self._pending = b""
         self._cancel = cancel
 
@@ -616,6 +780,10 @@ class _ResponseReader(io.RawIOBase):
                 raise RegistryUnavailable(
                     f"blob download from {safe_url(str(self._resp.url))} broke: {_reason(e)}"
                 ) from None
+            except (httpx.HTTPError, httpx.StreamError) as e:
+                raise RegistryProtocolError(
+                    f"blob download from {safe_url(str(self._resp.url))} failed: {_reason(e)}"
+                ) from None
         n = min(len(mv), len(self._pending))
         mv[:n] = self._pending[:n]
         self._pending = self._pending[n:]
@@ -627,13 +795,20 @@ class _ResponseReader(io.RawIOBase):
             super().close()
 
 
-def _range_end(resp: httpx.Response) -> int:
+def _range_end(resp: Answer) -> int:
     value = resp.headers.get("range", "")
     with contextlib.suppress(ValueError):
         start, _, end = value.removeprefix("bytes=").partition("-")
         if int(start) == 0:
             return int(end)
-    raise RegistryProtocolError(f"registry sent no usable Range header ({value!r})")
+    raise RegistryProtocolError(f"registry sent no usable Range header ({value[:80]!r})")
+
+
+def _range_start(resp: httpx.Response) -> int | None:
+    """The first byte a 206's ``Content-Range: bytes START-END/TOTAL`` says it carries."""
+    value = resp.headers.get("content-range", "")
+    m = re.match(r"^bytes\s+(\d+)-\d+/(?:\d+|\*)$", value.strip())
+    return int(m.group(1)) if m else None
 
 
 def _reason(e: BaseException | None) -> str:

@@ -12,6 +12,7 @@ Messages never carry credentials, tokens or the upload-state query of a URL (see
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -45,8 +46,11 @@ __all__ = [
     "Unauthorized",
     "Unsupported",
     "from_response",
+    "redact",
     "safe_url",
 ]
+
+_MESSAGE = 300  # a registry's own message is cut to this many characters
 
 
 @register
@@ -241,6 +245,13 @@ def safe_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret in ``secrets`` masked (a registry may echo what it was sent)."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def from_response(status: int, body: bytes, what: str, url: str) -> RegistryError:
     """The named error for a failed registry response."""
     code, message = "", ""
@@ -256,6 +267,11 @@ def from_response(status: int, body: bytes, what: str, url: str) -> RegistryErro
     cls = _BY_CODE.get(code)
     if cls is None:
         cls = RegistryUnavailable if status >= 500 else RegistryProtocolError
+    # The registry's words go into a one-line message on a terminal: printable and short.
+    message = "".join(c if c.isprintable() else " " for c in message)
+    if len(message) > _MESSAGE:
+        message = message[:_MESSAGE] + "..."
+    code = "".join(c for c in code if c.isprintable())[:64]
     detail = f": {message}" if message else ""
     return cls(
         f"{what}: registry answered {status} {code or 'without an error code'}{detail} ({safe_url(url)})",
