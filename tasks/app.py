@@ -96,8 +96,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": t.soft_time_limit_s,
         "task_time_limit": t.time_limit_s,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # The soft shutdown lets running layers finish for up to this long (Celery then sleeps
+        # the whole window, done or not). Not when idle: an idle worker stops at once.
         "worker_soft_shutdown_timeout": t.soft_shutdown_s,
-        "worker_enable_soft_shutdown_on_idle": True,
+        "worker_enable_soft_shutdown_on_idle": False,
         # Events for Flower and for the client's progress display.
         "worker_send_task_events": True,
         "task_send_sent_event": True,

@@ -8,10 +8,11 @@
 - ``REMAP_SIGTERM=SIGQUIT``: SIGTERM (what ``docker stop`` and Kubernetes send) starts the soft
   shutdown: running layers get ``worker_soft_shutdown_timeout`` seconds to finish, then the
   worker stops cold and puts their messages (late acks) back on the queue at once, so another
-  worker builds them. Orchestrators must wait a bit longer than that timeout before SIGKILL
-  (``stop_grace_period`` in compose); a SIGKILLed worker's messages come back only after the
-  visibility timeout. Billiard reads ``REMAP_SIGTERM`` when it is imported, so if Celery was
-  already imported without it, the worker is started in a fresh interpreter (``exec``).
+  worker builds them; an idle worker stops at once. Orchestrators must wait a bit longer than
+  that timeout before SIGKILL (``stop_grace_period`` in compose); a SIGKILLed worker's messages
+  come back only after the visibility timeout. Billiard reads ``REMAP_SIGTERM`` when it is
+  imported, so if Celery was already imported without it, the worker is started in a fresh
+  interpreter (``exec``).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from blobchain.layers.records import LayerOptions
 from blobchain.tasks.app import make_app
 from blobchain.tasks.layer_tasks import PROGRESS, RefTimedOut
 from blobchain.tasks.poison import PoisonRef
+from blobchain.tasks.timing import timing
 
 from .conftest import built_counts, embedded_chain, new_settings, run_chain, s3_get, s3_keys
 
@@ -264,6 +265,24 @@ def test_sigterm_lets_the_layer_in_flight_finish(
     assert got.to_dict() == want.to_dict()
     variant = LayerOptions(compression="gzip", level=9).variant_key()
     assert built_counts(settings) == {f"{r.ref_id}#{variant}": 1 for r in got.records}
+
+
+def test_sigterm_stops_an_idle_worker_without_waiting_the_soft_window(
+    make_settings: Callable[..., Settings], workers: Any
+) -> None:
+    # With nothing running there is nothing to let finish: `docker stop` of an idle worker (a
+    # fleet scaled down) must not wait the soft shutdown's 30 s before the worker exits.
+    settings = make_settings(soft_time_limit_s=60, time_limit_s=90)
+    assert timing(settings).soft_shutdown_s == 30
+    app = make_app(settings)
+    w = workers(settings, "idle", cli=True, concurrency=1)
+    w.wait_ready(app)
+    t0 = time.monotonic()
+    code = w.stop(signal.SIGTERM, timeout=25)
+    waited = time.monotonic() - t0
+    assert code is not None, f"the idle worker was still up {waited:.0f} s after SIGTERM:\n{w.log_tail()}"
+    assert code == 0, w.log_tail()
+    assert "Soft Shutdown" not in w.log()
 
 
 def test_a_layer_over_the_time_limit_fails_with_ref_timed_out(

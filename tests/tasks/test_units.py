@@ -55,10 +55,10 @@ def test_celery_config_has_the_reliability_settings() -> None:
         "task_track_started",
         "broker_connection_retry_on_startup",
         "worker_cancel_long_running_tasks_on_connection_loss",
-        "worker_enable_soft_shutdown_on_idle",
     ):
         assert conf[key] is True, key
     assert conf["worker_soft_shutdown_timeout"] > 0
+    assert conf["worker_enable_soft_shutdown_on_idle"] is False  # an idle worker stops at once
     assert conf["result_chord_expires"] >= conf["result_expires"] >= 86400
     # Results and locks default to the broker's server.
     assert conf["result_backend"] == "redis://127.0.0.1:1/0"
