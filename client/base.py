@@ -52,6 +52,7 @@ __all__ = [
 
 _CHUNK = 1 << 20
 _ATTEMPTS = 5  # a blob download resumed at most this many times less one
+_BACKOFF_S = 0.2  # the first resume's wait, doubling after (TransportOptions' defaults, both)
 CACHE_DIR = os.path.join(".blobchain", "base-rootfs")
 
 
@@ -142,7 +143,7 @@ class BaseImage:
     fetched: list[str] = field(default_factory=list)
     resumed: int = 0  # downloads resumed after a dropped connection
     attempts: int = _ATTEMPTS  # a download is resumed at most this many times less one
-    backoff_s: float = 0.2  # the first resume waits about this long, doubling after
+    backoff_s: float = _BACKOFF_S
     _locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
     _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -256,7 +257,7 @@ def prepare_base(
     platform: Platform | None = None,
     source: ImageSource | None = None,
     attempts: int = _ATTEMPTS,
-    backoff_s: float = 0.2,
+    backoff_s: float = _BACKOFF_S,
 ) -> BaseImage:
     """Resolve ``image`` (``oci:DIR[:TAG]`` or ``REGISTRY/REPO:TAG``), register its layers as refs
     with blobs, and make sure its top state is on disk: ``snapshot`` if given, else the cache's
@@ -284,7 +285,7 @@ def _prepare(
     cache: str,
     snapshot: str | None,
     platform: Platform | None,
-    retry: tuple[int, float] = (_ATTEMPTS, 0.2),
+    retry: tuple[int, float] = (_ATTEMPTS, _BACKOFF_S),
 ) -> BaseImage:
     img = resolve(src, platform=platform)
     check_base_config(img)
@@ -379,7 +380,9 @@ def open_base(
 
         parse_image_ref(image)  # a bad reference is InvalidImageReference, as for a layout
         source = RegistryImageSource(image, options)
-    attempts, backoff_s = (options.attempts, options.backoff_s) if options is not None else (_ATTEMPTS, 0.2)
+    attempts, backoff_s = (
+        (options.attempts, options.backoff_s) if options is not None else (_ATTEMPTS, _BACKOFF_S)
+    )
     return prepare_base(
         deps,
         image,
