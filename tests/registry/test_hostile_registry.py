@@ -464,21 +464,27 @@ def test_a_connection_dropped_mid_blob_every_time_ends(hostile: Hostile, store) 
     _nothing_partial(store)
 
 
-def test_a_range_answered_with_the_whole_blob_resumes_right(hostile: Hostile, store) -> None:
-    img = hostile.image
+def _torn_once_then(img: Image, resume: Callable[[_Handler], None]) -> Callable[[_Handler], bool]:
+    """A layer GET torn after 64 KiB the first time; every later one (the resume) answered by
+    ``resume``."""
     state = {"dropped": False}
 
-    def torn_then_ignores_range(h: _Handler) -> bool:
+    def behave(h: _Handler) -> bool:
         if h.blob != img.layer_digest:
             return False
         if not state["dropped"]:
             state["dropped"] = True
             h.torn(img.layer, 0, 64 << 10)
-            return True
-        h.answer(200, img.layer)  # the Range ignored
+        else:
+            resume(h)
         return True
 
-    hostile.on(torn_then_ignores_range)
+    return behave
+
+
+def test_a_range_answered_with_the_whole_blob_resumes_right(hostile: Hostile, store) -> None:
+    img = hostile.image
+    hostile.on(_torn_once_then(img, lambda h: h.answer(200, img.layer)))  # the Range ignored
     base = _base(hostile)
     assert base.fetch(store, img.layer_digest) is True
     assert base.resumed == 1
@@ -487,20 +493,9 @@ def test_a_range_answered_with_the_whole_blob_resumes_right(hostile: Hostile, st
 
 def test_a_range_answered_from_the_wrong_offset_is_refused(hostile: Hostile, store) -> None:
     img = hostile.image
-    state = {"dropped": False}
-
-    def wrong_range(h: _Handler) -> bool:
-        if h.blob != img.layer_digest:
-            return False
-        if not state["dropped"]:
-            state["dropped"] = True
-            h.torn(img.layer, 0, 64 << 10)
-            return True
-        # 206, but from byte 0 (and says so): appending it would corrupt the blob
-        h.answer(206, img.layer, {"Content-Range": f"bytes 0-{len(img.layer) - 1}/{len(img.layer)}"})
-        return True
-
-    hostile.on(wrong_range)
+    # 206, but from byte 0 (and says so): appending it would corrupt the blob
+    whole = {"Content-Range": f"bytes 0-{len(img.layer) - 1}/{len(img.layer)}"}
+    hostile.on(_torn_once_then(img, lambda h: h.answer(206, img.layer, whole)))
     base = _base(hostile)
     with pytest.raises(RegistryProtocolError, match="Content-Range"):
         base.fetch(store, img.layer_digest)
