@@ -153,6 +153,10 @@ def check_target(dest: str) -> None:
         raise TargetNotEmpty(f"{dest} is not empty (unpack needs a new or empty directory)", path=dest)
 
 
+def _published(dest: str) -> bool:
+    return os.path.isdir(dest) and not os.path.islink(dest) and any(os.scandir(dest))
+
+
 def unpack_layers(
     image: ResolvedImage,
     opener: OpenLayer,
@@ -168,9 +172,14 @@ def unpack_layers(
     dest = os.path.abspath(dest)
     if same_owner is None:
         same_owner = os.geteuid() == 0
-    if exist_ok and os.path.isdir(dest) and not os.path.islink(dest) and any(os.scandir(dest)):
+    if exist_ok and _published(dest):
         return UnpackResult(dest, 0, 0, 0, 0, 0)  # published by another run: nothing to do
-    check_target(dest)
+    try:
+        check_target(dest)
+    except TargetNotEmpty:
+        if exist_ok and _published(dest):  # another run published it since the line above
+            return UnpackResult(dest, 0, 0, 0, 0, 0)
+        raise
     parent = os.path.dirname(dest)
     scratch = os.path.join(parent, f".{os.path.basename(dest)}.unpack-{uuid.uuid4().hex[:12]}")
     totals = [0, 0, 0, 0]

@@ -17,6 +17,7 @@ import pytest
 import services
 
 from blobchain.client import Client
+from blobchain.client import unpack as unpack_mod
 from blobchain.client.cli import main
 from blobchain.client.image import LayoutImageSource, resolve
 from blobchain.client.unpack import unpack_layers
@@ -230,6 +231,28 @@ def test_base_refs_are_cached_never_built_and_a_given_snapshot_skips_the_unpack(
                 specs2[-1].ref_id, lease=lease, compression="zstd", force=True
             ).wait(120)
     assert [b.diff_id for b in r2.layer_blobs()] == [b.diff_id for b in blobs]
+
+
+def test_a_cache_published_between_the_checks_is_kept(
+    tmp_path: Path, base_layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (a CI flake of the test below): another run published the cache tree after
+    this one found it missing but before it checked the target; that was TargetNotEmpty."""
+    src = LayoutImageSource(str(base_layout), "base")
+    img = resolve(src)
+    dest = tmp_path / "cache" / img.top_chain_id[7:]  # type: ignore[index]
+    real_check = unpack_mod.check_target
+
+    def published_meanwhile(path: str) -> None:
+        monkeypatch.setattr(unpack_mod, "check_target", real_check)  # the other run checks as usual
+        unpack_layers(img, lambda la: src.open_blob(la.descriptor), str(dest), exist_ok=True)
+        real_check(path)
+
+    monkeypatch.setattr(unpack_mod, "check_target", published_meanwhile)
+    got = unpack_layers(img, lambda la: src.open_blob(la.descriptor), str(dest), exist_ok=True)
+    assert got.layers == 0  # the other run's tree is kept, ours was never started
+    assert os.listdir(tmp_path / "cache") == [dest.name]
+    assert (dest / "usr/bin/tool").read_bytes() == b"tool v1"
 
 
 def test_concurrent_unpacks_into_the_cache_publish_one_tree(tmp_path: Path, base_layout: Path) -> None:
