@@ -498,6 +498,10 @@ class EmbeddedExecutor:
             self._pool = None
             with contextlib.suppress(OSError, ValueError):
                 self._events.put(None)
+            # A child killed while it put an event (SIGKILL, the OOM killer) holds the queue's
+            # write lock for ever: the feeder thread then never sends, and joining it at exit
+            # would hang the CLI after its error was printed. What is still queued is not needed.
+            self._events.cancel_join_thread()
         # On cancel too: a build running here stops at its next progress report.
         self._threads.shutdown(wait=True, cancel_futures=cancel)
 

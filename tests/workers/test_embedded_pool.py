@@ -5,6 +5,8 @@ spawn)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,29 @@ def test_pool_children_open_the_stores_from_the_plain_defaults(tmp_path: Path) -
         assert c.executor._pool is not None  # type: ignore[attr-defined]
     with Client(Settings(store=str(tmp_path / "other")), in_process=True) as c:
         assert _build(c, snaps) == pooled
+
+
+_DEAD_WRITER = """
+import sys
+from blobchain.config.factory import DepsOpener, open_deps
+from blobchain.config.settings import Settings
+from blobchain.workers.embedded import EmbeddedExecutor
+settings = Settings(store=sys.argv[1])
+ex = EmbeddedExecutor(open_deps(settings), opener=DepsOpener(settings), jobs=2)
+ex._ensure_pool()
+# As a child SIGKILLed in the middle of putting a progress event leaves it: the events queue's
+# write lock held, never to be released.
+ex._events._wlock.acquire()
+ex.close()
+print("closed", flush=True)
+"""
+
+
+def test_exit_does_not_hang_on_events_a_killed_child_left_locked(tmp_path: Path) -> None:
+    """Regression (a CI hang of test_a_killed_build_process_is_a_one_line_error_not_a_traceback):
+    the CLI printed its error, then hung at exit joining the events queue's feeder thread, which
+    waited for the write lock the killed child still held."""
+    argv = [sys.executable, "-c", _DEAD_WRITER, str(tmp_path / "store")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["closed"]
